@@ -1,0 +1,4 @@
+"""Data preset 'voc' (see detection.py and hqod/data/presets.py)."""
+from .detection import dataloader
+
+dataloader.dataset = "voc"

@@ -1,0 +1,52 @@
+"""
+Dataset presets: one name switches everything that depends on the dataset.
+
+Data configs set ``dataloader.dataset = "digits"`` and read the rest through the OmegaConf resolver
+``${hqod_data:<preset>,<key>}``, so COCO is one override away:
+``tools/train_net.py --config-file configs/retina_r18_fp32.py dataloader.dataset=coco``.
+"""
+from omegaconf import OmegaConf
+
+PRESETS = {
+    # The embedded dataset. No flips: a mirrored digit is another shape (or another digit).
+    "digits": dict(
+        train="digits_train",
+        test="digits_val",
+        num_classes=10,
+        train_sizes=[256, 288, 320, 352],
+        test_size=320,
+        max_size=512,
+        flip_prob=0.0,
+    ),
+    "coco": dict(
+        train="coco_2017_train",
+        test="coco_2017_val",
+        num_classes=80,
+        train_sizes=[640, 672, 704, 736, 768, 800],
+        test_size=800,
+        max_size=1333,
+        flip_prob=0.5,
+    ),
+    "voc": dict(
+        train="voc_0712_trainval_coco",
+        test="voc_2007_test_coco",
+        num_classes=20,
+        train_sizes=[480, 512, 544, 576, 608],
+        test_size=600,
+        max_size=1000,
+        flip_prob=0.5,
+    ),
+}
+
+
+def preset_value(preset: str, key: str):
+    if preset not in PRESETS:
+        raise KeyError(
+            f"Unknown dataset preset {preset!r} (dataloader.dataset); choose one of "
+            f"{sorted(PRESETS)}, or set dataloader.train.dataset.names etc. directly."
+        )
+    return PRESETS[preset][key]
+
+
+if not OmegaConf.has_resolver("hqod_data"):
+    OmegaConf.register_new_resolver("hqod_data", preset_value)

@@ -1,0 +1,74 @@
+"""A short FP32 training on the tiny embedded dataset: the loss falls, evaluation returns COCO's
+metric dict, and a torchvision ResNet checkpoint loads into the backbone."""
+import json
+import os
+
+import numpy as np
+import torch
+
+from detectron2.config import LazyConfig
+
+from hqod.engine import Checkpointer, build_model, do_test, do_train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COCO_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+def tiny_config(output_dir, max_iter):
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/retina_r18_fp32.py"))
+    cfg.model.backbone.out_channels = 32
+    cfg.dataloader.train.dataset.names = "digits_tiny_train"
+    cfg.dataloader.test.dataset.names = "digits_tiny_val"
+    cfg.dataloader.train.mapper.augmentations[0].short_edge_length = [128]
+    cfg.dataloader.test.mapper.augmentations[0].short_edge_length = 128
+    cfg.dataloader.train.total_batch_size = 4
+    cfg.dataloader.train.num_workers = 0
+    cfg.dataloader.test.num_workers = 0
+    cfg.optimizer.lr = 0.01
+    cfg.train.update(output_dir=output_dir, max_iter=max_iter, eval_period=max_iter, log_period=1)
+    cfg.train.checkpointer.period = max_iter
+    return cfg
+
+
+def test_short_training_loss_falls_and_evaluation_returns_coco_metrics(tiny_digits, tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config(str(tmp_path), max_iter=40)
+    results = do_train(cfg, build_model(cfg))
+
+    assert COCO_KEYS <= set(results["bbox"])
+    assert all(isinstance(v, float) for v in results["bbox"].values())
+    with open(tmp_path / "metrics.json") as f:
+        records = [json.loads(line) for line in f]
+    losses = [r["total_loss"] for r in records if "total_loss" in r]
+    assert len(losses) >= 35
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.7 * first, (first, last)
+    assert any("bbox/AP" in r for r in records)  # evaluation also went to the event storage
+    assert os.path.isfile(tmp_path / "model_final.pth")
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
+
+    # The saved checkpoint evaluates to the same numbers.
+    cfg_eval = tiny_config(str(tmp_path / "eval"), max_iter=1)
+    model = build_model(cfg_eval)
+    Checkpointer(model).load(str(tmp_path / "model_final.pth"))
+    again = do_test(cfg_eval, model)
+    assert again["bbox"]["AP50"] == results["bbox"]["AP50"]
+
+
+def test_torchvision_resnet_checkpoint_loads_into_backbone(tmp_path):
+    import torchvision
+
+    tv = torchvision.models.resnet18(weights=None)
+    torch.nn.init.normal_(tv.layer3[1].bn2.weight)
+    path = str(tmp_path / "resnet18_tv.pth")
+    torch.save(tv.state_dict(), path)
+
+    cfg = tiny_config(str(tmp_path), max_iter=1)
+    model = build_model(cfg)
+    Checkpointer(model).load(path)
+    bb = model.backbone.bottom_up
+    assert torch.equal(bb.stem.conv1.weight, tv.conv1.weight)
+    assert torch.equal(bb.stem.conv1.norm.running_var, tv.bn1.running_var)
+    assert torch.equal(bb.res4[1].conv2.norm.weight, tv.layer3[1].bn2.weight)
+    assert torch.equal(bb.res5[0].shortcut.weight, tv.layer4[0].downsample[0].weight)
+    assert torch.equal(bb.res5[0].shortcut.norm.bias, tv.layer4[0].downsample[1].bias)
