@@ -34,14 +34,15 @@ class Checkpointer(DetectionCheckpointer):
     when a checkpoint file does not exist.
     """
 
-    def _load_file(self, filename):
-        if not filename.startswith(("http://", "https://", "detectron2://")) and not os.path.isfile(
-            filename
-        ):
+    def load(self, path, *args, **kwargs):
+        if path and "://" not in path and not os.path.isfile(path):
             raise FileNotFoundError(
-                f"Checkpoint {filename} does not exist. Set train.init_checkpoint to an existing "
-                "file (or to \"\" to train from scratch)."
+                f"Checkpoint {path} does not exist. Set train.init_checkpoint to an existing "
+                'file (or to "" to train from scratch).'
             )
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename):
         if filename.endswith((".pth", ".pt")):
             loaded = torch.load(filename, map_location="cpu", weights_only=False)
             state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded

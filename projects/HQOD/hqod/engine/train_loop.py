@@ -3,6 +3,8 @@ tools/lazyconfig_train_net.py (do_train / do_test), with the checks HQOD-D2 adds
 import logging
 import os
 
+import torch
+
 from detectron2.config import instantiate
 from detectron2.engine import SimpleTrainer, create_ddp_model, hooks
 from detectron2.engine.defaults import default_writers
@@ -10,9 +12,10 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from hqod.data import ensure_datasets
+from hqod.quantization import calibrate, load_fp32_checkpoint, quantize_model
 
 from .checkpoint import Checkpointer
-from .defaults import resolve_device
+from .defaults import UserError, resolve_device
 
 logger = logging.getLogger("hqod")
 
@@ -23,9 +26,46 @@ def _dataset_names(loader_cfg):
 
 
 def build_model(cfg):
+    """``cfg.model``, quantized by ``cfg.quant`` when the config has that node, on its device."""
     model = instantiate(cfg.model)
+    if cfg.get("quant") is not None:
+        try:
+            model = quantize_model(model, cfg.quant)
+        except ValueError as e:  # bad bits, method, scope, layer names: the message says which
+            raise UserError(f"quant: {e}") from e
     model.to(resolve_device(cfg.train.device))
     return model
+
+
+def _fp32_checkpoint_missing(path):
+    """One message naming the command that produces a missing FP32 checkpoint: by convention
+    configs/<name>.py writes output/<name>/model_final.pth."""
+    name = os.path.basename(os.path.dirname(os.path.normpath(path)))
+    config = os.path.join("configs", f"{name}.py")
+    how = (
+        f"Train it first: python tools/train_net.py --config-file {config}"
+        if os.path.isfile(config)
+        else "Train the FP32 detector first, or point train.init_checkpoint at its model_final.pth."
+    )
+    return UserError(f"FP32 checkpoint {path} (train.init_checkpoint) does not exist. {how}")
+
+
+def init_qat(cfg, model, data_loader):
+    """FP32 -> QAT: load the FP32 detector named by ``train.init_checkpoint`` into the quantized
+    model (keys mapped, a clear report), then the calibration pass over ``quant.calib_images``
+    training images (observers on, fake quantization off)."""
+    path = cfg.train.init_checkpoint
+    if path:
+        if "://" not in path and not os.path.isfile(path):
+            raise _fp32_checkpoint_missing(path)
+        try:
+            load_fp32_checkpoint(model, path)
+        except ValueError as e:
+            raise UserError(f"train.init_checkpoint={path}: {e}") from e
+    else:
+        logger.warning("QAT from scratch: train.init_checkpoint is empty (no FP32 detector).")
+    with torch.no_grad():
+        calibrate(model, data_loader, cfg.quant.get("calib_images", 0))
 
 
 def do_test(cfg, model):
@@ -55,6 +95,10 @@ def do_train(cfg, model, *, resume=False):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
+    quantized = cfg.get("quant") is not None
+    resuming = resume and Checkpointer(model, cfg.train.output_dir).has_checkpoint()
+    if quantized and not resuming:
+        init_qat(cfg, model, train_loader)  # before DDP wraps the model
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = SimpleTrainer(model, train_loader, optimizer)
@@ -82,7 +126,13 @@ def do_train(cfg, model, *, resume=False):
             else None,
         ]
     )
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
-    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    if resuming:
+        # Everything, quantizer state included, comes back from the last checkpoint.
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=True)
+        start_iter = trainer.iter + 1
+    else:
+        if not quantized:
+            checkpointer.load(cfg.train.init_checkpoint)
+        start_iter = 0
     trainer.train(start_iter, cfg.train.max_iter)
     return results

@@ -1,3 +1,13 @@
 from .backbone import level_shapes, resnet_stages
+from .meta_arch import ATSS, HQODATSS, HQODFCOS, ATSSHead, HQODRetinaNet, atss_match
 
-__all__ = ["level_shapes", "resnet_stages"]
+__all__ = [
+    "ATSS",
+    "ATSSHead",
+    "HQODATSS",
+    "HQODFCOS",
+    "HQODRetinaNet",
+    "atss_match",
+    "level_shapes",
+    "resnet_stages",
+]

@@ -1,0 +1,6 @@
+"""ATSS-R18, AQD (fully quantized) W4A4, fine-tuned from configs/atss_r18_fp32.py."""
+from .common.qat import quant_config, to_qat
+from .atss_r18_fp32 import dataloader, lr_multiplier, model, optimizer, train
+
+quant = quant_config("aqd", bits=4)
+to_qat(train, optimizer, fp32="atss_r18_fp32", bits=4, name="atss_r18_aqd_w4")

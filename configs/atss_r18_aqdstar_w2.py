@@ -1,0 +1,6 @@
+"""ATSS-R18, AQD* (convs only) W2A2, fine-tuned from configs/atss_r18_fp32.py."""
+from .common.qat import quant_config, to_qat
+from .atss_r18_fp32 import dataloader, lr_multiplier, model, optimizer, train
+
+quant = quant_config("aqdstar", bits=2)
+to_qat(train, optimizer, fp32="atss_r18_fp32", bits=2, name="atss_r18_aqdstar_w2")

@@ -1,0 +1,6 @@
+"""FP32 ATSS, ResNet-18 + FPN, BN everywhere; digits by default (dataloader.dataset=coco)."""
+from .common.models.atss import model
+from .retina_r18_fp32 import dataloader, lr_multiplier, optimizer, train
+
+model.num_classes = "${hqod_data:${dataloader.dataset},num_classes}"
+train.output_dir = "./output/atss_r18_fp32"

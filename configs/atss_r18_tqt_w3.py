@@ -1,0 +1,6 @@
+"""ATSS-R18, TQT W3A3, fine-tuned from configs/atss_r18_fp32.py."""
+from .common.qat import quant_config, to_qat
+from .atss_r18_fp32 import dataloader, lr_multiplier, model, optimizer, train
+
+quant = quant_config("tqt", bits=3)
+to_qat(train, optimizer, fp32="atss_r18_fp32", bits=3, name="atss_r18_tqt_w3")

@@ -1,0 +1,50 @@
+"""
+Quantization-aware training settings: the top-level ``quant`` node, read by
+``hqod.quantization.quantize_model`` (and ``calib_images`` by tools/train_net.py), plus the
+optimizer parameter groups that exempt quantizer steps from weight decay.
+
+Defaults: HQOD's LSQ W4A4 "AQD*" baseline — convs quantized (weights signed, activations
+unsigned after ReLU), first conv and head predictors at 8 bits, multi-level BN in the head,
+calibration on 256 images. Use in a config::
+
+    from .common.quant import quant, qat_optimizer_params
+    optimizer.params = qat_optimizer_params
+    quant.weight_bits = quant.act_bits = 2
+
+Fields (validated by ``hqod.quantization.QuantConfig``, which documents them in full):
+  method            "lsq" (HQOD Eq. 2-3) | "tqt" (power-of-two steps) | "lq" (AQD Eq. 2-3)
+                    | "lsq_torch" (PyTorch's fused LSQ op, the speed/behaviour peer)
+  weight_bits       2..8, weights of every quantized conv / linear layer
+  act_bits          2..8, their input activations (and, under "aqd", BN outputs and adds)
+  scope             "aqd_star": convs only (+ multi-level BN in the head);
+                    "aqd": also BN outputs, ResNet residual adds and FPN top-down adds
+  first_last_bits   bits of the input layer (stem conv) and output layers (head predictors);
+                    None keeps them FP32 (the AQD paper's AQD*)
+  input_layers      None = detectron2 stem convs; or a list of module-name globs
+  output_layers     None = the heads' predictors (cls_score, bbox_pred, ctrness); or globs
+  overrides         {module-name glob: bits | {"weight_bits": b, "act_bits": b} | None (FP32)}
+  keep_unknown_fp32 False: a layer type without a quantized version is an error naming it
+  multi_level_bn    one BN per FPN level in the shared head, indexed by level (AQD)
+  calib_images      images of the calibration pass before QAT (0: init on the first batch)
+"""
+from detectron2.config import LazyCall as L
+
+from hqod.quantization import get_qat_optimizer_params
+
+quant = dict(
+    method="lsq",
+    weight_bits=4,
+    act_bits=4,
+    scope="aqd_star",
+    first_last_bits=8,
+    input_layers=None,
+    output_layers=None,
+    overrides={},
+    keep_unknown_fp32=False,
+    multi_level_bn=True,
+    calib_images=256,
+)
+
+# Like configs/common/optim.py's params, plus zero weight decay on steps / thresholds /
+# intervals. train_net sets params.model before instantiating the optimizer.
+qat_optimizer_params = L(get_qat_optimizer_params)(weight_decay_norm=0.0, weight_decay_quant=0.0)

@@ -1,0 +1,6 @@
+"""FCOS-R18, AQD (fully quantized) W3A3, fine-tuned from configs/fcos_r18_fp32.py."""
+from .common.qat import quant_config, to_qat
+from .fcos_r18_fp32 import dataloader, lr_multiplier, model, optimizer, train
+
+quant = quant_config("aqd", bits=3)
+to_qat(train, optimizer, fp32="fcos_r18_fp32", bits=3, name="fcos_r18_aqd_w3")

@@ -1,0 +1,5 @@
+"""FCOS-R18, AQD (fully quantized) W4A4 + HQOD (TCorr + HIoU)."""
+from .common.qat import with_hqod
+from .fcos_r18_aqd_w4 import dataloader, lr_multiplier, model, optimizer, quant, train
+
+with_hqod(model, train)

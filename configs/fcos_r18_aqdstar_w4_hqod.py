@@ -1,0 +1,5 @@
+"""FCOS-R18, AQD* (convs only) W4A4 + HQOD (TCorr + HIoU)."""
+from .common.qat import with_hqod
+from .fcos_r18_aqdstar_w4 import dataloader, lr_multiplier, model, optimizer, quant, train
+
+with_hqod(model, train)

@@ -1,0 +1,5 @@
+"""FCOS-R50, AQD (fully quantized) W2A2 + HQOD (TCorr + HIoU)."""
+from .common.qat import with_hqod
+from .fcos_r50_aqd_w2 import dataloader, lr_multiplier, model, optimizer, quant, train
+
+with_hqod(model, train)

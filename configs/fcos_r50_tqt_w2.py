@@ -1,0 +1,6 @@
+"""FCOS-R50, TQT W2A2, fine-tuned from configs/fcos_r50_fp32.py."""
+from .common.qat import quant_config, to_qat
+from .fcos_r50_fp32 import dataloader, lr_multiplier, model, optimizer, train
+
+quant = quant_config("tqt", bits=2)
+to_qat(train, optimizer, fp32="fcos_r50_fp32", bits=2, name="fcos_r50_tqt_w2")

@@ -1,0 +1,5 @@
+"""FCOS-R50, TQT W3A3 + HQOD (TCorr + HIoU)."""
+from .common.qat import with_hqod
+from .fcos_r50_tqt_w3 import dataloader, lr_multiplier, model, optimizer, quant, train
+
+with_hqod(model, train)

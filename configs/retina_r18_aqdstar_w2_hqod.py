@@ -1,0 +1,5 @@
+"""RetinaNet-R18, AQD* (convs only) W2A2 + HQOD (TCorr + HIoU)."""
+from .common.qat import with_hqod
+from .retina_r18_aqdstar_w2 import dataloader, lr_multiplier, model, optimizer, quant, train
+
+with_hqod(model, train)

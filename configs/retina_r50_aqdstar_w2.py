@@ -1,0 +1,6 @@
+"""RetinaNet-R50, AQD* (convs only) W2A2, fine-tuned from configs/retina_r50_fp32.py."""
+from .common.qat import quant_config, to_qat
+from .retina_r50_fp32 import dataloader, lr_multiplier, model, optimizer, train
+
+quant = quant_config("aqdstar", bits=2)
+to_qat(train, optimizer, fp32="retina_r50_fp32", bits=2, name="retina_r50_aqdstar_w2")

@@ -1,0 +1,6 @@
+"""RetinaNet-R50, LSQ W3A3, fine-tuned from configs/retina_r50_fp32.py."""
+from .common.qat import quant_config, to_qat
+from .retina_r50_fp32 import dataloader, lr_multiplier, model, optimizer, train
+
+quant = quant_config("lsq", bits=3)
+to_qat(train, optimizer, fp32="retina_r50_fp32", bits=3, name="retina_r50_lsq_w3")

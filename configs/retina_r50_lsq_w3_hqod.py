@@ -1,0 +1,5 @@
+"""RetinaNet-R50, LSQ W3A3 + HQOD (TCorr + HIoU)."""
+from .common.qat import with_hqod
+from .retina_r50_lsq_w3 import dataloader, lr_multiplier, model, optimizer, quant, train
+
+with_hqod(model, train)

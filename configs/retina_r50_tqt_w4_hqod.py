@@ -1,0 +1,5 @@
+"""RetinaNet-R50, TQT W4A4 + HQOD (TCorr + HIoU)."""
+from .common.qat import with_hqod
+from .retina_r50_tqt_w4 import dataloader, lr_multiplier, model, optimizer, quant, train
+
+with_hqod(model, train)
