@@ -1,0 +1,6 @@
+"""Dense detectors with the HQOD losses, and ATSS (not part of detectron2)."""
+from .atss import ATSS, HQODATSS, ATSSHead, atss_match
+from .fcos import HQODFCOS
+from .retinanet import HQODRetinaNet
+
+__all__ = ["ATSS", "ATSSHead", "HQODATSS", "HQODFCOS", "HQODRetinaNet", "atss_match"]
