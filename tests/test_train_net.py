@@ -41,13 +41,14 @@ def test_train_then_eval_only_then_guarded_output_dir(datasets_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for line in ("AP,AP50,AP75,APs,APm,APl", "eta:"):
         assert line in r.stdout + r.stderr
-    assert {"model_0001.pth", "model_final.pth", "last_checkpoint", "metrics.json", "config.yaml"} <= set(
+    assert {"model_0000001.pth", "model_final.pth", "last_checkpoint", "metrics.json", "config.yaml"} <= set(
         os.listdir(out)
     )
-    iters = [json.loads(x).get("iteration") for x in open(os.path.join(out, "metrics.json"))]
-    assert max(i for i in iters if i is not None) == 3
+    records = [json.loads(x) for x in open(os.path.join(out, "metrics.json"))]
+    assert max(r["iteration"] for r in records if "total_loss" in r) == 3  # 4 iterations
+    assert any("bbox/AP50" in r for r in records)
 
-    r = train_net(*cfg, *TINY, "--eval-only", f"train.init_checkpoint={out}/model_final.pth",
+    r = train_net(*cfg, "--eval-only", *TINY, f"train.init_checkpoint={out}/model_final.pth",
                   f"train.output_dir={tmp_path / 'eval'}", datasets=datasets_dir)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "AP,AP50,AP75,APs,APm,APl" in r.stdout + r.stderr
