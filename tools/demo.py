@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """
 The main job (`make demo`): on the embedded digits dataset, generate the data if missing, train
-FP32 RetinaNet-R18 from scratch on a short schedule, evaluate with COCOEvaluator, and print the
+FP32 RetinaNet-R18 from scratch on a short schedule, fine-tune it with quantization-aware training
+(AQD W4A4, fully quantized, + the HQOD losses), evaluate both with COCOEvaluator, and print the
 AP table and where the outputs went. Each stage is the `tools/train_net.py` command a user would
 type (printed before it runs). Running it again continues (`--resume`) instead of starting over:
 finished stages only re-evaluate, and nothing in output/demo is overwritten.
@@ -16,10 +17,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
-# name -> (config, overrides)
-STAGES = {
-    "FP32 RetinaNet-R18": ("configs/retina_r18_fp32.py", []),
-}
+# (name, config, overrides); "{out}" is the demo's output folder.
+STAGES = [
+    ("FP32 RetinaNet-R18", "configs/retina_r18_fp32.py", []),
+    (
+        "AQD W4A4 + HQOD RetinaNet-R18",
+        "configs/retina_r18_aqd_w4_hqod.py",
+        ["train.init_checkpoint={out}/retina_r18_fp32/model_final.pth"],
+    ),
+]
 
 
 def run(cmd):
@@ -46,11 +52,11 @@ def main(argv=None):
     start = time.perf_counter()
     run([sys.executable, "tools/generate_digits.py"])
     rows = []
-    for name, (config, overrides) in STAGES.items():
+    for name, config, overrides in STAGES:
         out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(config))[0])
         run(
             [sys.executable, "tools/train_net.py", "--config-file", config, "--resume"]
-            + overrides
+            + [o.format(out=args.output_dir) for o in overrides]
             + [f"train.output_dir={out}"]
         )
         rows.append((name, final_metrics(out), out))

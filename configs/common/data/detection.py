@@ -34,7 +34,7 @@ dataloader.train = L(build_detection_train_loader)(
         ],
         image_format="RGB",
     ),
-    total_batch_size=8,
+    total_batch_size="${hqod_data:${dataloader.dataset},batch_size}",
     num_workers=2,
 )
 
