@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
 
-def tiny_config(output_dir, max_iter):
-    cfg = LazyConfig.load(os.path.join(ROOT, "configs/retina_r18_fp32.py"))
+def tiny_config(output_dir, max_iter, config="configs/retina_r18_fp32.py"):
+    cfg = LazyConfig.load(os.path.join(ROOT, config))
     cfg.model.backbone.out_channels = 32
     cfg.dataloader.train.dataset.names = "digits_tiny_train"
     cfg.dataloader.test.dataset.names = "digits_tiny_val"
@@ -53,6 +53,34 @@ def test_short_training_loss_falls_and_evaluation_returns_coco_metrics(tiny_digi
     Checkpointer(model).load(str(tmp_path / "model_final.pth"))
     again = do_test(cfg_eval, model)
     assert again["bbox"]["AP50"] == results["bbox"]["AP50"]
+
+
+def test_qat_with_hqod_from_an_fp32_checkpoint(tiny_digits, tmp_path):
+    """The design-card path: FP32 detector -> AQD W4A4 + HQOD QAT (load, calibrate, train)."""
+    torch.manual_seed(0)
+    fp32 = tiny_config(str(tmp_path / "fp32"), max_iter=20)
+    do_train(fp32, build_model(fp32))
+
+    cfg = tiny_config(str(tmp_path / "qat"), 30, config="configs/retina_r18_aqd_w4_hqod.py")
+    cfg.train.init_checkpoint = str(tmp_path / "fp32" / "model_final.pth")
+    cfg.quant.calib_images = 8
+    cfg.optimizer.lr = 0.01
+    model = build_model(cfg)
+    results = do_train(cfg, model)
+
+    assert COCO_KEYS <= set(results["bbox"])
+    # The FP32 weights were loaded (not left at their initialization) and calibration ran.
+    fp32_state = torch.load(cfg.train.init_checkpoint, weights_only=False)["model"]
+    stem = fp32_state["backbone.bottom_up.stem.conv1.weight"]
+    assert not torch.equal(stem, build_model(cfg).backbone.bottom_up.stem.conv1.weight)
+    from hqod.quantization import quantizers_of, uninitialized_quantizers
+
+    assert quantizers_of(model) and not uninitialized_quantizers(model)
+    with open(tmp_path / "qat" / "metrics.json") as f:
+        records = [json.loads(line) for line in f if "total_loss" in line]
+    assert all(r["loss_tcorr"] > 0 and r["loss_hiou"] > 0 for r in records)
+    losses = [r["total_loss"] for r in records]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
 
 
 def test_torchvision_resnet_checkpoint_loads_into_backbone(tmp_path):

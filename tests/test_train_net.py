@@ -81,6 +81,15 @@ def test_user_errors_are_one_clear_line(args, expected, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_missing_fp32_checkpoint_names_the_command_that_makes_it(datasets_dir, tmp_path):
+    r = train_net("--config-file", "configs/retina_r18_aqd_w2_hqod.py", *TINY,
+                  f"train.init_checkpoint={tmp_path}/retina_r18_fp32/model_final.pth",
+                  f"train.output_dir={tmp_path / 'qat'}", datasets=datasets_dir, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "does not exist. Train it first: python tools/train_net.py --config-file " \
+        "configs/retina_r18_fp32.py" in r.stderr
+
+
 def test_missing_and_corrupt_datasets_say_how_to_fix(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

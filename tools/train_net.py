@@ -20,6 +20,7 @@ import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from hqod.data import DatasetError
 from hqod.engine import (
@@ -39,6 +40,7 @@ def main(args):
     cfg = load_config(args.config_file, args.opts)
     check_output_dir(cfg.train.output_dir, args.resume, args.eval_only)
     default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="hqod")
     model = build_model(cfg)
     logger.info("Model:\n{}".format(model))
     if args.eval_only:

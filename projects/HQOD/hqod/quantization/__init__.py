@@ -1,0 +1,90 @@
+"""
+Low-bit quantization-aware training for detectron2 one-stage detectors (HQOD, AQD).
+
+Use, in this order (tools/train_net.py does)::
+
+    model = instantiate(cfg.model)
+    model = quantize_model(model, cfg.quant)          # in place; before DDP
+    load_fp32_checkpoint(model, cfg.train.init_checkpoint)
+    calibrate(model, train_loader, cfg.quant.calib_images)
+    cfg.optimizer.params = L(get_qat_optimizer_params)(weight_decay_norm=0.0)  # zero WD on steps
+    ...  # DDP, train; checkpoints hold all quantizer state and resume exactly
+
+Quantizers: ``QUANTIZERS`` (``lsq``, ``tqt``, ``lq``, peer ``lsq_torch``). Quantized layers:
+``QUANT_MODULES``. Multi-level BN: :class:`MultiLevelBatchNorm`.
+"""
+from .calibration import calibrate, set_fake_quant, set_observer, uninitialized_quantizers
+from .checkpoint import LoadResult, load_fp32_checkpoint, map_fp32_state_dict
+from .config import SCOPES, QuantConfig
+from .functional import fake_quantize_param, fake_quantize_ste, step_from_param
+from .modules import (
+    QUANT_MODULES,
+    QBasicBlock,
+    QBatchNorm2d,
+    QBottleneckBlock,
+    QConv2d,
+    QFPN,
+    QLinear,
+    QuantizedModule,
+    cached_quantized_weights,
+)
+from .multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead, QFCOSHead, QRetinaNetHead
+from .optim import get_qat_optimizer_params, quantizer_parameters
+from .quantize import quantize_model, quantizers_of, register_relu_input_rule, relu_fed_layers
+from .quantizers import (
+    ALLOWED_BITS,
+    QUANTIZERS,
+    LQQuantizer,
+    LSQQuantizer,
+    Quantizer,
+    TorchLSQQuantizer,
+    TQTQuantizer,
+    check_bits,
+)
+
+__all__ = [
+    # entry points
+    "quantize_model",
+    "load_fp32_checkpoint",
+    "calibrate",
+    "get_qat_optimizer_params",
+    "QuantConfig",
+    "SCOPES",
+    # modes and helpers
+    "set_fake_quant",
+    "set_observer",
+    "uninitialized_quantizers",
+    "quantizers_of",
+    "quantizer_parameters",
+    "map_fp32_state_dict",
+    "LoadResult",
+    "relu_fed_layers",
+    "register_relu_input_rule",
+    "fake_quantize_ste",
+    "fake_quantize_param",
+    "step_from_param",
+    "cached_quantized_weights",
+    # quantizers
+    "QUANTIZERS",
+    "ALLOWED_BITS",
+    "check_bits",
+    "Quantizer",
+    "LSQQuantizer",
+    "TQTQuantizer",
+    "LQQuantizer",
+    "TorchLSQQuantizer",
+    # quantized layers
+    "QUANT_MODULES",
+    "QuantizedModule",
+    "QConv2d",
+    "QLinear",
+    "QBatchNorm2d",
+    "QBasicBlock",
+    "QBottleneckBlock",
+    "QFPN",
+    "MultiLevelBatchNorm",
+    "LevelSequential",
+    "MultiLevelHead",
+    "QRetinaNetHead",
+    "QFCOSHead",
+]

@@ -1,0 +1,126 @@
+"""
+The ``quant`` config node (``configs/common/quant.py``), validated into a :class:`QuantConfig`.
+
+Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
+
+* ``method``: quantizer name in ``QUANTIZERS`` — ``"lsq"``, ``"tqt"``, ``"lq"`` (or the peer
+  ``"lsq_torch"``).
+* ``weight_bits`` / ``act_bits``: 2..8, weights and activations of every quantized layer.
+* ``scope``: ``"aqd_star"`` = convs (and linear layers) only, plus multi-level BN in the head;
+  ``"aqd"`` = also BN outputs, the residual adds of ResNet blocks and the FPN top-down adds
+  (AQD's full quantization; integer-only arithmetic is not simulated).
+* ``first_last_bits``: bits of the input layer (backbone stem conv) and of the output layers
+  (head predictors), weights and input activations; None keeps them FP32 (AQD paper's AQD*).
+* ``input_layers`` / ``output_layers``: module names (glob patterns) of those layers; None finds
+  them: convs of detectron2's ``BasicStem``; the predictors of the registered heads
+  (RetinaNet ``cls_score``, ``bbox_pred``; FCOS also ``ctrness``).
+* ``overrides``: ``{glob pattern on module names: bits}`` applied last; bits is an int (weights
+  and activations), a dict ``{weight_bits, act_bits}`` (either may be left out), or None to keep
+  that layer FP32. For BN / add quantizers only ``act_bits`` counts.
+* ``keep_unknown_fp32``: a layer type with parameters that ``QUANT_MODULES`` does not know is an
+  error (listed by name) unless this is True; then it stays FP32 with a warning.
+* ``multi_level_bn``: replace the head towers' BN (shared BN or CycleBatchNormList) with one BN
+  per FPN level, indexed by level (AQD). False keeps the float head norms.
+* ``calib_images``: images of the calibration pass before QAT (observers on, fake-quant off);
+  0 = initialize every quantizer from its first training batch instead. Used by train_net.
+"""
+from dataclasses import dataclass, field, fields
+from typing import Dict, Optional, Tuple, Union
+
+from .quantizers import QUANTIZERS, check_bits
+
+__all__ = ["QuantConfig", "SCOPES"]
+
+SCOPES = ("aqd_star", "aqd")
+
+BitsOverride = Union[None, int, Dict[str, Optional[int]]]
+
+
+def _to_plain(cfg):
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(cfg, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return cfg
+
+
+def _check_names(value, what):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"quant.{what} must be None or a list of module names; got {value!r}.")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "lsq"
+    weight_bits: int = 4
+    act_bits: int = 4
+    scope: str = "aqd_star"
+    first_last_bits: Optional[int] = 8
+    input_layers: Optional[Tuple[str, ...]] = None
+    output_layers: Optional[Tuple[str, ...]] = None
+    overrides: Dict[str, BitsOverride] = field(default_factory=dict)
+    keep_unknown_fp32: bool = False
+    multi_level_bn: bool = True
+    calib_images: int = 256
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "QuantConfig":
+        """Build from the ``quant`` node (DictConfig or dict) or return a QuantConfig as is;
+        every field is validated with an error naming the allowed values."""
+        if isinstance(cfg, QuantConfig):
+            return cfg
+        cfg = _to_plain(cfg)
+        if cfg is None:
+            cfg = {}
+        if not isinstance(cfg, dict):
+            raise ValueError(f"The quant config must be a dict; got {type(cfg).__name__}.")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(cfg) - set(known))
+        if unknown:
+            raise ValueError(f"Unknown quant config keys {unknown}; allowed: {known}.")
+        kw = dict(cfg)
+        method = kw.get("method", cls.method)
+        if method not in QUANTIZERS:
+            allowed = sorted(name for name, _ in QUANTIZERS)
+            raise ValueError(f"quant.method must be one of {allowed}; got {method!r}.")
+        for key in ("weight_bits", "act_bits"):
+            if key in kw:
+                check_bits(kw[key], f"quant.{key}")
+        if kw.get("first_last_bits", 8) is not None:
+            check_bits(kw.get("first_last_bits", 8), "quant.first_last_bits (or None)")
+        scope = kw.get("scope", cls.scope)
+        if scope not in SCOPES:
+            raise ValueError(f"quant.scope must be one of {list(SCOPES)}; got {scope!r}.")
+        for key in ("input_layers", "output_layers"):
+            kw[key] = _check_names(kw.get(key), key)
+        overrides = kw.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ValueError(f"quant.overrides must be a dict; got {overrides!r}.")
+        for pattern, bits in overrides.items():
+            if isinstance(bits, dict):
+                bad = set(bits) - {"weight_bits", "act_bits"}
+                if bad:
+                    raise ValueError(
+                        f"quant.overrides[{pattern!r}] may only set weight_bits / act_bits; "
+                        f"got {sorted(bad)}."
+                    )
+                for k, v in bits.items():
+                    check_bits(v, f"quant.overrides[{pattern!r}].{k}")
+            elif bits is not None:
+                check_bits(bits, f"quant.overrides[{pattern!r}] (or None for FP32)")
+        kw["overrides"] = dict(overrides)
+        for key in ("keep_unknown_fp32", "multi_level_bn"):
+            if key in kw and not isinstance(kw[key], bool):
+                raise ValueError(f"quant.{key} must be a bool; got {kw[key]!r}.")
+        calib = kw.get("calib_images", cls.calib_images)
+        if isinstance(calib, bool) or not isinstance(calib, int) or calib < 0:
+            raise ValueError(f"quant.calib_images must be an int >= 0; got {calib!r}.")
+        return cls(**kw)

@@ -1,0 +1,337 @@
+"""
+One fused fake-quantization autograd function shared by every learned-step quantizer.
+
+All quantizers of this package (LSQ, TQT, LQ) are uniform grids ``x_hat = s * (eta - o)`` with
+``eta = clip(round(x / s + o), qmin, qmax)``, a step ``s`` and a constant offset ``o`` (0 for LSQ
+and TQT; ``(2^b - 1) / 2`` for AQD's zero-free weight grid, AQD Eq. 3). With a straight-through
+round, their gradients are
+
+    d x_hat / d x = 1 where the input is "inside" the grid, else 0            (HQOD Eq. 3)
+    d x_hat / d s = (x_hat - x * inside) / s                                   (LSQ, TQT Eq. 7)
+
+i.e. ``round(v) - v`` inside and the clipped level ``eta - o`` outside, so that
+
+    dL/ds = sum(g * x_hat - g * inside * x) / s
+
+needs no temporary tensor. What "inside" means differs:
+
+* ``rounded_mask=False`` (LSQ as HQOD Eq. 3, LQ as autograd of AQD Eq. 2-3): the UNROUNDED value
+  is tested, ``qmin <= x / s + o <= qmax``.
+* ``rounded_mask=True`` (TQT, Jain et al. Eq. 5-7): the ROUNDED value is tested,
+  ``qmin <= round(x / s + o) <= qmax``.
+
+Backends (:func:`set_backend`, or the environment variable ``HQOD_QUANT_BACKEND``):
+
+* ``"inductor"``: the forward (one pass) and the backward (one pass: input gradient and the
+  step-gradient sum together, the output recomputed on the fly instead of saved) are compiled
+  by ``torch.compile`` once per process (about 20 s the first time; the kernels are cached on
+  disk by PyTorch and reused by later processes). Shapes are dynamic: one kernel serves every
+  layer. Tensors under 32k elements take the eager path below (no parallel-region overhead).
+* ``"eager"``: PyTorch's fused ``fake_quantize_per_tensor_affine`` forward; backward = one fused
+  ``hardtanh_backward`` (CPU) for the input gradient and two dot products for the step gradient.
+* ``"auto"`` (default): inductor; if compiling fails (no C++ compiler, no Triton), a warning and
+  eager from then on.
+
+float64 inputs always take the exact eager composite path (PyTorch's fused kernel computes in
+float32), which tests compare against written-out references.
+"""
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "fake_quantize_ste",
+    "fake_quantize_param",
+    "step_from_param",
+    "round_ste",
+    "ceil_ste",
+    "set_backend",
+    "get_backend",
+]
+
+logger = logging.getLogger(__name__)
+
+_BACKENDS = ("auto", "inductor", "eager")
+_backend = os.environ.get("HQOD_QUANT_BACKEND", "auto")
+if _backend not in _BACKENDS:
+    raise ValueError(f"HQOD_QUANT_BACKEND must be one of {_BACKENDS}; got {_backend!r}.")
+
+
+def set_backend(name: str):
+    """Select how fake quantization runs: ``"auto"``, ``"inductor"`` or ``"eager"``."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}; got {name!r}.")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """``round(x)`` in the forward pass, identity in the backward pass (straight-through)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def ceil_ste(x: Tensor) -> Tensor:
+    """``ceil(x)`` in the forward pass, identity in the backward pass (straight-through)."""
+    return x + (torch.ceil(x) - x).detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# The math, written once; compiled by inductor or run eagerly (float64 references).
+# ---------------------------------------------------------------------------------------------
+def _grid(x: Tensor, step: Tensor, consts: Tensor) -> Tensor:
+    """``consts = [qmin, qmax, offset]`` (a tensor: compiled kernels then do not specialize on
+    the bit width)."""
+    qmin, qmax, offset = consts[0], consts[1], consts[2]
+    return (torch.clamp(torch.round(x / step + offset), qmin, qmax) - offset) * step
+
+
+def _grid_backward(grad, x, step, consts, rounded: bool):
+    """(input gradient, sum(g * x_hat - g * inside * x)) in one pass over ``grad`` and ``x``."""
+    qmin, qmax, offset = consts[0], consts[1], consts[2]
+    v = x / step + offset
+    t = torch.round(v) if rounded else v
+    inside = (t >= qmin) & (t <= qmax)
+    grad_x = torch.where(inside, grad, torch.zeros_like(grad))
+    out = (torch.clamp(torch.round(v), qmin, qmax) - offset) * step
+    return grad_x, (grad * out - grad_x * x).sum()
+
+
+_compiled = {}
+# Below this size PyTorch's single-threaded ATen kernels beat a compiled (parallel) call.
+_FUSED_MIN_NUMEL = 1 << 15
+
+
+def _inductor(fn):
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
+
+
+def _run(fn, *args, **kwargs):
+    """Run ``fn`` compiled when the backend allows it, eagerly otherwise (or on failure)."""
+    global _backend
+    if _backend != "eager":
+        try:
+            return _inductor(fn)(*args, **kwargs)
+        except Exception as e:  # compiler missing or failing: keep training, eagerly
+            if _backend == "inductor":
+                raise
+            logger.warning(f"Fused fake-quant kernels unavailable ({type(e).__name__}: {e}); using eager ops.")
+            _backend = "eager"
+    return fn(*args, **kwargs)
+
+
+_constants = {}
+
+
+def _consts(qmin: int, qmax: int, offset: float, like: Tensor) -> Tensor:
+    """``[qmin, qmax, offset]`` as a tensor on ``like``'s device and dtype, cached."""
+    key = (qmin, qmax, offset, like.dtype, like.device)
+    t = _constants.get(key)
+    if t is None:
+        t = _constants[key] = torch.tensor([qmin, qmax, offset], dtype=like.dtype, device=like.device)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# From the learned parameter to the step.
+# ---------------------------------------------------------------------------------------------
+STEP_EPS = 1e-8
+_LN2 = math.log(2.0)
+
+
+def step_from_param(param: Tensor, kind: str, k: float) -> Tensor:
+    """The step given by a learned parameter ``p`` (a differentiable tensor expression):
+    ``kind="linear"``: ``max(|p| * k, eps)``; ``kind="pow2"``: ``2^(ceil(p) - k)`` with a
+    straight-through ceil (TQT)."""
+    if kind == "pow2":
+        return torch.exp2(ceil_ste(param) - k)
+    return (param.abs() * k).clamp_min(STEP_EPS)
+
+
+def _step_and_slope(param: Tensor, kind: str, k: float):
+    """``(s, ds/dp)``: Python floats on CPU (exact, no tensor ops), 0-d tensors elsewhere."""
+    if param.device.type == "cpu":
+        p = param.item()
+        if kind == "pow2":
+            s = 2.0 ** (math.ceil(p) - k)
+            return s, s * _LN2
+        s = abs(p) * k
+        return (s, math.copysign(k, p)) if s > STEP_EPS else (STEP_EPS, 0.0)
+    return _step_and_slope_tensor(param, kind, k)
+
+
+def _step_and_slope_tensor(param: Tensor, kind: str, k: float):
+    """:func:`_step_and_slope` with device tensors (no host synchronization)."""
+    p = param.detach().reshape(())
+    if kind == "pow2":
+        s = torch.exp2(torch.ceil(p) - k)
+        return s, s * _LN2
+    a = p.abs() * k
+    return a.clamp_min(STEP_EPS), torch.where(a > STEP_EPS, torch.sign(p) * k, torch.zeros_like(p))
+
+
+def _as_tensor(value, like: Tensor) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.to(like.dtype)
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager ATen path (float32/16 without inductor, and tensors too small for a compiled call).
+# ---------------------------------------------------------------------------------------------
+def _aten_forward(x, step, qmin: int, qmax: int, offset: float, rounded: bool):
+    """(output, rounded mask or None) with PyTorch's fused fake-quant kernel."""
+    if isinstance(step, Tensor):  # not on CPU: keep the step on the device (no sync)
+        scale, zp = step.to(torch.float32).reshape(1), torch.zeros(1, dtype=torch.int32, device=x.device)
+        enabled = torch.ones(1, dtype=torch.long, device=x.device)
+        shift = step.to(x.dtype) * offset if offset else None
+        xs = x + shift if offset else x
+        out, mask = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(xs, scale, zp, enabled, qmin, qmax)
+    else:
+        shift = step * offset
+        xs = x + shift if offset else x
+        out, mask = torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(xs, step, 0, qmin, qmax)
+    if offset:
+        out = out.sub_(shift)
+    return out, (mask if rounded else None)
+
+
+def _aten_masked_grad(grad, x, step, qmin: int, qmax: int, offset: float):
+    """``grad`` where ``qmin <= x / s + o <= qmax`` (inclusive, unrounded), else 0."""
+    if not isinstance(step, Tensor):
+        # hardtanh_backward keeps grad where lo < x < hi (exclusive); moving both bounds one ulp
+        # (of x's dtype) outwards makes it inclusive. One fused pass, no boolean temporaries.
+        dtype = np.float32 if x.dtype != torch.float64 else np.float64
+        lo = float(np.nextafter(dtype(step * (qmin - offset)), dtype(-np.inf)))
+        hi = float(np.nextafter(dtype(step * (qmax - offset)), dtype(np.inf)))
+        return torch.ops.aten.hardtanh_backward(grad, x, lo, hi)
+    v = x / step.to(x.dtype) + offset
+    return torch.where((v >= qmin) & (v <= qmax), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Fake quantization on the grid of :func:`_grid`, differentiable w.r.t. ``x`` and the
+    learned parameter that gives the step (:func:`step_from_param`): one autograd node per
+    call, with the chain rule through the step done in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, param, kind, k, qmin, qmax, offset, grad_factor, rounded_mask, save_output):
+        step, slope = _step_and_slope(param, kind, k)
+        mask = out_saved = None
+        if x.dtype == torch.float64:
+            out = _grid(x, _as_tensor(step, x), _consts(qmin, qmax, offset, x))
+            mode = "exact"
+        elif _backend != "eager" and x.numel() >= _FUSED_MIN_NUMEL:
+            # detach(): a plain tensor, not a view (guards on a view's base would recompile)
+            out = _run(_grid, x.detach(), _as_tensor(step, x), _consts(qmin, qmax, offset, x))
+            # "exact" (eager composite) only for the one call during which compiling failed
+            mode = "fused" if _backend != "eager" else "exact"
+        else:
+            out, mask = _aten_forward(x, step, qmin, qmax, offset, rounded_mask)
+            mode = "aten"
+            if save_output:
+                out_saved = out
+        ctx.qparams = (qmin, qmax, offset, grad_factor, rounded_mask, mode, step, slope)
+        # The output is saved only by the ATen path and only where its consumer does not modify
+        # it in place (conv/linear inputs and weights); otherwise it is recomputed.
+        ctx.save_for_backward(x, param, mask, out_saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, param, mask, out = ctx.saved_tensors
+        qmin, qmax, offset, grad_factor, rounded_mask, mode, step, slope = ctx.qparams
+        if mode in ("exact", "fused"):
+            c = _consts(qmin, qmax, offset, x)
+            if mode == "exact":
+                grad_x, num = _grid_backward(grad, x, _as_tensor(step, x), c, rounded_mask)
+            else:
+                grad_x, num = _run(_grid_backward, grad.detach(), x.detach(), _as_tensor(step, x), c, rounded_mask)
+        else:
+            if out is None:
+                out, _ = _aten_forward(x, step, qmin, qmax, offset, False)
+            if mask is not None:
+                grad_x = torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+            elif rounded_mask:
+                v = torch.round(x / _as_tensor(step, x) + offset)
+                grad_x = torch.where((v >= qmin) & (v <= qmax), grad, torch.zeros_like(grad))
+            else:
+                grad_x = _aten_masked_grad(grad, x, step, qmin, qmax, offset)
+            num = torch.dot(grad, out) - torch.dot(grad_x, x)
+        grad_param = None
+        if ctx.needs_input_grad[1]:
+            # dL/dp = sum(g * dx_hat/ds) * grad_factor * ds/dp, dx_hat/ds = (x_hat - x*inside)/s
+            grad_param = (num * (slope * grad_factor / step)).to(param.dtype).reshape(param.shape)
+        if not ctx.needs_input_grad[0]:
+            grad_x = None
+        return grad_x, grad_param, None, None, None, None, None, None, None, None
+
+
+def fake_quantize_param(
+    x: Tensor,
+    param: Tensor,
+    qmin: int,
+    qmax: int,
+    *,
+    kind: str = "linear",
+    k: float = 1.0,
+    offset: float = 0.0,
+    grad_factor: float = 1.0,
+    rounded_mask: bool = False,
+    save_output: bool = True,
+) -> Tensor:
+    """
+    Fake-quantize ``x`` on the grid ``s * (eta - offset)``,
+    ``eta = clip(round(x / s + offset), qmin, qmax)``, with straight-through gradients for
+    ``x`` and for the learned ``param`` that gives the step ``s = step_from_param(param, kind,
+    k)``.
+
+    Args:
+        x: input tensor.
+        param: 0-d learned parameter (LSQ step, LQ interval, TQT log2 threshold).
+        qmin, qmax: integer range of ``eta``.
+        kind, k: ``"linear"`` (``s = max(|p| * k, eps)``) or ``"pow2"`` (``s = 2^(ceil(p) - k)``).
+        offset: constant grid offset in steps (0, or ``(qmax - qmin) / 2`` for a zero-free grid).
+        grad_factor: multiplies the step gradient (LSQ's ``1 / sqrt(N * Qp)``).
+        rounded_mask: test the rounded instead of the unrounded value for the input gradient
+            and for "clipped" in the step gradient (TQT) — see the module docstring.
+        save_output: (eager ATen path) keep the output for the backward pass instead of
+            recomputing it; only valid when no later op modifies the output in place.
+    """
+    if kind not in ("linear", "pow2"):
+        raise ValueError(f"kind must be 'linear' or 'pow2'; got {kind!r}.")
+    # The function works on the flattened tensor (one compiled kernel for every shape); the
+    # view back to x's shape is taken outside it, so that in-place ops on the output stay legal.
+    out = _FakeQuantizeSTE.apply(
+        x.reshape(-1), param, kind, float(k), int(qmin), int(qmax), float(offset),
+        float(grad_factor), bool(rounded_mask), bool(save_output),
+    )
+    return out.view(x.shape)
+
+
+def fake_quantize_ste(
+    x: Tensor,
+    step: Tensor,
+    qmin: int,
+    qmax: int,
+    *,
+    offset: float = 0.0,
+    grad_factor: float = 1.0,
+    rounded_mask: bool = False,
+    save_output: bool = True,
+) -> Tensor:
+    """:func:`fake_quantize_param` with the step itself as the parameter (a positive 0-d
+    tensor): ``x_hat = step * (clip(round(x / step + offset), qmin, qmax) - offset)``."""
+    return fake_quantize_param(
+        x, step, qmin, qmax, offset=offset, grad_factor=grad_factor, rounded_mask=rounded_mask,
+        save_output=save_output,
+    )

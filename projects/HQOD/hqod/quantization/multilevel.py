@@ -1,0 +1,216 @@
+"""
+Multi-level BN (AQD Sec. 3.2.2, Fig. 3b) for heads shared over FPN levels, indexed by level.
+
+The shared head's tower convs get one full BN (statistics AND affine) per FPN level. The level
+is passed explicitly: the quantized head's ``forward`` loops over the levels and calls
+``forward_level(feature, level)``; the towers are :class:`LevelSequential` and hand ``level``
+to every :class:`MultiLevelBatchNorm`, whose ``forward(x, level)`` refuses to run without it.
+Unlike detectron2's ``CycleBatchNormList`` (and AQD's official code), nothing depends on the
+order or the number of calls.
+
+Checkpoints: an FP32 head with one shared BN, or detectron2's ``CycleBatchNormList`` (per-level
+statistics + shared affine), loads into every level — the keys are expanded when the state dict
+is loaded (:meth:`MultiLevelBatchNorm.expand_state_dict`), so ``load_state_dict`` and
+detectron2's checkpointer both work.
+
+A new head (e.g. ATSS, built like RetinaNetHead with a centerness branch) = a subclass of its
+float class and :class:`MultiLevelHead` with ``forward_level`` and ``predictor_inputs``,
+registered in ``QUANT_MODULES``.
+"""
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from detectron2.layers import CycleBatchNormList, NaiveSyncBatchNorm
+from detectron2.modeling.meta_arch.fcos import FCOSHead
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from detectron2.utils import comm
+
+from .modules import QUANT_MODULES, QuantizedModule, cached_quantized_weights
+
+__all__ = [
+    "MultiLevelBatchNorm",
+    "LevelSequential",
+    "MultiLevelHead",
+    "QRetinaNetHead",
+    "QFCOSHead",
+]
+
+_BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _bn_class():
+    """BN when training in one process; synchronized BN (AQD's setting) otherwise — PyTorch's
+    SyncBatchNorm with CUDA, detectron2's NaiveSyncBatchNorm on CPU (PyTorch's needs CUDA)."""
+    if comm.get_world_size() > 1:
+        return nn.SyncBatchNorm if torch.cuda.is_available() else NaiveSyncBatchNorm
+    return nn.BatchNorm2d
+
+
+class MultiLevelBatchNorm(nn.Module, QuantizedModule):
+    """
+    One BatchNorm2d per FPN level (children ``"0" .. str(num_levels - 1)``, the names of
+    ``CycleBatchNormList``), selected by the ``level`` argument of :meth:`forward`.
+    ``output_quant`` (scope ``aqd``) fake-quantizes the output, shared over levels.
+    """
+
+    convert_children = False
+
+    def __init__(self, num_levels: int, num_features: int, *, eps=1e-5, momentum=0.1, bn_class=None):
+        super().__init__()
+        bn_class = bn_class or _bn_class()
+        for level in range(num_levels):
+            self.add_module(str(level), bn_class(num_features, eps=eps, momentum=momentum))
+        self.num_levels = num_levels
+        self.output_quant = None
+
+    @property
+    def levels(self) -> List[nn.Module]:
+        """The per-level BNs, in level order."""
+        return [self._modules[str(level)] for level in range(self.num_levels)]
+
+    @classmethod
+    def from_norm(cls, norm: nn.Module, num_levels: int) -> "MultiLevelBatchNorm":
+        """Per-level BN initialized from a shared BN (every level gets its state) or from a
+        ``CycleBatchNormList`` (level l gets BN l's statistics and the shared affine)."""
+        if isinstance(norm, CycleBatchNormList):
+            bns = list(norm)
+            if len(bns) != num_levels:
+                raise ValueError(
+                    f"CycleBatchNormList has {len(bns)} BNs but the head has {num_levels} levels."
+                )
+            weight = getattr(norm, "weight", None)
+            bias = getattr(norm, "bias", None)
+        elif isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            bns = [norm] * num_levels
+            weight, bias = norm.weight, norm.bias
+        else:
+            raise TypeError(f"Cannot build a multi-level BN from {type(norm).__qualname__}.")
+        ref = bns[0]
+        new = cls(num_levels, ref.num_features, eps=ref.eps, momentum=ref.momentum)
+        with torch.no_grad():
+            for bn, src in zip(new.levels, bns):
+                if src.track_running_stats and src.running_mean is not None:
+                    bn.running_mean.copy_(src.running_mean)
+                    bn.running_var.copy_(src.running_var)
+                    bn.num_batches_tracked.copy_(src.num_batches_tracked)
+                if weight is not None:
+                    bn.weight.copy_(weight)
+                    bn.bias.copy_(bias)
+        return new.to(ref.running_mean.device if ref.running_mean is not None else "cpu")
+
+    def forward(self, x, level: Optional[int] = None):
+        if level is None:
+            raise ValueError(
+                "MultiLevelBatchNorm needs the FPN level: call forward(x, level) (the quantized "
+                "head's forward_level does)."
+            )
+        x = self._modules[str(level)](x)
+        if self.output_quant is not None:
+            x = self.output_quant(x)
+        return x
+
+    @staticmethod
+    def expand_state_dict(state_dict: Dict[str, torch.Tensor], prefix: str, num_levels: int):
+        """
+        In place: turn a shared BN's keys ``prefix + weight/bias/running_*`` (plain BN, or the
+        shared affine of a CycleBatchNormList) into per-level keys ``prefix + f"{l}.weight"``...
+        Keys already per level are kept. Returns the list of expanded source keys.
+        """
+        expanded = []
+        for key in _BN_STATE:
+            src = prefix + key
+            if src not in state_dict:
+                continue
+            value = state_dict.pop(src)
+            expanded.append(src)
+            for level in range(num_levels):
+                state_dict.setdefault(f"{prefix}{level}.{key}", value.clone())
+        return expanded
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.expand_state_dict(state_dict, prefix, self.num_levels)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self):
+        return f"num_levels={self.num_levels} (indexed by level)"
+
+
+class LevelSequential(nn.Sequential):
+    """A head tower: ``forward(x, level)`` passes ``level`` to its multi-level BNs."""
+
+    def forward(self, x, level: int):
+        for layer in self:
+            x = layer(x, level) if isinstance(layer, MultiLevelBatchNorm) else layer(x)
+        return x
+
+
+class MultiLevelHead(QuantizedModule):
+    """
+    Mixin of quantized shared heads. ``forward(features)`` loops over the levels and calls
+    ``forward_level(feature, level)``, which returns this level's outputs as a tuple; the results
+    are regrouped as the float head returns them (one list per output). Weights are quantized
+    once per forward pass, not once per level.
+
+    Class attribute ``predictor_inputs``: output conv name -> the tower feeding it; these are
+    the "output layers" (8-bit by default), and their input is a ReLU output when the tower
+    ends with a ReLU.
+    """
+
+    predictor_inputs: Dict[str, str] = {}
+
+    @classmethod
+    def from_float(cls, module, *, name, ctx):
+        cls._reclass(module)
+        num_levels = module._num_features
+        for tower_name, tower in list(module.named_children()):
+            if not isinstance(tower, nn.Sequential):
+                continue
+            tower.__class__ = LevelSequential
+            if not ctx.multi_level_bn:
+                continue
+            for idx, layer in list(tower.named_children()):
+                if isinstance(layer, (CycleBatchNormList, nn.modules.batchnorm._BatchNorm)):
+                    mlbn = MultiLevelBatchNorm.from_norm(layer, num_levels)
+                    if ctx.scope == "aqd":
+                        bits = ctx.output_bits(f"{name}.{tower_name}.{idx}")
+                        if bits is not None:
+                            mlbn.output_quant = ctx.quantizer(bits, signed=True, output=True)
+                    setattr(tower, idx, mlbn)
+        return module
+
+    def forward(self, features: List[torch.Tensor]):
+        assert len(features) == self._num_features
+        with cached_quantized_weights(self.modules()):
+            outputs = [self.forward_level(f, level) for level, f in enumerate(features)]
+        return tuple(list(o) for o in zip(*outputs))
+
+    def forward_level(self, feature: torch.Tensor, level: int):
+        raise NotImplementedError
+
+
+@QUANT_MODULES.register()
+class QRetinaNetHead(MultiLevelHead, RetinaNetHead):
+    float_types = (RetinaNetHead,)
+    predictor_inputs = {"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet"}
+
+    def forward_level(self, feature, level):
+        return (
+            self.cls_score(self.cls_subnet(feature, level)),
+            self.bbox_pred(self.bbox_subnet(feature, level)),
+        )
+
+
+@QUANT_MODULES.register()
+class QFCOSHead(MultiLevelHead, FCOSHead):
+    float_types = (FCOSHead,)
+    predictor_inputs = {"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet", "ctrness": "bbox_subnet"}
+
+    def forward_level(self, feature, level):
+        bbox_feature = self.bbox_subnet(feature, level)
+        return (
+            self.cls_score(self.cls_subnet(feature, level)),
+            self.bbox_pred(bbox_feature),
+            self.ctrness(bbox_feature),
+        )

@@ -1,0 +1,318 @@
+"""
+``quantize_model(model, cfg_quant)``: the single entry point that turns an FP32 detector into a
+QAT model, in place, through ``QUANT_MODULES``.
+
+Order of use (tools/train_net.py): build the FP32 model -> ``quantize_model`` ->
+``load_fp32_checkpoint`` -> ``calibrate`` -> optimizer with ``get_qat_optimizer_params`` (zero
+weight decay on steps) -> DDP -> train.
+"""
+import logging
+from collections import Counter
+from fnmatch import fnmatchcase
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+
+from torch import nn
+
+from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d
+from detectron2.modeling.backbone import FPN, ResNet
+from detectron2.modeling.backbone.fpn import LastLevelP6P7
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
+
+from .config import QuantConfig
+from .modules import QuantizedModule, find_quant_module_class
+from .multilevel import MultiLevelHead
+from .quantizers import QUANTIZERS, Quantizer
+
+__all__ = ["quantize_model", "register_relu_input_rule", "relu_fed_layers", "quantizers_of"]
+
+logger = logging.getLogger(__name__)
+
+# Layer types with parameters that are known and stay FP32: CycleBatchNormList is replaced by
+# the head conversion (multi-level BN) or kept when quant.multi_level_bn is False.
+KNOWN_FP32_TYPES = (CycleBatchNormList, FrozenBatchNorm2d)
+
+# ---------------------------------------------------------------------------------------------
+# Which layers take a ReLU output as input (their activation quantizer is unsigned).
+# ---------------------------------------------------------------------------------------------
+_RELU_INPUT_RULES: Dict[type, Callable[[nn.Module], Iterable[str]]] = {}
+
+
+def register_relu_input_rule(*types):
+    """
+    Register ``fn(module) -> child names`` for modules of the given types (isinstance): the
+    children listed take the output of a ReLU as input. Anything not covered by a rule is
+    treated as signed, which never clips negative values (only wastes one level).
+    """
+
+    def deco(fn):
+        for t in types:
+            _RELU_INPUT_RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def _ends_with_relu(module: nn.Module) -> bool:
+    if isinstance(module, (nn.ReLU, nn.ReLU6)):
+        return True
+    if isinstance(module, nn.Sequential) and len(module) > 0:
+        return _ends_with_relu(module[-1])
+    act = getattr(module, "activation", None) if isinstance(module, Conv2d) else None
+    return isinstance(act, (nn.ReLU, nn.ReLU6)) or getattr(act, "__name__", "") in ("relu", "relu_")
+
+
+@register_relu_input_rule(nn.Sequential)
+def _sequential_rule(seq):
+    children = list(seq.named_children())
+    return [name for (_, prev), (name, _) in zip(children, children[1:]) if _ends_with_relu(prev)]
+
+
+@register_relu_input_rule(BasicBlock, BottleneckBlock)
+def _resnet_block_rule(block):
+    # In detectron2's ResNet every block input is a ReLU output (the stem and every block end
+    # with ReLU; max-pooling keeps the sign), and the inner convs follow relu_.
+    return [n for n in ("conv1", "conv2", "conv3", "shortcut") if getattr(block, n, None) is not None]
+
+
+@register_relu_input_rule(FPN)
+def _fpn_rule(fpn):
+    if not isinstance(fpn.bottom_up, ResNet):
+        return []
+    laterals = {id(m) for m in fpn.lateral_convs}  # the ResNet stage outputs end with ReLU
+    return [name for name, m in fpn.named_children() if id(m) in laterals]
+
+
+@register_relu_input_rule(LastLevelP6P7)
+def _p6p7_rule(block):
+    # p7 = conv(relu(p6)); p6 reads an FPN output ("p5", signed) or a ResNet stage ("res5").
+    return ["p7"] + ([] if block.in_feature.startswith("p") else ["p6"])
+
+
+def _head_class(module: nn.Module):
+    cls = find_quant_module_class(type(module))
+    if cls is None and isinstance(module, MultiLevelHead):
+        cls = type(module)
+    return cls if cls is not None and issubclass(cls, MultiLevelHead) else None
+
+
+def _head_rule(head):
+    cls = _head_class(head)
+    if cls is None:
+        return []
+    return [
+        pred
+        for pred, tower in cls.predictor_inputs.items()
+        if hasattr(head, pred) and _ends_with_relu(getattr(head, tower))
+    ]
+
+
+def relu_fed_layers(model: nn.Module) -> Set[str]:
+    """Names of the modules of ``model`` whose input is produced by a ReLU."""
+    out = set()
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        fns = [fn for t, fn in _RELU_INPUT_RULES.items() if isinstance(module, t)]
+        if _head_class(module) is not None:
+            fns.append(_head_rule)
+        for fn in fns:
+            out.update(prefix + child for child in fn(module))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Input (first) and output (last) layers.
+# ---------------------------------------------------------------------------------------------
+_WEIGHTED = (nn.Conv2d, nn.Linear)
+
+
+def _match(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
+def find_first_last_layers(model: nn.Module, qcfg: QuantConfig) -> Tuple[List[str], List[str]]:
+    """The input layers (detectron2 stem convs, or ``quant.input_layers``) and output layers
+    (registered heads' predictors, or ``quant.output_layers``) of ``model``."""
+    weighted = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
+    if qcfg.input_layers is not None:
+        first = [n for n in weighted if _match(n, qcfg.input_layers)]
+    else:
+        first = []
+        for name, m in model.named_modules():
+            if isinstance(m, BasicStem):
+                first += [f"{name}.{c}" for c, sub in m.named_modules() if isinstance(sub, _WEIGHTED)]
+    if qcfg.output_layers is not None:
+        last = [n for n in weighted if _match(n, qcfg.output_layers)]
+    else:
+        last = []
+        for name, m in model.named_modules():
+            cls = _head_class(m)
+            if cls is not None:
+                last += [f"{name}.{p}" for p in cls.predictor_inputs if hasattr(m, p)]
+    for what, names, given in (("input", first, qcfg.input_layers), ("output", last, qcfg.output_layers)):
+        if not names:
+            logger.warning(
+                f"quantize_model: no {what} layer found ({'quant.' + what + '_layers=' + repr(given) if given else 'automatic search'}); "
+                f"every layer uses weight_bits/act_bits."
+            )
+    return first, last
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion.
+# ---------------------------------------------------------------------------------------------
+class ConversionContext:
+    """What a ``from_float`` needs to know: scope, bits per layer, input sign, quantizers."""
+
+    def __init__(self, qcfg: QuantConfig, relu_fed: Set[str], first_last: Set[str]):
+        self.qcfg = qcfg
+        self.scope = qcfg.scope
+        self.multi_level_bn = qcfg.multi_level_bn
+        self._relu_fed = relu_fed
+        self._first_last = first_last
+        self.num_quantizers = Counter()
+        self.fp32_layers: List[str] = []
+
+    def quantizer(self, bits: int, *, signed: bool, output: bool = False) -> Quantizer:
+        """A new quantizer of the configured method. ``output=True`` for quantizers of layer
+        outputs, which a later op may modify in place (the output is then not saved)."""
+        q = QUANTIZERS.get(self.qcfg.method)(bits=bits, signed=signed)
+        q.save_output = not output
+        self.num_quantizers[(bits, "signed" if signed else "unsigned")] += 1
+        return q
+
+    def input_signed(self, name: str) -> bool:
+        return name not in self._relu_fed
+
+    def layer_bits(self, name: str) -> Optional[Tuple[int, int]]:
+        """(weight_bits, act_bits) of a conv/linear layer, or None to keep it FP32."""
+        q = self.qcfg
+        bits = (q.weight_bits, q.act_bits)
+        if name in self._first_last:
+            bits = None if q.first_last_bits is None else (q.first_last_bits,) * 2
+        for pattern, ov in q.overrides.items():
+            if fnmatchcase(name, pattern):
+                if ov is None or isinstance(ov, int):
+                    bits = None if ov is None else (ov, ov)
+                else:
+                    base = bits or (q.weight_bits, q.act_bits)
+                    bits = (ov.get("weight_bits", base[0]), ov.get("act_bits", base[1]))
+        if bits is None:
+            self.fp32_layers.append(name)
+        return bits
+
+    def output_bits(self, name: str) -> Optional[int]:
+        """Bits of the output quantizer of a BN / add at ``name`` (scope aqd), or None."""
+        bits = self.qcfg.act_bits
+        for pattern, ov in self.qcfg.overrides.items():
+            if fnmatchcase(name, pattern):
+                if ov is None or isinstance(ov, int):
+                    bits = ov
+                elif "act_bits" in ov:
+                    bits = ov["act_bits"]
+        if bits is None:
+            self.fp32_layers.append(name)
+        return bits
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """A module computing with parameters of its own (as opposed to a container)."""
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _find_unknown(module: nn.Module, prefix: str = "") -> List[Tuple[str, str]]:
+    unknown = []
+    for name, child in module.named_children():
+        full = prefix + name
+        if isinstance(child, (Quantizer, QuantizedModule)):
+            continue
+        if (
+            find_quant_module_class(type(child)) is None
+            and not isinstance(child, KNOWN_FP32_TYPES)
+            and _is_layer(child)
+        ):
+            unknown.append((full, type(child).__qualname__))
+            continue
+        unknown += _find_unknown(child, full + ".")
+    return unknown
+
+
+def _convert(module: nn.Module, prefix: str, ctx: ConversionContext, converted: Counter):
+    for name, child in list(module.named_children()):
+        full = prefix + name
+        if isinstance(child, Quantizer):
+            continue
+        if isinstance(child, QuantizedModule):  # built by its parent (e.g. multi-level BN)
+            if child.convert_children:
+                _convert(child, full + ".", ctx, converted)
+            continue
+        qcls = find_quant_module_class(type(child))
+        if qcls is not None:
+            new = qcls.from_float(child, name=full, ctx=ctx)
+            if new is not None:
+                converted[qcls.__name__] += 1
+                if new is not child:
+                    setattr(module, name, new)
+                if not qcls.convert_children:
+                    continue
+                child = new
+        elif isinstance(child, KNOWN_FP32_TYPES) or _is_layer(child):
+            continue
+        _convert(child, full + ".", ctx, converted)
+
+
+def quantize_model(model: nn.Module, cfg_quant) -> nn.Module:
+    """
+    Replace, in place, the layers of ``model`` by their quantized versions from
+    ``QUANT_MODULES`` and return ``model``.
+
+    Args:
+        model: an FP32 model (a detectron2 meta-architecture, a backbone, any nn.Module); not
+            wrapped in DistributedDataParallel yet.
+        cfg_quant: the top-level ``quant`` node of a LazyConfig (DictConfig or dict) or a
+            :class:`QuantConfig`; see :mod:`hqod.quantization.config` for the fields.
+
+    Conv / linear layers get weight and input quantizers (``weight_bits``/``act_bits``; input
+    and output layers ``first_last_bits``; ``overrides`` last). Scope ``aqd`` also quantizes BN
+    outputs and residual / FPN adds. Registered heads get multi-level BN indexed by level.
+    A layer type with parameters that no registered class converts is an error naming the
+    layers, unless ``keep_unknown_fp32``.
+    """
+    qcfg = QuantConfig.from_cfg(cfg_quant)
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError("quantize_model: quantize the model before wrapping it in DDP.")
+    unknown = _find_unknown(model)
+    if unknown:
+        listing = ", ".join(f"{n} ({t})" for n, t in unknown)
+        if not qcfg.keep_unknown_fp32:
+            raise ValueError(
+                f"quantize_model: no QUANT_MODULES entry converts these layers: {listing}. "
+                "Register a quantized class for their type, or set quant.keep_unknown_fp32=True "
+                "to keep them FP32."
+            )
+        logger.warning(f"quantize_model: keeping unknown layers FP32: {listing}")
+
+    first, last = find_first_last_layers(model, qcfg)
+    ctx = ConversionContext(qcfg, relu_fed_layers(model), set(first) | set(last))
+    converted = Counter()
+    root_cls = find_quant_module_class(type(model))
+    if root_cls is not None:  # a bare layer or head given as the model
+        new = root_cls.from_float(model, name="", ctx=ctx)
+        if new is not None and new is not model:
+            raise TypeError(f"quantize_model cannot replace the root module {type(model).__name__}.")
+    _convert(model, "", ctx, converted)
+    param = next(model.parameters(), None)
+    if param is not None:  # new quantizers live where the model does
+        for q in quantizers_of(model).values():
+            q.to(param.device)
+    logger.info(
+        f"quantize_model: method={qcfg.method} W{qcfg.weight_bits}A{qcfg.act_bits} "
+        f"scope={qcfg.scope}; input layers {first}, output layers {last} at "
+        f"{qcfg.first_last_bits or 'FP32'}; converted {dict(converted)}; quantizers "
+        f"{dict(ctx.num_quantizers)}; kept FP32: {ctx.fp32_layers or 'none'}."
+    )
+    return model
+
+
+def quantizers_of(model: nn.Module) -> Dict[str, Quantizer]:
+    """All quantizers of a model, by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}

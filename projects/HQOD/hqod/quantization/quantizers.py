@@ -1,0 +1,340 @@
+"""
+Per-tensor learned-step fake quantizers, one class per method, in the ``QUANTIZERS`` registry:
+
+* ``lsq``: LSQ (Esser et al., ICLR 2020) as written in HQOD Eq. 2-3 — learned step ``s``.
+* ``tqt``: TQT (Jain et al., MLSys 2020) — learned ``log2`` threshold, power-of-two step.
+* ``lq``: AQD's learned-interval quantizer (Chen et al., CVPR 2021, Eq. 2-3) — learned ``nu``.
+* ``lsq_torch``: the speed/behaviour peer, PyTorch's fused learnable fake-quant op
+  (``torch._fake_quantize_learnable_per_tensor_affine``, as MQBench and D2Go use it). Same
+  forward as ``lsq``, but its input-gradient mask tests the rounded value.
+
+Every quantizer is built as ``QUANTIZERS.get(name)(bits=b, signed=s)`` and has
+
+* ``forward(x)``: the fake-quantized tensor (or ``x`` itself when fake quantization is off);
+* ``step``: the effective step size (a detached tensor);
+* an observer ("calibration") mode that (re)initializes its parameter from the data it sees,
+  averaging over calls, and a fake-quant switch — ``enable_observer``/``disable_observer``,
+  ``enable_fake_quant``/``disable_fake_quant``. Calibration = observer on, fake-quant off;
+* an ``initialized`` buffer: a quantizer never calibrated initializes itself from its first
+  input; a checkpoint restores the flag so that a resumed run does not re-initialize.
+
+Weights are signed; activations are unsigned when produced by a ReLU and signed otherwise
+(``hqod.quantization.quantize_model`` decides). The grids, with ``b`` bits:
+
+* signed: integers ``[-2^(b-1), 2^(b-1) - 1]`` times the step (LSQ, TQT);
+* unsigned: integers ``[0, 2^b - 1]`` times the step (LSQ, TQT, LQ = AQD Eq. 2);
+* LQ signed = AQD Eq. 3: ``2^b`` levels spread symmetrically over ``[-nu, nu]`` without a zero
+  level (2-bit: ``{-nu, -nu/3, nu/3, nu}``).
+"""
+import math
+from numbers import Integral
+
+import torch
+from fvcore.common.registry import Registry
+from torch import Tensor, nn
+
+from .functional import STEP_EPS, fake_quantize_param, step_from_param
+
+__all__ = [
+    "QUANTIZERS",
+    "NamedRegistry",
+    "ALLOWED_BITS",
+    "check_bits",
+    "Quantizer",
+    "LSQQuantizer",
+    "TQTQuantizer",
+    "LQQuantizer",
+    "TorchLSQQuantizer",
+]
+
+class NamedRegistry(Registry):
+    """fvcore's Registry whose ``register`` also accepts an explicit name:
+    ``@REG.register("lsq")`` (fvcore itself only registers under ``obj.__name__``)."""
+
+    def register(self, obj=None):
+        if isinstance(obj, str):
+            name = obj
+
+            def deco(cls):
+                self._do_register(name, cls)
+                return cls
+
+            return deco
+        return super().register(obj)
+
+
+QUANTIZERS = NamedRegistry("QUANTIZERS")
+QUANTIZERS.__doc__ = """
+Registry of fake quantizers. A registered class is built as ``cls(bits=b, signed=s)`` and is a
+:class:`Quantizer`.
+"""
+
+ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def check_bits(bits, what: str = "bits") -> int:
+    """Return ``bits`` if it is an int in 2..8; raise a ValueError naming the allowed values."""
+    if isinstance(bits, bool) or not isinstance(bits, Integral) or int(bits) not in ALLOWED_BITS:
+        raise ValueError(
+            f"{what} must be an int in {{{', '.join(map(str, ALLOWED_BITS))}}}; got {bits!r} "
+            f"({type(bits).__name__})."
+        )
+    return int(bits)
+
+
+def _all_reduce_mean(t: Tensor) -> Tensor:
+    """Average ``t`` over processes, so that every replica starts from the same parameters."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+class Quantizer(nn.Module):
+    """
+    Base class: bit width, sign, integer range, modes and the observer logic. Subclasses define
+    the learned parameter (:meth:`_param`), its data-driven initial value
+    (:meth:`_initial_value`), the effective step (:meth:`_step`) and the quantization itself
+    (:meth:`_fake_quantize`).
+    """
+
+    eps = STEP_EPS
+
+    def __init__(self, *, bits: int, signed: bool):
+        super().__init__()
+        if not isinstance(signed, bool):
+            raise ValueError(f"signed must be a bool; got {signed!r}.")
+        self.bits = check_bits(bits)
+        self.signed = signed
+        if signed:
+            self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        else:
+            self.qmin, self.qmax = 0, 2**bits - 1
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+        self.fake_quant_enabled = True
+        self.observer_enabled = False
+        # Set False where a later op may modify the output in place (see fake_quantize_ste).
+        self.save_output = True
+        self._num_observed = 0
+        self._known_initialized = False  # cache of ``initialized`` (avoids a device sync per call)
+
+    # ---- modes ----
+    def enable_fake_quant(self, enabled: bool = True):
+        self.fake_quant_enabled = bool(enabled)
+        return self
+
+    def disable_fake_quant(self):
+        return self.enable_fake_quant(False)
+
+    def enable_observer(self, enabled: bool = True):
+        """In observer mode every forward re-estimates the parameter from the input (running
+        average over the calls since the observer was enabled) and marks it initialized."""
+        self.observer_enabled = bool(enabled)
+        self._num_observed = 0
+        return self
+
+    def disable_observer(self):
+        return self.enable_observer(False)
+
+    @property
+    def is_initialized(self) -> bool:
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized.item())
+        return self._known_initialized
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._known_initialized = False  # re-read the loaded flag on the next call
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ---- subclass interface ----
+    def _param(self) -> nn.Parameter:
+        raise NotImplementedError
+
+    def _initial_value(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _step(self) -> Tensor:
+        raise NotImplementedError
+
+    def _fake_quantize(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ---- shared logic ----
+    @property
+    def step(self) -> Tensor:
+        """The effective step size: the distance between two adjacent levels."""
+        return self._step().detach()
+
+    def _lsq_init_step(self, x: Tensor) -> Tensor:
+        """LSQ's initial step ``2 * mean|x| / sqrt(Qp)`` (Esser et al., Sec. 2.1)."""
+        return (2.0 * x.abs().mean() / math.sqrt(self.qmax)).clamp_min(self.eps)
+
+    @torch.no_grad()
+    def observe(self, x: Tensor):
+        """Update the learned parameter from ``x`` and mark the quantizer initialized."""
+        value = _all_reduce_mean(self._initial_value(x.detach().float()))
+        param = self._param()
+        n = self._num_observed if self.observer_enabled else 0
+        param.copy_(((param.detach().float() * n + value.reshape(param.shape)) / (n + 1)))
+        self._num_observed = n + 1
+        self.initialized.fill_(1)
+        self._known_initialized = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer_enabled or (self.fake_quant_enabled and not self.is_initialized):
+            self.observe(x)
+        if not self.fake_quant_enabled:
+            return x
+        return self._fake_quantize(x)
+
+    def extra_repr(self):
+        return (
+            f"bits={self.bits}, signed={self.signed}, range=[{self.qmin}, {self.qmax}], "
+            f"fake_quant={self.fake_quant_enabled}, observer={self.observer_enabled}"
+        )
+
+
+@QUANTIZERS.register("lsq")
+class LSQQuantizer(Quantizer):
+    """
+    LSQ, HQOD Eq. 2-3: ``x_hat = s * clip(round(x / s), Nmin, Nmax)``. The input gradient passes
+    where ``Nmin <= x / s <= Nmax`` on the unrounded value (Eq. 3); the step gradient is
+    ``round(x/s) - x/s`` inside and ``Nmin``/``Nmax`` outside, scaled by LSQ's
+    ``g = 1 / sqrt(N * Qp)`` with ``N = x.numel()`` and ``Qp = Nmax``. Initial step
+    ``2 * mean|x| / sqrt(Qp)`` from the first batch or the calibration data.
+    """
+
+    def __init__(self, *, bits: int, signed: bool):
+        super().__init__(bits=bits, signed=signed)
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def _param(self):
+        return self.scale
+
+    def _initial_value(self, x):
+        return self._lsq_init_step(x)
+
+    def _step(self):
+        return step_from_param(self.scale, "linear", 1.0)
+
+    def _fake_quantize(self, x):
+        grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)
+        return fake_quantize_param(
+            x, self.scale, self.qmin, self.qmax, grad_factor=grad_factor,
+            save_output=self.save_output,
+        )
+
+
+@QUANTIZERS.register("tqt")
+class TQTQuantizer(Quantizer):
+    """
+    TQT (Jain et al., "Trained quantization thresholds", Eq. 5-8): the learned parameter is
+    ``log2 t`` of the threshold ``t``; the step ``s = 2^ceil(log2 t) / 2^(b-1)`` (signed) or
+    ``/ 2^b`` (unsigned) is always a power of two, the ceil being straight-through. Gradients as
+    in the paper: the input gradient passes where ``n <= round(x/s) <= p`` (rounded value) and
+    ``d x_hat / d log2 t = s * ln 2 * (round(x/s) - x/s)`` inside, ``s * ln 2 * n`` or
+    ``s * ln 2 * p`` when clipped; no gradient scaling. Initial threshold: TQT's "3SD"
+    calibration, ``t = min(max|x|, 3 * rms(x))``.
+    """
+
+    def __init__(self, *, bits: int, signed: bool):
+        super().__init__(bits=bits, signed=signed)
+        self.log2_threshold = nn.Parameter(torch.tensor(0.0))
+        self._log2_levels = bits - 1 if signed else bits
+
+    def _param(self):
+        return self.log2_threshold
+
+    def _initial_value(self, x):
+        t = torch.minimum(x.abs().max(), 3.0 * x.pow(2).mean().sqrt())
+        return torch.log2(t.clamp_min(self.eps))
+
+    def _step(self):
+        return step_from_param(self.log2_threshold, "pow2", self._log2_levels)
+
+    def _fake_quantize(self, x):
+        return fake_quantize_param(
+            x, self.log2_threshold, self.qmin, self.qmax, kind="pow2", k=self._log2_levels,
+            rounded_mask=True, save_output=self.save_output,
+        )
+
+
+@QUANTIZERS.register("lq")
+class LQQuantizer(Quantizer):
+    """
+    AQD's learned-interval quantizer with straight-through rounding, ``L = 2^b - 1``:
+
+    * unsigned (activations after ReLU), AQD Eq. 2:
+      ``eta = round(clip(x / nu, 0, 1) * L)``, ``x_hat = eta * nu / L`` — ``[0, nu]`` on L steps;
+    * signed (weights, and activations not produced by a ReLU), AQD Eq. 3:
+      ``eta = round((clip(x / nu, -1, 1) + 1) / 2 * L)``, ``x_hat = (2 * eta / L - 1) * nu`` —
+      ``2^b`` levels on ``[-nu, nu]`` without a zero level.
+
+    Gradients are those of these formulas with a straight-through round (as the official code
+    computes them by autograd): the input gradient passes where ``x`` is inside the interval
+    (unrounded); LSQ's gradient scale is not used (as AQD's detection configs). The official code
+    also standardizes weights before quantizing; the paper does not, neither do we. Initial
+    ``nu``: the interval whose step equals LSQ's initial step (AQD used 1.0 or a warm-up).
+    """
+
+    def __init__(self, *, bits: int, signed: bool):
+        super().__init__(bits=bits, signed=signed)
+        self.interval = nn.Parameter(torch.tensor(1.0))
+        self._levels = 2**bits - 1  # L
+        # The zero-free signed grid has the step 2 nu / L and is offset by half the range.
+        self._step_per_nu = (2.0 if signed else 1.0) / self._levels
+
+    def _param(self):
+        return self.interval
+
+    def _initial_value(self, x):
+        return self._lsq_init_step(x) / self._step_per_nu
+
+    def _step(self):
+        return step_from_param(self.interval, "linear", self._step_per_nu)
+
+    def _fake_quantize(self, x):
+        offset = self._levels / 2.0 if self.signed else 0.0
+        return fake_quantize_param(
+            x, self.interval, 0, self._levels, k=self._step_per_nu, offset=offset,
+            save_output=self.save_output,
+        )
+
+    def extra_repr(self):
+        grid = "AQD Eq. 3 (symmetric, no zero)" if self.signed else "AQD Eq. 2 ([0, nu])"
+        return f"bits={self.bits}, signed={self.signed}, grid={grid}, " + (
+            f"fake_quant={self.fake_quant_enabled}, observer={self.observer_enabled}"
+        )
+
+
+@QUANTIZERS.register("lsq_torch")
+class TorchLSQQuantizer(Quantizer):
+    """
+    The peer implementation of LSQ: PyTorch's fused learnable fake-quant op with
+    ``grad_factor = 1 / sqrt(N * Qp)``. Same forward and initialization as ``lsq``; its
+    gradients test the ROUNDED value ``Nmin <= round(x/s) <= Nmax`` (so it differs from HQOD
+    Eq. 3 where ``x/s`` lies within half a step outside the range). Kept for comparison.
+    """
+
+    def __init__(self, *, bits: int, signed: bool):
+        super().__init__(bits=bits, signed=signed)
+        self.scale = nn.Parameter(torch.tensor([1.0]))
+        self.register_buffer("zero_point", torch.zeros(1))
+
+    def _param(self):
+        return self.scale
+
+    def _initial_value(self, x):
+        return self._lsq_init_step(x)
+
+    def _step(self):
+        return step_from_param(self.scale, "linear", 1.0).reshape(())
+
+    def _fake_quantize(self, x):
+        grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)
+        return torch._fake_quantize_learnable_per_tensor_affine(
+            x, self.scale.abs().clamp_min(self.eps), self.zero_point, self.qmin, self.qmax,
+            grad_factor,
+        )
