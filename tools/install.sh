@@ -67,6 +67,6 @@ fi
 
 echo "[install] hqod (editable)"
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
-"$PY" -c "import detectron2.modeling, hqod" || { echo "error: detectron2/hqod do not import; see above" >&2; exit 1; }
+"$PY" -c "import hqod, detectron2.modeling" || { echo "error: detectron2/hqod do not import; see above" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[install] done in $((SECONDS - start)) s: $VENV"
