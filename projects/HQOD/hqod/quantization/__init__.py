@@ -28,7 +28,14 @@ from .modules import (
     QuantizedModule,
     cached_quantized_weights,
 )
-from .multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead, QFCOSHead, QRetinaNetHead
+from .multilevel import (
+    LevelSequential,
+    MultiLevelBatchNorm,
+    MultiLevelHead,
+    QATSSHead,
+    QFCOSHead,
+    QRetinaNetHead,
+)
 from .optim import get_qat_optimizer_params, quantizer_parameters
 from .quantize import quantize_model, quantizers_of, register_relu_input_rule, relu_fed_layers
 from .quantizers import (
@@ -87,4 +94,5 @@ __all__ = [
     "MultiLevelHead",
     "QRetinaNetHead",
     "QFCOSHead",
+    "QATSSHead",
 ]

@@ -13,9 +13,9 @@ statistics + shared affine), loads into every level — the keys are expanded wh
 is loaded (:meth:`MultiLevelBatchNorm.expand_state_dict`), so ``load_state_dict`` and
 detectron2's checkpointer both work.
 
-A new head (e.g. ATSS, built like RetinaNetHead with a centerness branch) = a subclass of its
-float class and :class:`MultiLevelHead` with ``forward_level`` and ``predictor_inputs``,
-registered in ``QUANT_MODULES``.
+Registered heads: detectron2's RetinaNetHead and FCOSHead, hqod's ATSSHead. A new head = a
+subclass of its float class and :class:`MultiLevelHead` with ``forward_level`` and
+``predictor_inputs``, registered in ``QUANT_MODULES`` (QATSSHead below is the example).
 """
 from typing import Dict, List, Optional
 
@@ -27,6 +27,8 @@ from detectron2.modeling.meta_arch.fcos import FCOSHead
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils import comm
 
+from hqod.modeling.meta_arch.atss import ATSSHead
+
 from .modules import QUANT_MODULES, QuantizedModule, cached_quantized_weights
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "MultiLevelHead",
     "QRetinaNetHead",
     "QFCOSHead",
+    "QATSSHead",
 ]
 
 _BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -205,6 +208,22 @@ class QRetinaNetHead(MultiLevelHead, RetinaNetHead):
 @QUANT_MODULES.register()
 class QFCOSHead(MultiLevelHead, FCOSHead):
     float_types = (FCOSHead,)
+    predictor_inputs = {"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet", "ctrness": "bbox_subnet"}
+
+    def forward_level(self, feature, level):
+        bbox_feature = self.bbox_subnet(feature, level)
+        return (
+            self.cls_score(self.cls_subnet(feature, level)),
+            self.bbox_pred(bbox_feature),
+            self.ctrness(bbox_feature),
+        )
+
+
+@QUANT_MODULES.register()
+class QATSSHead(MultiLevelHead, ATSSHead):
+    """hqod's ATSS head: RetinaNetHead towers + a centerness predictor on the box tower."""
+
+    float_types = (ATSSHead,)
     predictor_inputs = {"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet", "ctrness": "bbox_subnet"}
 
     def forward_level(self, feature, level):
