@@ -36,10 +36,15 @@ from hqod.quantization import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"retina": "configs/retina_r18_fp32.py", "fcos": "configs/fcos_r18_fp32.py"}
+CONFIGS = {
+    "retina": "configs/retina_r18_fp32.py",
+    "fcos": "configs/fcos_r18_fp32.py",
+    "atss": "configs/atss_r18_fp32.py",  # hqod's ATSS (RetinaNetHead + centerness)
+}
 PREDICTORS = {
     "retina": ["head.cls_score", "head.bbox_pred"],
     "fcos": ["head.cls_score", "head.bbox_pred", "head.ctrness"],
+    "atss": ["head.cls_score", "head.bbox_pred", "head.ctrness"],
 }
 NUM_CLASSES = 3
 
@@ -99,13 +104,14 @@ def flat(outputs):
 
 
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["retina", "fcos"])
+@pytest.mark.parametrize("arch", ["retina", "fcos", "atss"])
 def test_every_conv_quantized_first_last_8bit(fp32_models, arch):
     fp32 = fp32_models[arch]
     convs = {n for n, m in fp32.named_modules() if isinstance(m, nn.Conv2d)}
     model = quantized(fp32_models, arch, method="lsq", weight_bits=4, act_bits=4)
     qconvs = {n: m for n, m in model.named_modules() if isinstance(m, QConv2d)}
     assert set(qconvs) == convs and len(convs) == (38 if arch == "retina" else 39)
+    assert type(model.head).__name__ == {"retina": "QRetinaNetHead", "fcos": "QFCOSHead", "atss": "QATSSHead"}[arch]
     eight = {"backbone.bottom_up.stem.conv1", *PREDICTORS[arch]}
     for name, m in qconvs.items():
         bits = 8 if name in eight else 4
