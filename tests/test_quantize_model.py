@@ -18,14 +18,12 @@ from detectron2.utils.events import EventStorage
 
 from hqod.quantization import functional
 from hqod.quantization import (
-    QUANTIZERS,
     MultiLevelBatchNorm,
     QBasicBlock,
     QBatchNorm2d,
     QConv2d,
     QFPN,
     QuantConfig,
-    Quantizer,
     calibrate,
     get_qat_optimizer_params,
     load_fp32_checkpoint,
@@ -50,11 +48,12 @@ NUM_CLASSES = 3
 
 
 @pytest.fixture(autouse=True)
-def eager_kernels():
-    """Model-level tests use PyTorch's ATen kernels (no compile time); the inductor kernels are
-    checked against the references in test_quantizers.py and in one training test here."""
+def default_kernels():
+    """Model-level tests run the default backend ("auto": the native C kernels on CPU); the
+    other backends are checked against the references in test_quantizers.py, and the eager one
+    in one training test here. torch.compile's ~20 s compile time is kept out of this file."""
     previous = functional.get_backend()
-    functional.set_backend("eager")
+    functional.set_backend("auto")
     yield
     functional.set_backend(previous)
 

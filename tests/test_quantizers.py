@@ -73,10 +73,10 @@ def ref_lq(x, nu, g, bits, signed):
     return y, dx, (g * dy_dnu).sum()
 
 
-@pytest.fixture(params=["eager", "inductor"])
+@pytest.fixture(params=["eager", "inductor", "native"])
 def backend(request):
-    """Run a float32 test with PyTorch's ATen ops and with the inductor-compiled kernels
-    (used for tensors of 32k elements or more)."""
+    """Run a float32 test with PyTorch's ATen ops, the inductor-compiled kernels (used for
+    tensors of 8k elements or more) and the native C kernels."""
     previous = functional.get_backend()
     functional.set_backend(request.param)
     yield request.param
@@ -347,16 +347,33 @@ def test_registry_names():
         assert issubclass(cls, Quantizer)
 
 
-def test_inductor_backend_is_used_for_large_tensors(backend):
-    """With the inductor backend a large tensor goes through the compiled kernels (the fixture
-    would otherwise have silently tested the eager path twice)."""
+def test_selected_backend_is_used(backend, monkeypatch):
+    """The fixture's backend really runs (the tests above would otherwise silently test the
+    eager path three times)."""
+    used = []
+    real_run, real_load = functional._run, functional._native.load
+
+    def run(fn, *args):
+        used.append(("inductor", fn.__name__))
+        return real_run(fn, *args)
+
+    class Lib:
+        def __getattr__(self, name):
+            used.append(("native", name))
+            return getattr(real_load(), name)
+
+    monkeypatch.setattr(functional, "_run", run)
+    monkeypatch.setattr(functional._native, "load", lambda: Lib() if real_load() is not None else None)
     q = new("lsq", 4, True, torch.float32)
     x = torch.randn(40000, requires_grad=True)
     q(x).sum().backward()
-    compiled = functional._compiled
-    if backend == "inductor":
-        assert functional._grid in compiled and functional._grid_backward in compiled
-        assert functional.get_backend() == "inductor"
+    expected = {
+        "eager": [],
+        "inductor": [("inductor", "_grid"), ("inductor", "_grid_backward")],
+        "native": [("native", "hqod_fq_forward_f32"), ("native", "hqod_fq_backward_f32")],
+    }[backend]
+    assert used == expected
+    assert not functional._inductor_failed  # no fallback happened
 
 
 @pytest.mark.parametrize("kind, k, p", [("linear", 1.0, 0.37), ("linear", 2 / 15, -1.3), ("linear", 1.0, 0.0), ("pow2", 3, 0.37), ("pow2", 7, -2.0)])
@@ -370,3 +387,28 @@ def test_step_and_slope_device_path(kind, k, p):
     functional.step_from_param(param, kind, k).backward()
     if s_cpu > functional.STEP_EPS:
         assert param.grad.item() == pytest.approx(slope_cpu, rel=1e-12)
+
+
+def test_auto_backend_falls_back_when_kernels_cannot_be_built(monkeypatch, caplog):
+    """Under "auto", without a C compiler and with a failing torch.compile, quantizers still
+    work (eagerly) and say so once."""
+    monkeypatch.setattr(functional, "_backend", "auto")
+    monkeypatch.setattr(functional, "_inductor_failed", False)
+    monkeypatch.setattr(functional._native, "load", lambda: None)
+
+    def broken(fn):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(functional, "_inductor", broken)
+    x = torch.randn(40000)
+    ref = new("lsq", 4, True, torch.float32)
+    with torch.no_grad():
+        ref.scale.fill_(0.3)
+    expected = torch.clamp(torch.round(x / 0.3), -8, 7) * 0.3
+    for _ in range(2):
+        xr = x.clone().requires_grad_()
+        y = ref(xr)
+        y.sum().backward()
+        torch.testing.assert_close(y.detach(), expected, atol=1e-6, rtol=0)
+    assert functional._inductor_failed
+    assert sum("unavailable" in r.message for r in caplog.records) == 1

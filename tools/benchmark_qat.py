@@ -46,6 +46,17 @@ VARIANTS = {
 TARGETS = {"lsq-aqd*": 1.10, "lsq-aqd": 1.20, "tqt-aqd": 1.20, "lq-aqd": 1.20}
 
 
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def make_batch(batch_size, size, num_classes, seed=0):
     g = torch.Generator().manual_seed(seed)
     batch = []
@@ -137,7 +148,7 @@ def main(argv=None):
     cmd = "python tools/benchmark_qat.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"Command: `{cmd.strip()}`  ",
-        f"Machine: {platform.machine()} {platform.processor() or ''} CPU, {os.cpu_count()} cores, "
+        f"Machine: {_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} threads; "
         f"{datetime.date.today().isoformat()}  ",
         f"Model: {args.config} ({args.num_classes} classes), {args.size}x{args.size}, batch "

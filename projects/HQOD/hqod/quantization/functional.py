@@ -22,15 +22,18 @@ needs no temporary tensor. What "inside" means differs:
 
 Backends (:func:`set_backend`, or the environment variable ``HQOD_QUANT_BACKEND``):
 
-* ``"inductor"``: the forward (one pass) and the backward (one pass: input gradient and the
-  step-gradient sum together, the output recomputed on the fly instead of saved) are compiled
-  by ``torch.compile`` once per process (about 20 s the first time; the kernels are cached on
-  disk by PyTorch and reused by later processes). Shapes are dynamic: one kernel serves every
-  layer. Tensors under 32k elements take the eager path below (no parallel-region overhead).
+* ``"native"`` (float32 on CPU): two small C kernels (:mod:`._native`), one pass forward and
+  one pass backward (input gradient and the step-gradient sum together, accumulated in float64,
+  the output recomputed on the fly instead of saved); compiled once per machine with the system
+  C compiler (about a second) and called through ctypes.
+* ``"inductor"``: the same two passes written in PyTorch ops (:func:`_grid`,
+  :func:`_grid_backward`) and compiled by ``torch.compile`` (dynamic shapes: one kernel for every
+  layer; about 20 s the first time, cached on disk by PyTorch). Per call it costs the
+  torch.compile dispatch (~50 us), so tensors under 8k elements take the eager path.
 * ``"eager"``: PyTorch's fused ``fake_quantize_per_tensor_affine`` forward; backward = one fused
   ``hardtanh_backward`` (CPU) for the input gradient and two dot products for the step gradient.
-* ``"auto"`` (default): inductor; if compiling fails (no C++ compiler, no Triton), a warning and
-  eager from then on.
+* ``"auto"`` (default): native for float32 on CPU, inductor elsewhere (GPU: Triton), eager for
+  what neither covers; a backend that cannot be built logs a warning and is skipped.
 
 float64 inputs always take the exact eager composite path (PyTorch's fused kernel computes in
 float32), which tests compare against written-out references.
@@ -42,6 +45,8 @@ import os
 import numpy as np
 import torch
 from torch import Tensor
+
+from . import _native
 
 __all__ = [
     "fake_quantize_ste",
@@ -55,14 +60,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_BACKENDS = ("auto", "inductor", "eager")
+_BACKENDS = ("auto", "native", "inductor", "eager")
 _backend = os.environ.get("HQOD_QUANT_BACKEND", "auto")
 if _backend not in _BACKENDS:
     raise ValueError(f"HQOD_QUANT_BACKEND must be one of {_BACKENDS}; got {_backend!r}.")
 
 
 def set_backend(name: str):
-    """Select how fake quantization runs: ``"auto"``, ``"inductor"`` or ``"eager"``."""
+    """Select how fake quantization runs: ``"auto"``, ``"native"``, ``"inductor"`` or
+    ``"eager"`` (see the module docstring)."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {name!r}.")
@@ -105,8 +111,8 @@ def _grid_backward(grad, x, step, consts, rounded: bool):
 
 
 _compiled = {}
-# Below this size PyTorch's single-threaded ATen kernels beat a compiled (parallel) call.
-_FUSED_MIN_NUMEL = 1 << 15
+# Below this size the torch.compile dispatch costs more than PyTorch's ATen kernels.
+_FUSED_MIN_NUMEL = 1 << 13
 
 
 def _inductor(fn):
@@ -115,17 +121,40 @@ def _inductor(fn):
     return _compiled[fn]
 
 
+def _native_lib(x: Tensor):
+    """The native kernels when the backend allows them for ``x`` (contiguous float32 on CPU),
+    else None."""
+    if _backend not in ("auto", "native") or x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    if not x.is_contiguous():  # the kernels walk memory linearly
+        return None
+    lib = _native.load()
+    if lib is None and _backend == "native":
+        raise RuntimeError("HQOD_QUANT_BACKEND=native but the native kernels could not be built.")
+    return lib
+
+
+_inductor_failed = False
+
+
+def _use_inductor(x: Tensor) -> bool:
+    if _backend == "inductor":
+        return True
+    return _backend == "auto" and not _inductor_failed and x.numel() >= _FUSED_MIN_NUMEL
+
+
 def _run(fn, *args, **kwargs):
-    """Run ``fn`` compiled when the backend allows it, eagerly otherwise (or on failure)."""
-    global _backend
-    if _backend != "eager":
+    """Run ``fn`` compiled; under "auto", a failing compile (no C++ compiler, no Triton) is
+    logged once and ``fn`` runs eagerly, now and from then on."""
+    global _inductor_failed
+    if not _inductor_failed:
         try:
             return _inductor(fn)(*args, **kwargs)
-        except Exception as e:  # compiler missing or failing: keep training, eagerly
+        except Exception as e:
             if _backend == "inductor":
                 raise
-            logger.warning(f"Fused fake-quant kernels unavailable ({type(e).__name__}: {e}); using eager ops.")
-            _backend = "eager"
+            logger.warning(f"Compiled fake-quant kernels unavailable ({type(e).__name__}: {e}); using eager ops.")
+            _inductor_failed = True
     return fn(*args, **kwargs)
 
 
@@ -227,14 +256,21 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def forward(ctx, x, param, kind, k, qmin, qmax, offset, grad_factor, rounded_mask, save_output):
         step, slope = _step_and_slope(param, kind, k)
         mask = out_saved = None
+        lib = _native_lib(x)
         if x.dtype == torch.float64:
             out = _grid(x, _as_tensor(step, x), _consts(qmin, qmax, offset, x))
             mode = "exact"
-        elif _backend != "eager" and x.numel() >= _FUSED_MIN_NUMEL:
+        elif lib is not None:
+            out = torch.empty_like(x)
+            lib.hqod_fq_forward_f32(
+                x.data_ptr(), out.data_ptr(), x.numel(), step, qmin, qmax, offset, torch.get_num_threads()
+            )
+            mode = "native"
+        elif _use_inductor(x):
             # detach(): a plain tensor, not a view (guards on a view's base would recompile)
             out = _run(_grid, x.detach(), _as_tensor(step, x), _consts(qmin, qmax, offset, x))
             # "exact" (eager composite) only for the one call during which compiling failed
-            mode = "fused" if _backend != "eager" else "exact"
+            mode = "exact" if _inductor_failed else "fused"
         else:
             out, mask = _aten_forward(x, step, qmin, qmax, offset, rounded_mask)
             mode = "aten"
@@ -250,7 +286,15 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def backward(ctx, grad):
         x, param, mask, out = ctx.saved_tensors
         qmin, qmax, offset, grad_factor, rounded_mask, mode, step, slope = ctx.qparams
-        if mode in ("exact", "fused"):
+        if mode == "native":
+            grad = grad.contiguous()
+            grad_x = torch.empty_like(x)
+            num = _native.load().hqod_fq_backward_f32(
+                grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), x.numel(), step, qmin, qmax,
+                offset, int(rounded_mask), torch.get_num_threads(),
+            )
+            num = torch.tensor(num, dtype=torch.float64)
+        elif mode in ("exact", "fused"):
             c = _consts(qmin, qmax, offset, x)
             if mode == "exact":
                 grad_x, num = _grid_backward(grad, x, _as_tensor(step, x), c, rounded_mask)
