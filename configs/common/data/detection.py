@@ -15,7 +15,7 @@ from detectron2.data import (
 )
 
 import hqod.data  # noqa: F401  registers the datasets and the hqod_data resolver
-from hqod.evaluation import COCOEvaluator
+from hqod.evaluation import COCOEvaluator, HarmonyEvaluator
 
 dataloader = OmegaConf.create()
 dataloader.dataset = "digits"
@@ -55,4 +55,8 @@ dataloader.test = L(build_detection_test_loader)(
     num_workers=2,
 )
 
-dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}")
+# COCO AP and the score/IoU harmony statistics of the true positives (hqod.evaluation.harmony).
+dataloader.evaluator = [
+    L(COCOEvaluator)(dataset_name="${...test.dataset.names}"),
+    L(HarmonyEvaluator)(dataset_name="${...test.dataset.names}"),
+]

@@ -1,9 +1,11 @@
 """Training and evaluation for LazyConfig detectors, in the shape of detectron2's
 tools/lazyconfig_train_net.py (do_train / do_test), with the checks HQOD-D2 adds."""
+import json
 import logging
 import os
 
 import torch
+from omegaconf import ListConfig
 
 from detectron2.config import instantiate
 from detectron2.engine import SimpleTrainer, create_ddp_model, hooks
@@ -68,19 +70,28 @@ def init_qat(cfg, model, data_loader):
         calibrate(model, data_loader, cfg.quant.get("calib_images", 0))
 
 
-def do_test(cfg, model):
-    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``; returns
-    detectron2's results dict, e.g. ``{"bbox": {"AP": ..., "AP50": ..., ...}}``."""
+def do_test(cfg, model, output_dir=None):
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator`` (one
+    evaluator or a list); returns detectron2's results dict, e.g.
+    ``{"bbox": {"AP": ..., "AP50": ..., ...}, "harmony": {"mean_gap": ..., ...}}``, also written
+    to ``results.json`` in ``output_dir`` (default ``<train.output_dir>/inference``), where the
+    evaluators without their own ``output_dir`` write their files."""
     if "evaluator" not in cfg.dataloader:
         return {}
     ensure_datasets(_dataset_names(cfg.dataloader.test))
-    if cfg.dataloader.evaluator.get("output_dir") is None:
-        cfg.dataloader.evaluator.output_dir = os.path.join(cfg.train.output_dir, "inference")
+    output_dir = output_dir or os.path.join(cfg.train.output_dir, "inference")
+    evaluators = cfg.dataloader.evaluator
+    for evaluator in evaluators if isinstance(evaluators, ListConfig) else [evaluators]:
+        if evaluator.get("output_dir") is None:
+            evaluator.output_dir = output_dir
     results = inference_on_dataset(
         model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
     )
     if comm.is_main_process():
         print_csv_format(results)
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
     return results
 
 
