@@ -17,7 +17,9 @@ Fields (validated by ``hqod.quantization.QuantConfig``, which documents them in 
   weight_bits       2..8, weights of every quantized conv / linear layer
   act_bits          2..8, their input activations (and, under "aqd", BN outputs and adds)
   scope             "aqd_star": convs only (+ multi-level BN in the head);
-                    "aqd": also BN outputs, ResNet residual adds and FPN top-down adds
+                    "aqd": also BN outputs, ResNet residual adds and FPN top-down adds,
+                    integer-aware (AQD Eq. 4-8) so that hqod.quantization.to_integer /
+                    tools/export_integer.py turn it into an integer-only model
   first_last_bits   bits of the input layer (stem conv) and output layers (head predictors);
                     None keeps them FP32 (the AQD paper's AQD*)
   input_layers      None = detectron2 stem convs; or a list of module-name globs

@@ -12,11 +12,35 @@ Use, in this order (tools/train_net.py does)::
 
 Quantizers: ``QUANTIZERS`` (``lsq``, ``tqt``, ``lq``, peer ``lsq_torch``). Quantized layers:
 ``QUANT_MODULES``. Multi-level BN: :class:`MultiLevelBatchNorm`.
+
+AQD's integer arithmetic (Eq. 4-8: ``shift_approx``, integer BN, aligned adds) lives in
+:mod:`.integer_layers`; scope ``"aqd"`` trains with it. The integer-only engine::
+
+    int_model = to_integer(model)                     # a trained AQD model -> integers only
+    report = compare_integer_model(model, int_model, data_loader)   # agreement, AP, speed
+    save_integer_model(int_model, "model_integer.pth"); load_integer_model("model_integer.pth")
 """
 from .calibration import calibrate, set_fake_quant, set_observer, uninitialized_quantizers
 from .checkpoint import LoadResult, load_fp32_checkpoint, map_fp32_state_dict
 from .config import SCOPES, QuantConfig
 from .functional import fake_quantize_param, fake_quantize_ste, step_from_param
+from .integer import (
+    IntegerConversionError,
+    integer_summary,
+    load_integer_model,
+    save_integer_model,
+    to_integer,
+)
+from .integer_check import AgreementReport, compare_integer_model, fake_quant_reference
+from .integer_layers import (
+    AddAlignment,
+    IntegerGrid,
+    align_add,
+    fixed_point_multiplier,
+    integer_batch_norm,
+    integer_bn_params,
+    shift_approx,
+)
 from .modules import (
     QUANT_MODULES,
     QBasicBlock,
@@ -27,6 +51,7 @@ from .modules import (
     QLinear,
     QuantizedModule,
     cached_quantized_weights,
+    link_block_inputs,
 )
 from .multilevel import (
     LevelSequential,
@@ -95,4 +120,21 @@ __all__ = [
     "QRetinaNetHead",
     "QFCOSHead",
     "QATSSHead",
+    "link_block_inputs",
+    # AQD integer arithmetic and the integer-only engine
+    "shift_approx",
+    "align_add",
+    "AddAlignment",
+    "IntegerGrid",
+    "fixed_point_multiplier",
+    "integer_bn_params",
+    "integer_batch_norm",
+    "to_integer",
+    "IntegerConversionError",
+    "integer_summary",
+    "save_integer_model",
+    "load_integer_model",
+    "compare_integer_model",
+    "fake_quant_reference",
+    "AgreementReport",
 ]

@@ -8,7 +8,9 @@ Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
 * ``weight_bits`` / ``act_bits``: 2..8, weights and activations of every quantized layer.
 * ``scope``: ``"aqd_star"`` = convs (and linear layers) only, plus multi-level BN in the head;
   ``"aqd"`` = also BN outputs, the residual adds of ResNet blocks and the FPN top-down adds
-  (AQD's full quantization; integer-only arithmetic is not simulated).
+  (AQD's full quantization), integer-aware as AQD Eq. 4-8 (integer conv biases, BN shifts
+  rounded in accumulator units, adds aligned with c/2^d): the model the integer-only engine
+  ``hqod.quantization.to_integer`` converts.
 * ``first_last_bits``: bits of the input layer (backbone stem conv) and of the output layers
   (head predictors), weights and input activations; None keeps them FP32 (AQD paper's AQD*).
 * ``input_layers`` / ``output_layers``: module names (glob patterns) of those layers; None finds

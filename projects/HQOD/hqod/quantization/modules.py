@@ -17,10 +17,26 @@ Supporting a new layer type = registering one class. Where quantizers sit:
 * residual add of ResNet blocks and FPN top-down add (scope ``aqd``): the sum (signed), before
   the following ReLU, AQD Sec. 3.2.3.
 
-The integer-only arithmetic of AQD (Eq. 5-8: rounded BN shift, c/2^d add rescaling) is not
-simulated here; these layers fake-quantize tensors only.
+Scope ``aqd`` is also integer-aware (AQD Eq. 4-8, :mod:`.integer_layers`): the fake-quant model
+computes what the integer-only engine (:mod:`hqod.quantization.integer`) computes.
+
+* A quantized conv's output is ``eta_conv * alpha_conv`` with ``alpha_conv = alpha_x * alpha_w``
+  (Eq. 4, :meth:`QConv2d.accumulator_step`); its bias is rounded to an integer in units of
+  ``alpha_conv`` and, without a BN, its output to the exact accumulator (straight-through).
+* The BN that follows it rounds its shift ``s``, in units of ``alpha_conv``, to an integer
+  (Eq. 5-6, straight-through, per channel) and computes ``(eta_conv + round(s)) * alpha_z``
+  exactly; ``alpha_z = alpha_conv * gamma / sigma`` is carried to its output quantizer. The conv hands ``alpha_conv`` to the BN
+  (``norm(x, acc_step=...)``; in the heads :class:`~.multilevel.LevelSequential` does).
+* A residual or FPN add aligns the scales of its two inputs with ``F(m, n) = c / 2^d``
+  (Eq. 7-8): the integers of the input with the larger scale are multiplied by ``c / 2^d``.
+  The scales are those of the quantizers whose grids the inputs lie on: the BN output
+  quantizers of the branches, and for an identity shortcut the quantizer of the block's input
+  (the previous block's add, or the stem's BN; linked by :func:`link_block_inputs`).
+
+With fake quantization off (calibration, FP32 checks) all of this is off: the float layers.
 """
 import contextlib
+import functools
 from typing import Iterable, Optional
 
 import torch
@@ -29,8 +45,17 @@ from fvcore.common.registry import Registry
 from torch import nn
 
 from detectron2.layers import Conv2d, NaiveSyncBatchNorm
-from detectron2.modeling.backbone import FPN
+from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
+
+from .integer_layers import (
+    AddAlignment,
+    align_add,
+    aligned_add,
+    integer_batch_norm,
+    integer_bias,
+    round_to_grid,
+)
 
 __all__ = [
     "QUANT_MODULES",
@@ -45,6 +70,8 @@ __all__ = [
     "QFPN",
     "cached_quantized_weights",
     "find_quant_module_class",
+    "link_block_inputs",
+    "add_alignment",
 ]
 
 QUANT_MODULES = Registry("QUANT_MODULES")
@@ -136,6 +163,11 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
     """
 
     float_types = (nn.Conv2d, Conv2d)
+    # scope "aqd": integer bias and integer BN (AQD Eq. 4-6); set by from_float
+    integer_aware = False
+    # integer-aware without a norm: the output is the exact int32 accumulator times its step
+    # (False where a multi-level BN that does it itself follows)
+    round_output = True
 
     @classmethod
     def from_float(cls, module, *, name, ctx):
@@ -149,15 +181,40 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
             module.norm, module.activation = None, None
         module._init_weight_quant(ctx.quantizer(weight_bits, signed=True))
         module.input_quant = ctx.quantizer(act_bits, signed=ctx.input_signed(name))
+        module.integer_aware = ctx.scope == "aqd"
         return module
 
+    def accumulator_step(self) -> Optional[float]:
+        """``alpha_conv = alpha_x * alpha_w`` (AQD Eq. 4): the value of one unit of the integer
+        accumulator; None while fake quantization is off (calibration, FP32 checks)."""
+        iq, wq = self.input_quant, self.weight_quant
+        if not (iq.fake_quant_enabled and wq.fake_quant_enabled and iq.is_initialized and wq.is_initialized):
+            return None
+        return iq.integer_grid().scale * wq.integer_grid().scale
+
     def forward(self, x):
-        x = self._conv_forward(self.input_quant(x), self.quantized_weight(), self.bias)
+        x = self.input_quant(x)
+        weight = self.quantized_weight()
+        acc_step = self.accumulator_step() if self.integer_aware else None
+        bias = self.bias
+        if acc_step is not None and bias is not None:
+            bias = integer_bias(bias, acc_step)  # an int32 bias in units of alpha_conv
+        x = self._conv_forward(x, weight, bias)
         if self.norm is not None:
-            x = self.norm(x)
+            if acc_step is not None and getattr(self.norm, "integer_aware", False):
+                x = self.norm(x, acc_step=acc_step)  # Eq. 5-6
+            else:
+                x = self.norm(x)
+        elif acc_step is not None and self.round_output:
+            x = round_to_grid(x, acc_step)  # eta_conv * alpha_conv, exactly (Eq. 4)
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def output_quantizer(self):
+        """The quantizer whose grid this layer's output lies on (its BN's output quantizer),
+        or None."""
+        return getattr(self.norm, "output_quant", None) if self.norm is not None else None
 
 
 @QUANT_MODULES.register()
@@ -181,7 +238,14 @@ class QLinear(_WeightQuantMixin, nn.Linear, QuantizedModule):
 
 
 class _OutputQuantBN(QuantizedModule):
-    """BN whose (signed) output is fake-quantized — scope ``aqd`` only."""
+    """
+    BN whose (signed) output is fake-quantized — scope ``aqd`` only. Integer-aware: called by
+    its conv with ``acc_step = alpha_conv``, it computes AQD Eq. 6, ``(eta_conv + round(s)) *
+    alpha_z``, with a straight-through rounding of the shift ``s`` (per channel); called
+    without, it is the float BN.
+    """
+
+    integer_aware = True
 
     @classmethod
     def from_float(cls, module, *, name, ctx):
@@ -194,8 +258,12 @@ class _OutputQuantBN(QuantizedModule):
         module.output_quant = ctx.quantizer(bits, signed=True, output=True)
         return module
 
-    def forward(self, x):
-        return self.output_quant(super().forward(x))
+    def forward(self, x, acc_step: Optional[float] = None):
+        if acc_step is not None:
+            x = integer_batch_norm(self, x, acc_step, super().forward)
+        else:
+            x = super().forward(x)
+        return self.output_quant(x)
 
 
 @QUANT_MODULES.register()
@@ -213,9 +281,60 @@ class QNaiveSyncBatchNorm(_OutputQuantBN, NaiveSyncBatchNorm):
     float_types = (NaiveSyncBatchNorm,)
 
 
+def _output_quantizer(module):
+    return module.output_quantizer() if isinstance(module, QConv2d) else None
+
+
+def _active_grid(quantizer):
+    if quantizer is None or not (quantizer.fake_quant_enabled and quantizer.is_initialized):
+        return None
+    return quantizer.integer_grid()
+
+
+def add_alignment(quantizer1, quantizer2) -> Optional[AddAlignment]:
+    """The Eq. 7 alignment of an add whose inputs lie on the grids of ``quantizer1`` and
+    ``quantizer2`` (:func:`~.integer_layers.align_add`), or None (plain add) when either is
+    missing or not fake-quantizing."""
+    g1, g2 = _active_grid(quantizer1), _active_grid(quantizer2)
+    if g1 is None or g2 is None:
+        return None
+    return _cached_align_add(g1.scale, g2.scale, g1.max_abs, g2.max_abs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_align_add(alpha1, alpha2, max_abs1, max_abs2):
+    return align_add(alpha1, alpha2, max_abs1, max_abs2)
+
+
+def link_block_inputs(model: nn.Module) -> int:
+    """
+    Tell every quantized ResNet block of ``model`` which quantizer's grid its input lies on
+    (the stem's BN output quantizer, then each block's add quantizer): the identity shortcut's
+    scale in Eq. 7. A plain attribute, not a child (no state-dict key). Returns the number of
+    blocks linked.
+    """
+    linked = 0
+    for resnet in (m for m in model.modules() if isinstance(m, ResNet)):
+        prev = _output_quantizer(getattr(resnet.stem, "conv1", None))
+        for stage in resnet.stages:
+            for block in stage:
+                if isinstance(block, _QuantAddBlock):
+                    object.__setattr__(block, "input_grid_quant", prev)
+                    prev = block.add_quant
+                    linked += 1
+                else:
+                    prev = None
+    return linked
+
+
 class _QuantAddBlock(QuantizedModule):
-    """ResNet block whose residual sum is fake-quantized before the last ReLU (scope ``aqd``).
-    Its convs (and their BN) are converted as children."""
+    """
+    ResNet block whose residual sum is fake-quantized before the last ReLU (scope ``aqd``), the
+    two branches aligned as AQD Eq. 7 does (:func:`add_alignment`). Its convs (and their BN)
+    are converted as children.
+    """
+
+    input_grid_quant = None  # the quantizer producing the block's input (link_block_inputs)
 
     @classmethod
     def from_float(cls, module, *, name, ctx):
@@ -228,9 +347,15 @@ class _QuantAddBlock(QuantizedModule):
         module.add_quant = ctx.quantizer(bits, signed=True, output=True)
         return module
 
-    def _residual(self, x, out):
+    def shortcut_quantizer(self):
+        if self.shortcut is not None:
+            return _output_quantizer(self.shortcut)
+        return self.input_grid_quant
+
+    def _residual(self, x, out, last_conv):
         shortcut = self.shortcut(x) if self.shortcut is not None else x
-        return F.relu(self.add_quant(out + shortcut))
+        alignment = add_alignment(_output_quantizer(last_conv), self.shortcut_quantizer())
+        return F.relu(self.add_quant(aligned_add(out, shortcut, alignment)))
 
 
 @QUANT_MODULES.register()
@@ -239,7 +364,7 @@ class QBasicBlock(_QuantAddBlock, BasicBlock):
 
     def forward(self, x):
         out = F.relu_(self.conv1(x))
-        return self._residual(x, self.conv2(out))
+        return self._residual(x, self.conv2(out), self.conv2)
 
 
 @QUANT_MODULES.register()
@@ -249,14 +374,14 @@ class QBottleneckBlock(_QuantAddBlock, BottleneckBlock):
     def forward(self, x):
         out = F.relu_(self.conv1(x))
         out = F.relu_(self.conv2(out))
-        return self._residual(x, self.conv3(out))
+        return self._residual(x, self.conv3(out), self.conv3)
 
 
 @QUANT_MODULES.register()
 class QFPN(FPN, QuantizedModule):
     """detectron2's FPN whose top-down sums (lateral + upsampled) are fake-quantized (scope
-    ``aqd``). Same computation as ``FPN.forward`` of detectron2 v0.6 (unchanged in later
-    versions)."""
+    ``aqd``), the two inputs aligned as AQD Eq. 7 does. Same computation as ``FPN.forward`` of
+    detectron2 v0.6 (unchanged in later versions)."""
 
     float_types = (FPN,)
 
@@ -274,6 +399,12 @@ class QFPN(FPN, QuantizedModule):
         )
         return module
 
+    def top_down_quantizer(self, idx: int):
+        """The quantizer of the top-down input of the add at ``idx`` (1 = the coarsest)."""
+        if idx == 1:
+            return _output_quantizer(self.lateral_convs[0])
+        return self.fuse_quants[idx - 2]
+
     def forward(self, x):
         bottom_up_features = self.bottom_up(x)
         results = []
@@ -285,7 +416,8 @@ class QFPN(FPN, QuantizedModule):
             if idx > 0:
                 features = bottom_up_features[self.in_features[-idx - 1]]
                 top_down_features = F.interpolate(prev_features, scale_factor=2.0, mode="nearest")
-                prev_features = lateral_conv(features) + top_down_features
+                alignment = add_alignment(_output_quantizer(lateral_conv), self.top_down_quantizer(idx))
+                prev_features = aligned_add(lateral_conv(features), top_down_features, alignment)
                 if self._fuse_type == "avg":
                     prev_features = prev_features / 2
                 prev_features = self.fuse_quants[idx - 1](prev_features)

@@ -29,12 +29,14 @@ from detectron2.utils import comm
 
 from hqod.modeling.meta_arch.atss import ATSSHead
 
-from .modules import QUANT_MODULES, QuantizedModule, cached_quantized_weights
+from .integer_layers import integer_batch_norm
+from .modules import QUANT_MODULES, QConv2d, QuantizedModule, cached_quantized_weights
 
 __all__ = [
     "MultiLevelBatchNorm",
     "LevelSequential",
     "MultiLevelHead",
+    "link_tower_convs",
     "QRetinaNetHead",
     "QFCOSHead",
     "QATSSHead",
@@ -56,9 +58,15 @@ class MultiLevelBatchNorm(nn.Module, QuantizedModule):
     One BatchNorm2d per FPN level (children ``"0" .. str(num_levels - 1)``, the names of
     ``CycleBatchNormList``), selected by the ``level`` argument of :meth:`forward`.
     ``output_quant`` (scope ``aqd``) fake-quantizes the output, shared over levels.
+
+    Scope ``aqd`` (``integer_aware``): given the accumulator step of the conv before it
+    (``acc_step``, handed over by :class:`LevelSequential`), each level's BN is AQD's integer BN
+    (Eq. 5-6: shift rounded in units of ``alpha_conv``, straight-through, per channel and level),
+    as :class:`~.modules.QBatchNorm2d`.
     """
 
     convert_children = False
+    integer_aware = False
 
     def __init__(self, num_levels: int, num_features: int, *, eps=1e-5, momentum=0.1, bn_class=None):
         super().__init__()
@@ -103,13 +111,17 @@ class MultiLevelBatchNorm(nn.Module, QuantizedModule):
                     bn.bias.copy_(bias)
         return new.to(ref.running_mean.device if ref.running_mean is not None else "cpu")
 
-    def forward(self, x, level: Optional[int] = None):
+    def forward(self, x, level: Optional[int] = None, acc_step: Optional[float] = None):
         if level is None:
             raise ValueError(
                 "MultiLevelBatchNorm needs the FPN level: call forward(x, level) (the quantized "
                 "head's forward_level does)."
             )
-        x = self._modules[str(level)](x)
+        bn = self._modules[str(level)]
+        if acc_step is not None and self.integer_aware:
+            x = integer_batch_norm(bn, x, acc_step, bn.forward)
+        else:
+            x = bn(x)
         if self.output_quant is not None:
             x = self.output_quant(x)
         return x
@@ -140,12 +152,31 @@ class MultiLevelBatchNorm(nn.Module, QuantizedModule):
         return f"num_levels={self.num_levels} (indexed by level)"
 
 
+def link_tower_convs(model: nn.Module) -> int:
+    """Integer-aware tower convs followed by an integer-aware multi-level BN leave the rounding
+    of their output to the exact accumulator to that BN (it does it). Returns how many."""
+    n = 0
+    for tower in (m for m in model.modules() if isinstance(m, LevelSequential)):
+        layers = list(tower)
+        for conv, nxt in zip(layers, layers[1:]):
+            if isinstance(conv, QConv2d) and isinstance(nxt, MultiLevelBatchNorm) and nxt.integer_aware:
+                conv.round_output = False
+                n += 1
+    return n
+
+
 class LevelSequential(nn.Sequential):
-    """A head tower: ``forward(x, level)`` passes ``level`` to its multi-level BNs."""
+    """A head tower: ``forward(x, level)`` passes ``level`` to its multi-level BNs, and the
+    accumulator step of the quantized conv just before each one (integer BN, scope ``aqd``)."""
 
     def forward(self, x, level: int):
+        acc_step = None
         for layer in self:
-            x = layer(x, level) if isinstance(layer, MultiLevelBatchNorm) else layer(x)
+            if isinstance(layer, MultiLevelBatchNorm):
+                x = layer(x, level, acc_step=acc_step)
+            else:
+                x = layer(x)
+            acc_step = layer.accumulator_step() if isinstance(layer, QConv2d) and layer.integer_aware else None
         return x
 
 
@@ -180,6 +211,7 @@ class MultiLevelHead(QuantizedModule):
                         bits = ctx.output_bits(f"{name}.{tower_name}.{idx}")
                         if bits is not None:
                             mlbn.output_quant = ctx.quantizer(bits, signed=True, output=True)
+                            mlbn.integer_aware = True
                     setattr(tower, idx, mlbn)
         return module
 

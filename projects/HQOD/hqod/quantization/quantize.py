@@ -19,8 +19,8 @@ from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
 
 from .config import QuantConfig
-from .modules import QuantizedModule, find_quant_module_class
-from .multilevel import MultiLevelHead
+from .modules import QuantizedModule, find_quant_module_class, link_block_inputs
+from .multilevel import MultiLevelHead, link_tower_convs
 from .quantizers import QUANTIZERS, Quantizer
 
 __all__ = ["quantize_model", "register_relu_input_rule", "relu_fed_layers", "quantizers_of"]
@@ -273,7 +273,10 @@ def quantize_model(model: nn.Module, cfg_quant) -> nn.Module:
 
     Conv / linear layers get weight and input quantizers (``weight_bits``/``act_bits``; input
     and output layers ``first_last_bits``; ``overrides`` last). Scope ``aqd`` also quantizes BN
-    outputs and residual / FPN adds. Registered heads get multi-level BN indexed by level.
+    outputs and residual / FPN adds, and makes them integer-aware (AQD Eq. 4-8: integer conv
+    biases, BN shifts rounded in accumulator units, adds aligned with c/2^d), so that the
+    integer-only engine (``hqod.quantization.to_integer``) computes what QAT trained.
+    Registered heads get multi-level BN indexed by level.
     A layer type with parameters that no registered class converts is an error naming the
     layers, unless ``keep_unknown_fp32``.
     """
@@ -300,6 +303,9 @@ def quantize_model(model: nn.Module, cfg_quant) -> nn.Module:
         if new is not None and new is not model:
             raise TypeError(f"quantize_model cannot replace the root module {type(model).__name__}.")
     _convert(model, "", ctx, converted)
+    if qcfg.scope == "aqd":
+        link_block_inputs(model)  # identity shortcuts: the scale of the block input (Eq. 7)
+        link_tower_convs(model)  # the head's integer BN rounds its conv's accumulator
     param = next(model.parameters(), None)
     if param is not None:  # new quantizers live where the model does
         for q in quantizers_of(model).values():

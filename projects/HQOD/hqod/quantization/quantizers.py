@@ -33,7 +33,8 @@ import torch
 from fvcore.common.registry import Registry
 from torch import Tensor, nn
 
-from .functional import STEP_EPS, fake_quantize_param, step_from_param
+from .functional import STEP_EPS, _step_and_slope, fake_quantize_param, step_from_param
+from .integer_layers import IntegerGrid
 
 __all__ = [
     "QUANTIZERS",
@@ -161,6 +162,15 @@ class Quantizer(nn.Module):
     def _fake_quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def step_value(self) -> float:
+        """The step as the fake-quant kernels compute it from the learned parameter (a Python
+        float, float64)."""
+        raise NotImplementedError
+
+    def integer_grid(self) -> IntegerGrid:
+        """The output as integers times a scale (AQD Eq. 1), see :class:`IntegerGrid`."""
+        return IntegerGrid(step=self.step_value(), eta_min=self.qmin, eta_max=self.qmax)
+
     # ---- shared logic ----
     @property
     def step(self) -> Tensor:
@@ -219,6 +229,9 @@ class LSQQuantizer(Quantizer):
     def _step(self):
         return step_from_param(self.scale, "linear", 1.0)
 
+    def step_value(self):
+        return float(_step_and_slope(self.scale.detach(), "linear", 1.0)[0])
+
     def _fake_quantize(self, x):
         grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)
         return fake_quantize_param(
@@ -253,6 +266,9 @@ class TQTQuantizer(Quantizer):
 
     def _step(self):
         return step_from_param(self.log2_threshold, "pow2", self._log2_levels)
+
+    def step_value(self):
+        return float(_step_and_slope(self.log2_threshold.detach(), "pow2", self._log2_levels)[0])
 
     def _fake_quantize(self, x):
         return fake_quantize_param(
@@ -295,6 +311,16 @@ class LQQuantizer(Quantizer):
     def _step(self):
         return step_from_param(self.interval, "linear", self._step_per_nu)
 
+    def step_value(self):
+        return float(_step_and_slope(self.interval.detach(), "linear", self._step_per_nu)[0])
+
+    def integer_grid(self):
+        # eta in [0, L]; signed: offset L / 2 (Eq. 3), so q = 2 * eta - L (odd), scale nu / L
+        return IntegerGrid(
+            step=self.step_value(), eta_min=0, eta_max=self._levels,
+            offset2=self._levels if self.signed else 0,
+        )
+
     def _fake_quantize(self, x):
         offset = self._levels / 2.0 if self.signed else 0.0
         return fake_quantize_param(
@@ -331,6 +357,10 @@ class TorchLSQQuantizer(Quantizer):
 
     def _step(self):
         return step_from_param(self.scale, "linear", 1.0).reshape(())
+
+    def step_value(self):
+        # the fused op takes the float32 scale tensor as it is
+        return float(self.scale.detach().abs().clamp_min(self.eps))
 
     def _fake_quantize(self, x):
         grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)

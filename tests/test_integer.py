@@ -1,0 +1,504 @@
+"""
+AQD's integer pipeline (issue 4): F(m, n) = c / 2^d against brute force; the integer-aware BN and
+skip-add of scope "aqd" against AQD Eq. 5-8 written out here; the integer-only engine against the
+fake-quant model of a small trained RetinaNet (and calibrated FCOS / ATSS) — head outputs within
+one output step, the same detections after NMS, the same COCO AP; saving and loading; refusal of
+models that are not fully quantized; tools/export_integer.py.
+"""
+import copy
+import importlib.util
+import itertools
+import os
+import random
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling.backbone.resnet import BasicBlock
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from hqod.engine import build_model
+from hqod.quantization import (
+    IntegerConversionError,
+    MultiLevelBatchNorm,
+    QBasicBlock,
+    align_add,
+    calibrate,
+    compare_integer_model,
+    integer_summary,
+    load_integer_model,
+    quantize_model,
+    save_integer_model,
+    set_fake_quant,
+    shift_approx,
+    to_integer,
+)
+from hqod.quantization import functional
+from hqod.quantization.integer_layers import INT32_MAX, add_max_shift, integer_batch_norm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AQD = {"method": "lq", "scope": "aqd", "weight_bits": 4, "act_bits": 4}
+
+
+@pytest.fixture(autouse=True)
+def default_kernels():
+    previous = functional.get_backend()
+    functional.set_backend("auto")
+    yield
+    functional.set_backend(previous)
+
+
+# ------------------------------------------------------------------------------------------
+# Eq. 8: F(m, n) = c / 2^d
+# ------------------------------------------------------------------------------------------
+def brute_force_f(m: Fraction, n: Fraction, max_shift: int):
+    """Every (c, d) with c <= m/n * 2^d + 2 (the best c is below), smallest error, then
+    smallest d, then smallest c — vectorized with exact integer arithmetic (m, n small ints)."""
+    p, q = m.numerator * n.denominator, m.denominator * n.numerator
+    best = None
+    for d in range(1, max_shift + 1):
+        c = np.arange(0, p * 2**d // q + 3, dtype=np.int64)
+        err = np.abs(p * 2**d - c * q) * 2 ** (max_shift - d)  # over q * 2^max_shift
+        i = int(np.argmin(err))  # first minimum: the smallest c
+        cand = (int(err[i]), d, int(c[i]))
+        if best is None or cand < best:
+            best = cand
+    return best[2], best[1]
+
+
+def test_shift_approx_matches_brute_force():
+    rng = random.Random(0)
+    ratios = {(3, 2), (1, 1), (5, 4), (7, 3), (255, 17), (16, 1), (1000, 999)}
+    while len(ratios) < 400:
+        n = rng.randint(1, 300)
+        ratios.add((rng.randint(n, 12 * n), n))
+    for (m, n), max_shift in itertools.product(sorted(ratios), (1, 2, 5, 9)):
+        assert shift_approx(m, n, max_shift) == brute_force_f(Fraction(m), Fraction(n), max_shift), (m, n, max_shift)
+    # floats (quantizer scales) are exact rationals: the result is the exact argmin
+    for _ in range(200):
+        a, b = rng.uniform(1e-4, 1.0), rng.uniform(1e-4, 1.0)
+        m, n = max(a, b), min(a, b)
+        c, d = shift_approx(m, n, 31)
+        r = Fraction(m) / Fraction(n)
+        assert abs(r - Fraction(c, 2**d)) <= Fraction(1, 2**32)
+        assert c % 2 == 1 or d == 1  # lowest terms (smallest d among the minimizers)
+        best = min(abs(r - Fraction(round(r * 2**31 + k), 2**31)) for k in (-1, 0, 1))
+        assert abs(r - Fraction(c, 2**d)) == best
+
+
+def test_shift_approx_ties_and_errors():
+    assert shift_approx(3, 2) == (3, 1)  # exact: in lowest terms
+    assert shift_approx(1, 1) == (2, 1)  # d >= 1
+    assert shift_approx(5, 4, max_shift=1) == (2, 1)  # 1 and 3/2 tie: the smaller c
+    assert shift_approx(Fraction(11, 8), 1, max_shift=2) == (3, 1)  # 5/4, 3/2 tie: 3/2 has d = 1
+    with pytest.raises(ValueError, match="m >= n"):
+        shift_approx(1, 2)
+    with pytest.raises(ValueError, match="n must be > 0"):
+        shift_approx(1, 0)
+    with pytest.raises(ValueError, match="max_shift"):
+        shift_approx(2, 1, max_shift=0)
+
+
+@pytest.mark.parametrize("a1, a2, m1, m2", [(0.1, 0.37, 15, 15), (0.5, 0.02, 255, 15), (0.3, 0.3, 3, 3)])
+def test_add_alignment_is_int32_safe_and_largest(a1, a2, m1, m2):
+    al = align_add(a1, a2, m1, m2)
+    small, large = (m1, m2) if al.rescaled == 2 else (m2, m1)
+    assert small * 2**al.d + large * al.c <= INT32_MAX
+    r = Fraction(max(a1, a2)) / Fraction(min(a1, a2))
+    d_max = add_max_shift(r, small, large)
+    assert small * 2 ** (d_max + 1) + large * (r * 2 ** (d_max + 1) + Fraction(1, 2)) > INT32_MAX or d_max == 31
+    assert (al.c, al.d) == shift_approx(max(a1, a2), min(a1, a2), d_max)
+    assert al.rescaled == (2 if a2 >= a1 else 1)
+
+
+# ------------------------------------------------------------------------------------------
+# Eq. 5-6: integer BN
+# ------------------------------------------------------------------------------------------
+def grid_int(x, quantizer):
+    """The integers q of a fake-quantized tensor (x_hat = q * scale)."""
+    g = quantizer.integer_grid()
+    q = x / g.scale
+    assert torch.allclose(q, q.round(), atol=1e-6)
+    return q.round(), g.scale
+
+
+def random_bn(bn, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.3)
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+        bn.weight.copy_(torch.randn(bn.num_features, generator=g))  # some negative gammas
+        bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
+
+
+def quantized_conv_bn(seed=0):
+    torch.manual_seed(seed)
+    holder = nn.Sequential(Conv2d(8, 16, 3, padding=1, bias=False, norm=nn.BatchNorm2d(16)))
+    random_bn(holder[0].norm, seed)
+    quantize_model(holder, dict(AQD))
+    x = torch.randn(2, 8, 12, 12)
+    calibrate(holder, [x], num_images=2)
+    return holder.double(), x.double()
+
+
+def eq6_reference(conv, x, mean, var):
+    """AQD Eq. 4-6 written out: eta_conv from the integer grids, s, round(s), alpha_z."""
+    bn = conv.norm
+    qx, ax = grid_int(conv.input_quant(x), conv.input_quant)
+    qw, aw = grid_int(conv.weight_quant(conv.weight), conv.weight_quant)
+    eta_conv = F.conv2d(qx, qw, padding=1)  # Eq. 4: integers
+    alpha_conv = ax * aw
+    sigma = torch.sqrt(var + bn.eps)
+    s = (bn.bias * sigma / bn.weight - mean) / alpha_conv  # Eq. 5
+    alpha_z = alpha_conv * bn.weight / sigma
+    v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    return (eta_conv + v(torch.round(s))) * v(alpha_z), eta_conv, alpha_conv, alpha_z  # Eq. 6
+
+
+def test_integer_bn_eval_is_eq6():
+    holder, x = quantized_conv_bn(0)
+    holder.eval()
+    conv = holder[0]
+    z_bar, eta_conv, alpha_conv, alpha_z = eq6_reference(conv, x, conv.norm.running_mean, conv.norm.running_var)
+    with torch.no_grad():
+        out = holder(x)
+        torch.testing.assert_close(out, conv.norm.output_quant(z_bar), rtol=0, atol=1e-12)
+        # the rounding moves each channel by at most half a step of its scale
+        z_float = F.batch_norm(eta_conv * alpha_conv, conv.norm.running_mean, conv.norm.running_var,
+                               conv.norm.weight, conv.norm.bias, False, 0.0, conv.norm.eps)
+        assert ((z_bar - z_float).abs() <= 0.5 * alpha_z.abs().view(1, -1, 1, 1) + 1e-12).all()
+        assert not torch.allclose(z_bar, z_float)
+    # the integer engine's parameters are the same numbers
+    assert conv.accumulator_step() == pytest.approx(alpha_conv, rel=1e-15)
+
+
+def test_integer_bn_training_is_eq6_with_batch_stats_and_ste_gradients():
+    holder, x = quantized_conv_bn(1)
+    conv = holder[0]
+    conv.train()
+    plain = copy.deepcopy(conv.norm)
+    alpha_conv = conv.accumulator_step()
+    y = conv._conv_forward(conv.input_quant(x), conv.quantized_weight(), None).detach().requires_grad_(True)
+    var, mean = torch.var_mean(y.detach(), dim=(0, 2, 3), unbiased=False)
+    z_bar, _, _, alpha_z = eq6_reference(conv, x, mean, var)
+    z = integer_batch_norm(conv.norm, y, alpha_conv)
+    torch.testing.assert_close(z, z_bar, rtol=0, atol=1e-12)
+    # running statistics as torch's BN updates them; gradients of the float BN (straight-through)
+    y2 = y.detach().clone().requires_grad_(True)
+    nn.BatchNorm2d.forward(plain, y2)  # plain is a QBatchNorm2d copy: its float BN forward
+    torch.testing.assert_close(conv.norm.running_mean, plain.running_mean)
+    torch.testing.assert_close(conv.norm.running_var, plain.running_var)
+    assert int(conv.norm.num_batches_tracked) == int(plain.num_batches_tracked)
+    g = torch.randn_like(z)
+    z.backward(g)
+    ref = F.batch_norm(y2, None, None, plain.weight, plain.bias, True, 0.0, plain.eps)
+    ref.backward(g)
+    torch.testing.assert_close(y.grad, y2.grad)
+    torch.testing.assert_close(conv.norm.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(conv.norm.bias.grad, plain.bias.grad)
+
+
+def test_multi_level_bn_is_eq6_per_level():
+    """The head's towers: level l's BN, with the accumulator step of the conv before it."""
+    head = RetinaNetHead(input_shape=[ShapeSpec(channels=8)] * 3, num_classes=2, num_anchors=1,
+                         conv_dims=[8, 8], norm="BN")
+    holder = nn.Module()
+    holder.head = head
+    quantize_model(holder, dict(AQD))
+    mlbn = holder.head.cls_subnet[1]
+    assert isinstance(mlbn, MultiLevelBatchNorm) and mlbn.integer_aware
+    assert not holder.head.cls_subnet[0].round_output  # the BN rounds its accumulator
+    for level, bn in enumerate(mlbn.levels):
+        random_bn(bn, 10 + level)
+    feats = [torch.randn(2, 8, s, s) for s in (8, 4, 2)]
+    calibrate(holder.head, [feats], num_images=2)
+    holder.double().eval()
+    feats = [f.double() for f in feats]
+    conv = holder.head.cls_subnet[0]
+    for level in (2, 0, 1):
+        qx, ax = grid_int(conv.input_quant(feats[level]), conv.input_quant)
+        qw, aw = grid_int(conv.weight_quant(conv.weight), conv.weight_quant)
+        alpha_conv = ax * aw
+        eta = F.conv2d(qx, qw, padding=1) + torch.round(conv.bias / alpha_conv).view(1, -1, 1, 1)
+        bn = mlbn.levels[level]
+        sigma = torch.sqrt(bn.running_var + bn.eps)
+        s = torch.round((bn.bias * sigma / bn.weight - bn.running_mean) / alpha_conv)
+        z_bar = (eta + s.view(1, -1, 1, 1)) * (alpha_conv * bn.weight / sigma).view(1, -1, 1, 1)
+        with torch.no_grad():
+            out = holder.head.cls_subnet[:2](feats[level], level)
+        torch.testing.assert_close(out, mlbn.output_quant(z_bar), rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# Eq. 7-8: skip-add
+# ------------------------------------------------------------------------------------------
+def eq7_reference(x1, q1, x2, q2):
+    """AQD Eq. 7 written out (the int32-safe shift as align_add picks it)."""
+    e1, a1 = grid_int(x1, q1)
+    e2, a2 = grid_int(x2, q2)
+    m1, m2 = q1.integer_grid().max_abs, q2.integer_grid().max_abs
+    if a2 >= a1:
+        c, d = shift_approx(a2, a1, add_max_shift(Fraction(a2) / Fraction(a1), m1, m2))
+        return (e1 + e2 * c / 2**d) * a1, 2
+    c, d = shift_approx(a1, a2, add_max_shift(Fraction(a1) / Fraction(a2), m2, m1))
+    return (e1 * c / 2**d + e2) * a2, 1
+
+
+@pytest.mark.parametrize("shortcut", ["identity", "conv"])
+@pytest.mark.parametrize("larger", [1, 2])
+def test_skip_add_is_eq7(shortcut, larger):
+    torch.manual_seed(3)
+    cin = 8 if shortcut == "identity" else 4
+    block = BasicBlock(cin, 8, stride=1, norm="BN")
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            random_bn(m, 5)
+    holder = nn.Sequential(block)
+    quantize_model(holder, dict(AQD))
+    block = holder[0]
+    assert isinstance(block, QBasicBlock) and (block.shortcut is None) == (shortcut == "identity")
+    raw = torch.randn(2, cin, 10, 10)
+    x = torch.relu(raw)
+    in_quant = None
+    if shortcut == "identity":  # the block's input lies on the previous add's grid
+        from hqod.quantization import QUANTIZERS
+
+        in_quant = QUANTIZERS.get("lq")(bits=4, signed=True)
+        x = torch.relu(in_quant(raw))
+        object.__setattr__(block, "input_grid_quant", in_quant)
+    calibrate(holder, [x], num_images=2)
+    holder.double().eval()
+    q1 = block.conv2.norm.output_quant
+    q2 = in_quant.double() if in_quant is not None else block.shortcut.norm.output_quant
+    with torch.no_grad():  # make the wanted input's integer scale 2.6x the other's
+        big, small = (q1, q2) if larger == 1 else (q2, q1)
+        big.interval.fill_(2.6 * small.integer_grid().scale * big.integer_grid().m / big._step_per_nu)
+        x = torch.relu(in_quant(raw.double())) if in_quant is not None else x.double()
+        out = block.conv2(F.relu(block.conv1(x)))
+        sc = block.shortcut(x) if block.shortcut is not None else x
+        y_bar, rescaled = eq7_reference(out, q1, sc, q2)
+        assert rescaled == (2 if larger == 2 else 1)
+        torch.testing.assert_close(block(x), F.relu(block.add_quant(y_bar)), rtol=0, atol=1e-12)
+        # close to the float sum: the alignment error of F is tiny
+        assert (y_bar - (out + sc)).abs().max() < 1e-6 * (out + sc).abs().max()
+
+
+# ------------------------------------------------------------------------------------------
+# The integer-only engine
+# ------------------------------------------------------------------------------------------
+def tiny_aqd_config(config="configs/retina_r18_aqd_w4.py"):
+    cfg = LazyConfig.load(os.path.join(ROOT, config))
+    cfg.model.backbone.out_channels = 32
+    cfg.model.test_score_thresh = 0.0  # every candidate: NMS and the top-100 cut are exercised
+    cfg.dataloader.train.dataset.names = "digits_tiny_train"
+    cfg.dataloader.test.dataset.names = "digits_tiny_val"
+    cfg.dataloader.train.mapper.augmentations[0].short_edge_length = [128]
+    cfg.dataloader.test.mapper.augmentations[0].short_edge_length = 128
+    cfg.dataloader.train.total_batch_size = 4
+    cfg.dataloader.train.num_workers = 0
+    cfg.dataloader.test.num_workers = 0
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained_aqd(tiny_digits, tmp_path_factory):
+    """RetinaNet-R18 AQD W4A4 (FPN/head width 32): BN statistics from a few float forwards,
+    calibration on 8 images, then 3 QAT steps on the tiny dataset; saved as a checkpoint."""
+    torch.manual_seed(0)
+    cfg = tiny_aqd_config()
+    model = build_model(cfg)
+    loader = iter(instantiate(cfg.dataloader.train))
+    set_fake_quant(model, False)
+    model.train()
+    with torch.no_grad(), EventStorage():
+        for _ in range(3):
+            model(next(loader))
+    set_fake_quant(model, True)
+    calibrate(model, loader, num_images=8)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    with EventStorage():
+        for _ in range(3):
+            loss = sum(model(next(loader)).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    path = str(tmp_path_factory.mktemp("aqd") / "model_final.pth")
+    torch.save({"model": model.state_dict()}, path)
+    return cfg, model, path
+
+
+def test_integer_engine_matches_fake_quant(trained_aqd, tmp_path):
+    cfg, model, _ = trained_aqd
+    int_model = to_integer(model)
+    assert type(int_model) is type(model) and model.backbone.__class__.__name__ == "QFPN"
+    summary = integer_summary(int_model)
+    assert summary["fits_int32"] and summary["conv_units"] == 38
+
+    report = compare_integer_model(
+        model, int_model, instantiate(cfg.dataloader.test), num_images=6, dataset_name="digits_tiny_val"
+    )
+    print(report.format())
+    assert report.num_images == 6 and report.detections_integer == 6 * 100
+    # the fake-quant arithmetic without float32 rounding: the engine computes it exactly
+    ref = report.float64
+    assert ref.max_step_diff <= 1.0 and ref.beyond_one_step == 0
+    assert ref.max_step_diff < 1e-6  # in fact exact up to float64 rounding
+    assert ref.detections_matched == ref.detections_ref == report.detections_integer
+    assert abs(report.ap_integer - report.ap_reference64) <= 0.1
+    # the fake-quant model as it runs (float32): the same AP; most detections the same (a value
+    # within float32 noise of a rounding boundary lands on the other integer, and that spreads)
+    assert report.ap_diff <= 0.1
+    assert report.match_rate >= 0.8
+
+    # saved and loaded, it computes the same integers
+    path = str(tmp_path / "int.pth")
+    save_integer_model(int_model, path, note="test")
+    loaded = load_integer_model(path)
+    assert loaded.metadata == {"note": "test"}
+    batch = next(iter(instantiate(cfg.dataloader.test)))
+    with torch.no_grad():
+        images = int_model.preprocess_image(batch)
+        a = int_model.backbone(images.tensor)
+        b = loaded.backbone(images.tensor)
+        assert all(torch.equal(a[k], b[k]) and a[k].dtype == torch.int64 for k in a)
+        feats = [a[k] for k in int_model.head_in_features]
+        for x, y in zip(int_model.head.forward_integer(feats), loaded.head.forward_integer(feats)):
+            assert all(torch.equal(u, v) for u, v in zip(x, y))
+        # through detectron2's own forward and post-processing
+        out = loaded(batch)
+    assert len(out[0]["instances"]) == 100
+    assert int(a["p3"].abs().max()) <= int_model.backbone.feature_max_abs["p3"]
+
+
+def synthetic_batches(n, size=96, seed=0, per_batch=2):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        inst = Instances((size, size), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 60.0, 70.0]])),
+                         gt_classes=torch.tensor([1]))
+        yield [
+            {"image": torch.rand(3, size, size, generator=g) * 255, "instances": inst, "height": size, "width": size}
+            for _ in range(per_batch)
+        ]
+
+
+@pytest.mark.parametrize("arch", ["fcos", "atss"])
+def test_integer_engine_fcos_atss_w2(arch):
+    torch.manual_seed(0)
+    cfg = LazyConfig.load(os.path.join(ROOT, f"configs/{arch}_r18_fp32.py"))
+    cfg.model.num_classes = 3
+    cfg.model.backbone.out_channels = 32
+    cfg.model.test_score_thresh = 0.0
+    model = instantiate(cfg.model)
+    model.train()
+    with torch.no_grad(), EventStorage():
+        for batch in synthetic_batches(2, seed=1):
+            model(batch)
+    quantize_model(model, dict(AQD, weight_bits=2, act_bits=2))
+    calibrate(model, synthetic_batches(1, seed=2), num_images=2)
+    model.eval()
+    int_model = to_integer(model)
+    report = compare_integer_model(model, int_model, synthetic_batches(1, seed=3))
+    assert report.float64.max_step_diff < 1e-6 and report.float64.beyond_one_step == 0
+    assert report.match_rate_ref64 == 1.0 and report.detections_integer > 0
+    assert set(report.output_steps) == {"cls_score", "bbox_pred", "ctrness"}
+
+
+def test_fake_quant_off_is_still_fp32_and_aqd_star_untouched(trained_aqd):
+    """Integer-aware layers only act with fake quantization on (calibration sees FP32)."""
+    _, model, _ = trained_aqd
+    q = copy.deepcopy(model)
+    set_fake_quant(q, False)
+    assert all(m.accumulator_step() is None for m in q.modules() if hasattr(m, "accumulator_step"))
+
+
+@pytest.mark.parametrize(
+    "quant, match",
+    [
+        (None, r"an FP32 model \(not quantized\)"),
+        ({"method": "lq", "scope": "aqd_star"}, r"AQD\*, quant.scope='aqd_star'"),
+        ({"method": "lsq"}, r"AQD\*, quant.scope='aqd_star'"),
+        (dict(AQD, overrides={"backbone.bottom_up.res3.0.conv2": None}), r"partially quantized.*res3\.0\.conv2"),
+    ],
+)
+def test_engine_refuses_models_not_fully_quantized(quant, match):
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/retina_r18_fp32.py"))
+    cfg.model.num_classes = 3
+    cfg.model.backbone.out_channels = 32
+    model = instantiate(cfg.model)
+    if quant is not None:
+        quantize_model(model, quant)
+    with pytest.raises(IntegerConversionError, match=match) as e:
+        to_integer(model)
+    assert "configs/retina_r18_aqd_w4.py" in str(e.value) and "quant.scope='aqd'" in str(e.value)
+
+
+def test_engine_refuses_uncalibrated_model():
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/retina_r18_fp32.py"))
+    cfg.model.num_classes = 3
+    cfg.model.backbone.out_channels = 32
+    model = quantize_model(instantiate(cfg.model), dict(AQD))
+    with pytest.raises(IntegerConversionError, match="never initialized"):
+        to_integer(model)
+
+
+# ------------------------------------------------------------------------------------------
+# tools/export_integer.py
+# ------------------------------------------------------------------------------------------
+def export_tool():
+    spec = importlib.util.spec_from_file_location("export_integer", os.path.join(ROOT, "tools/export_integer.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TOOL_TINY = [
+    "model.backbone.out_channels=32",
+    "dataloader.test.dataset.names=digits_tiny_val",
+    "dataloader.test.mapper.augmentations.0.short_edge_length=128",
+    "dataloader.test.num_workers=0",
+]
+
+
+def test_export_tool(trained_aqd, tmp_path, capsys):
+    _, _, ckpt = trained_aqd
+    tool = export_tool()
+    out = str(tmp_path / "int.pth")
+    report = tool.run(tool.parse_args([
+        "--config-file", os.path.join(ROOT, "configs/retina_r18_aqd_w4.py"), "--checkpoint", ckpt,
+        "--output", out, "--num-images", "4", "--report-json", str(tmp_path / "r.json"), *TOOL_TINY,
+    ]))  # fmt: skip
+    text = capsys.readouterr().out
+    for line in ("vs fake-quant float32 (as run)", "vs fake-quant float64", "head outputs: max |diff|",
+                 "match rate", "COCO AP: fake-quant", "time per image", "every accumulator fits int32",
+                 "verdict (vs fake-quant float64): head outputs within +-1 step: yes; same detections "
+                 "after NMS: yes; COCO AP within 0.1: yes"):
+        assert line in text, text
+    assert report.num_images == 4 and os.path.isfile(tmp_path / "r.json")
+    assert load_integer_model(out).metadata["checkpoint"] == ckpt
+
+
+@pytest.mark.parametrize(
+    "config, extra, match",
+    [
+        ("configs/retina_r18_aqdstar_w4.py", [], "quant.scope='aqd_star'"),
+        ("configs/retina_r18_aqd_w4.py", ["--checkpoint", "/nonexistent/model_final.pth"], "does not exist"),
+    ],
+)
+def test_export_tool_user_errors(trained_aqd, tmp_path, capsys, config, extra, match):
+    _, _, ckpt = trained_aqd
+    tool = export_tool()
+    args = ["--config-file", os.path.join(ROOT, config), "--checkpoint", ckpt, *extra, "--output",
+            str(tmp_path / "x.pth"), *TOOL_TINY]
+    with pytest.raises(SystemExit) as e:
+        tool.run(tool.parse_args(args))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
