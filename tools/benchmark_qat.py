@@ -4,7 +4,10 @@ Time QAT training steps against the FP32 model: forward + backward + SGD step of
 detector (same weights, same batch), interleaved repetitions, median per variant.
 
 Variants: FP32; LSQ / TQT / LQ under scope AQD* (convs only + multi-level BN) and AQD (also BN
-outputs and adds); LSQ through PyTorch's fused learnable op (``lsq_torch``, the peer).
+outputs and adds, integer-aware: AQD Eq. 4-7); ``lq-aqd-float``: AQD with the integer-aware
+arithmetic off (float BN and sums, ``set_integer_aware(model, False)``); LSQ through PyTorch's
+fused learnable op (``lsq_torch``, the peer). ``--clock process`` times the process's CPU time
+instead of the wall clock (steadier on a machine shared with other jobs).
 Defaults: RetinaNet-R18-FPN (width 256), 80 classes, 320x320 images, batch 2, 2 threads, W4A4.
 
     python tools/benchmark_qat.py --reps 5
@@ -27,7 +30,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from hqod.quantization import calibrate, quantize_model
+from hqod.quantization import calibrate, quantize_model, set_integer_aware
 from hqod.quantization.functional import get_backend, set_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +45,7 @@ VARIANTS = {
     "lsq-aqd": ("lsq", "aqd"),
     "tqt-aqd": ("tqt", "aqd"),
     "lq-aqd": ("lq", "aqd"),
+    "lq-aqd-float": ("lq", "aqd"),  # integer-aware arithmetic off
 }
 TARGETS = {"lsq-aqd*": 1.10, "lsq-aqd": 1.20, "tqt-aqd": 1.20, "lq-aqd": 1.20}
 
@@ -90,6 +94,8 @@ def build_variants(args):
             method, scope = spec
             quant = dict(method=method, scope=scope, weight_bits=args.bits, act_bits=args.bits)
             quantize_model(model, quant)
+            if name.endswith("-float"):
+                set_integer_aware(model, False)
             calibrate(model, calib, num_images=args.batch)
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9, weight_decay=1e-4)
@@ -97,13 +103,13 @@ def build_variants(args):
     return models
 
 
-def train_step(model, opt, batch):
-    start = time.perf_counter()
+def train_step(model, opt, batch, clock=time.perf_counter):
+    start = clock()
     losses = model(batch)
     opt.zero_grad(set_to_none=True)
     sum(losses.values()).backward()
     opt.step()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main(argv=None):
@@ -120,6 +126,8 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--backend", default="auto", choices=["auto", "inductor", "eager"],
                         help="fake-quant kernels of the lsq/tqt/lq quantizers")
+    parser.add_argument("--clock", default="wall", choices=["wall", "process"],
+                        help="wall clock, or the process's CPU time (all threads)")
     parser.add_argument("--out", default="", help="also write the markdown table here")
     args = parser.parse_args(argv)
     if "fp32" not in args.variants:
@@ -136,7 +144,8 @@ def main(argv=None):
             # interleaved: every repetition times each variant once, in a rotating order
             order = list(models)
             order = order[rep % len(order):] + order[: rep % len(order)]
-            step = {name: train_step(*models[name], batch) for name in order}
+            clock = time.process_time if args.clock == "process" else time.perf_counter
+            step = {name: train_step(*models[name], batch, clock) for name in order}
             if rep >= args.warmup:
                 for name, t in step.items():
                     times[name].append(t)
@@ -153,8 +162,8 @@ def main(argv=None):
         f"{datetime.date.today().isoformat()}  ",
         f"Model: {args.config} ({args.num_classes} classes), {args.size}x{args.size}, batch "
         f"{args.batch}, W{args.bits}A{args.bits}, {args.reps} timed steps per variant "
-        f"(+{args.warmup} warm-up), interleaved; load average at the end {load}; fake-quant "
-        f"backend {get_backend()}.",
+        f"(+{args.warmup} warm-up), interleaved; {args.clock} clock; load average at the end "
+        f"{load}; fake-quant backend {get_backend()}.",
         "",
         "| variant | method | scope | median step (s) | ratio (medians) | ratio (median of per-rep) | min step (s) | ratio (mins) | target |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",

@@ -52,6 +52,7 @@ from .modules import (
     QuantizedModule,
     cached_quantized_weights,
     link_block_inputs,
+    set_integer_aware,
 )
 from .multilevel import (
     LevelSequential,
@@ -121,6 +122,7 @@ __all__ = [
     "QFCOSHead",
     "QATSSHead",
     "link_block_inputs",
+    "set_integer_aware",
     # AQD integer arithmetic and the integer-only engine
     "shift_approx",
     "align_add",

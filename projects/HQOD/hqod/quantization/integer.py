@@ -619,6 +619,8 @@ def _unit_val(unit: IntConvUnit) -> _Val:
 def _export_block(ex: _Exporter, block, src: _Val, name: str) -> IntBlock:
     if not isinstance(block, _QuantAddBlock):
         raise _refuse("not fully quantized", f"{name} is a float {type(block).__name__}")
+    if not block.integer_aware:
+        raise _refuse("not integer-aware", f"{name} adds in float (set_integer_aware(model, True))")
     conv_names = ["conv1", "conv2", "conv3"] if isinstance(block, QBottleneckBlock) else ["conv1", "conv2"]
     units, val = [], src
     for cname in conv_names:
@@ -641,6 +643,8 @@ def _export_backbone(ex: _Exporter, fpn: FPN) -> IntegerBackbone:
     resnet = fpn.bottom_up
     if not isinstance(resnet, ResNet) or not isinstance(resnet.stem, BasicStem):
         raise _refuse("not convertible", f"the engine supports detectron2 ResNet backbones, not {type(resnet).__name__}")
+    if not fpn.integer_aware:
+        raise _refuse("not integer-aware", "the FPN adds in float (set_integer_aware(model, True))")
     if fpn._fuse_type != "sum":
         raise _refuse("not convertible", f"FPN fuse_type={fpn._fuse_type!r} (the engine adds: 'sum')")
     stem_conv = resnet.stem.conv1
@@ -754,7 +758,7 @@ def to_integer(model: nn.Module, *, multiplier_bits: int = 31) -> nn.Module:
     Convert a trained AQD detector (fake-quant, ``quant.scope="aqd"``, quantizers initialized)
     into the integer-only model: a copy of ``model`` (same meta-architecture, same detectron2
     post-processing) whose ``backbone`` and ``head`` compute with integers
-    (:class:`IntegerBackbone`, :class:`IntegerHead`); ``model`` is left as it is.
+    (:class:`IntegerBackbone`, :class:`IntegerHead`), on the CPU; ``model`` is left as it is.
 
     Args:
         model: the fake-quant detector (RetinaNet, FCOS, ATSS or their HQOD subclasses).
@@ -782,8 +786,8 @@ def to_integer(model: nn.Module, *, multiplier_bits: int = 31) -> nn.Module:
     int_model.eval()
     int_model.requires_grad_(False)
     int_model.integer_bounds = dict(ex.bounds)
-    device = next(model.parameters()).device
-    int_model.to(device)
+    # CPU: its convolutions are exact there (GPU libraries may pick TF32 or FFT/Winograd algorithms)
+    int_model.to("cpu")
     logger.info(f"to_integer: {len(ex.units)} integer conv units; {integer_summary(int_model)['int32']}")
     return int_model
 

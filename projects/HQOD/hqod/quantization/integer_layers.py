@@ -276,7 +276,9 @@ def fixed_point_multiplier(
 
     ``M`` is ``ratio * 2^k`` rounded (half to even), ``|M| < 2^bits`` (31: an int32
     multiplier, as gemmlowp / TFLite), with the largest ``k`` such that the product and sum stay
-    below ``2^limit_bits`` (the int64 of the multiply-high); relative error ``<= 2^-(bits-1)``.
+    below ``2^limit_bits`` (the int64 of the multiply-high). Relative error ``<= 2^-(bits-1)``;
+    for a ratio so small that the offset term bounds ``k`` (below ~2^-22), the absolute error
+    ``max_abs_input * |M / 2^k - ratio|`` is then what stays tiny (< 2^-24 output steps).
     """
     r = Fraction(ratio)
     if r == 0:
@@ -370,19 +372,27 @@ def integer_bn_params(
 
 
 def _batch_stats(bn, x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Batch mean and biased variance over (N, H, W) as ``bn`` normalizes with them (averaged
-    over processes for a synchronized BN in a multi-process run), detached."""
+    """Batch mean and biased variance over (N, H, W) as ``bn`` normalizes with them, detached;
+    the running statistics updated as ``torch.nn.BatchNorm2d`` does. A synchronized BN in a
+    multi-process run averages the statistics over processes (its own forward updates the
+    running ones)."""
     x = x.detach()
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
     if _is_synced(bn):
-        meansqr = var + mean * mean
-        vec = torch.cat([mean, meansqr]).double()
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        vec = torch.cat([mean, var + mean * mean]).double()
         torch.distributed.all_reduce(vec)
         vec /= torch.distributed.get_world_size()
         mean, meansqr = vec.split(x.shape[1])
-        var = (meansqr - mean * mean).to(x.dtype)
-        mean = mean.to(x.dtype)
-    return mean, var
+        return mean.to(x.dtype), (meansqr - mean * mean).to(x.dtype)
+    track = bn.track_running_stats and bn.running_mean is not None
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if track and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return torch.batch_norm_update_stats(
+        x, bn.running_mean if track else None, bn.running_var if track else None, momentum
+    )
 
 
 def _is_synced(bn) -> bool:
@@ -390,21 +400,6 @@ def _is_synced(bn) -> bool:
     from detectron2.utils import comm
 
     return isinstance(bn, (torch.nn.SyncBatchNorm, NaiveSyncBatchNorm)) and comm.get_world_size() > 1
-
-
-@torch.no_grad()
-def _update_running_stats(bn, mean: Tensor, var: Tensor, count: int):
-    """What ``torch.nn.BatchNorm2d`` does to its running statistics in a training forward."""
-    if not bn.track_running_stats or bn.running_mean is None:
-        return
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    unbiased = var * (count / max(count - 1, 1))
-    bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
-    bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
 
 
 class _IntegerBatchNorm(torch.autograd.Function):
@@ -416,7 +411,7 @@ class _IntegerBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, acc_step, alpha_z, s_round, offset, bn_stats):
         mean, invstd, running_mean, running_var, train, eps = bn_stats
         view = (1, -1, 1, 1)
-        z = torch.round(x * (1.0 / acc_step))  # the exact int32 accumulator (float noise off)
+        z = torch.mul(x, 1.0 / acc_step).round_()  # the exact int32 accumulator (float noise off)
         # (eta_conv + round(s)) first: an exact integer, so z is exactly 0 where it is 0
         z.add_(s_round.to(x.dtype).view(view)).mul_(alpha_z.to(x.dtype).view(view))
         zero = alpha_z == 0
@@ -463,6 +458,4 @@ def integer_batch_norm(bn, x: Tensor, acc_step: float, base_forward=None) -> Ten
             exact = _IntegerBatchNorm.apply(x, *args)
         z = base_forward(x)
         return z + (exact - z).detach()
-    if train:
-        _update_running_stats(bn, mean, var, x.numel() // x.shape[1])
     return _IntegerBatchNorm.apply(x, *args)

@@ -72,6 +72,7 @@ __all__ = [
     "find_quant_module_class",
     "link_block_inputs",
     "add_alignment",
+    "set_integer_aware",
 ]
 
 QUANT_MODULES = Registry("QUANT_MODULES")
@@ -327,6 +328,23 @@ def link_block_inputs(model: nn.Module) -> int:
     return linked
 
 
+def set_integer_aware(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """
+    Turn the integer-aware arithmetic of scope ``"aqd"`` (AQD Eq. 4-7: integer conv biases and
+    accumulators, integer BN, aligned adds) on or off in every layer of ``model``; off = the
+    plain fake-quant simulation (float BN, float biases and sums, outputs still quantized), for
+    ablations and benchmarks. Models of scope ``aqd`` are built with it on.
+    """
+    from .multilevel import MultiLevelBatchNorm
+
+    for m in model.modules():
+        if isinstance(m, (QConv2d, _QuantAddBlock, QFPN)):
+            m.integer_aware = bool(enabled)
+        elif isinstance(m, MultiLevelBatchNorm) and m.output_quant is not None:
+            m.integer_aware = bool(enabled)
+    return model
+
+
 class _QuantAddBlock(QuantizedModule):
     """
     ResNet block whose residual sum is fake-quantized before the last ReLU (scope ``aqd``), the
@@ -335,6 +353,7 @@ class _QuantAddBlock(QuantizedModule):
     """
 
     input_grid_quant = None  # the quantizer producing the block's input (link_block_inputs)
+    integer_aware = True  # Eq. 7 alignment (False: the plain float sum, set_integer_aware)
 
     @classmethod
     def from_float(cls, module, *, name, ctx):
@@ -354,7 +373,7 @@ class _QuantAddBlock(QuantizedModule):
 
     def _residual(self, x, out, last_conv):
         shortcut = self.shortcut(x) if self.shortcut is not None else x
-        alignment = add_alignment(_output_quantizer(last_conv), self.shortcut_quantizer())
+        alignment = add_alignment(_output_quantizer(last_conv), self.shortcut_quantizer()) if self.integer_aware else None
         return F.relu(self.add_quant(aligned_add(out, shortcut, alignment)))
 
 
@@ -384,6 +403,7 @@ class QFPN(FPN, QuantizedModule):
     detectron2 v0.6 (unchanged in later versions)."""
 
     float_types = (FPN,)
+    integer_aware = True  # Eq. 7 alignment of the top-down adds (set_integer_aware)
 
     @classmethod
     def from_float(cls, module, *, name, ctx):
@@ -416,7 +436,10 @@ class QFPN(FPN, QuantizedModule):
             if idx > 0:
                 features = bottom_up_features[self.in_features[-idx - 1]]
                 top_down_features = F.interpolate(prev_features, scale_factor=2.0, mode="nearest")
-                alignment = add_alignment(_output_quantizer(lateral_conv), self.top_down_quantizer(idx))
+                alignment = (
+                    add_alignment(_output_quantizer(lateral_conv), self.top_down_quantizer(idx))
+                    if self.integer_aware else None
+                )
                 prev_features = aligned_add(lateral_conv(features), top_down_features, alignment)
                 if self._fuse_type == "avg":
                     prev_features = prev_features / 2
