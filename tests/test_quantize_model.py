@@ -184,8 +184,8 @@ def test_overrides_and_fp32_first_last(fp32_models):
     [
         ({"method": "dorefa"}, r"quant.method must be one of \['lq', 'lsq', 'lsq_torch', 'tqt'\]"),
         ({"scope": "all"}, r"quant.scope must be one of \['aqd_star', 'aqd'\]"),
-        ({"weight_bits": 1}, r"quant.weight_bits must be an int in \{2, 3, 4, 5, 6, 7, 8\}"),
-        ({"act_bits": "4"}, r"quant.act_bits must be an int"),
+        ({"weight_bits": 1}, r"quant.weight_bits=1: bit widths are ints in 2\.\.8 \(1 bit leaves no usable grid"),
+        ({"act_bits": "4"}, r"quant.act_bits='4': .* \(a string; write quant.act_bits=4 without quotes\)"),
         ({"first_last_bits": 16}, r"first_last_bits"),
         ({"overrides": {"head.*": 9}}, r"overrides\['head.\*'\]"),
         ({"wbits": 4}, r"Unknown quant config keys \['wbits'\]"),

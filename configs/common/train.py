@@ -11,4 +11,9 @@ train = dict(
     device="cpu",
     seed=0,
     cudnn_benchmark=False,
+    # True: deterministic algorithms, so that a run and a run resumed from any of its checkpoints
+    # repeat bit for bit (same machine and thread count; needs seed >= 0)
+    deterministic=False,
+    # median window of the values in metrics.json / TensorBoard (1: each iteration's raw value)
+    metrics_window=20,
 )

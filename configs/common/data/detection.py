@@ -7,14 +7,11 @@ from omegaconf import OmegaConf
 
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    DatasetMapper,
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
 
 import hqod.data  # noqa: F401  registers the datasets and the hqod_data resolver
+# detectron2's train loader with an exactly resumable stream, independent of the process count
+from hqod.data.loader import build_detection_train_loader
 from hqod.evaluation import COCOEvaluator, HarmonyEvaluator
 
 dataloader = OmegaConf.create()

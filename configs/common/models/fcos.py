@@ -1,5 +1,10 @@
-"""FCOS, ResNet-18 + FPN, BN in backbone, FPN and head; same backbone as ``retinanet.py``."""
-from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+"""FCOS, ResNet-18 + FPN, BN in backbone, FPN and head; same backbone as ``retinanet.py``.
+
+``hqod.modeling.FCOS`` is detectron2's FCOS that also trains on images without instances under
+detectron2 v0.6 (identical otherwise)."""
+from detectron2.modeling.meta_arch.fcos import FCOSHead
+
+from hqod.modeling import FCOS
 
 from .retinanet import model
 

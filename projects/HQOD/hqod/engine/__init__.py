@@ -1,15 +1,33 @@
-from .checkpoint import Checkpointer, torchvision_resnet_to_d2
-from .defaults import UserError, check_output_dir, load_config, resolve_device
+from .checkpoint import Checkpointer, ExtraTrainingState, read_checkpoint, torchvision_resnet_to_d2
+from .defaults import (
+    TrainingDiverged,
+    UserError,
+    check_output_dir,
+    config_differences,
+    load_config,
+    resolve_device,
+    setup_determinism,
+)
+from .distributed import convert_sync_batchnorm, sync_loss_normalizers
+from .launch import launch
 from .train_loop import build_model, do_test, do_train
 
 __all__ = [
     "Checkpointer",
+    "ExtraTrainingState",
+    "TrainingDiverged",
     "UserError",
     "build_model",
     "check_output_dir",
+    "config_differences",
+    "convert_sync_batchnorm",
     "do_test",
     "do_train",
+    "launch",
     "load_config",
+    "read_checkpoint",
     "resolve_device",
+    "setup_determinism",
+    "sync_loss_normalizers",
     "torchvision_resnet_to_d2",
 ]

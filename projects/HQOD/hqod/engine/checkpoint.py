@@ -1,8 +1,24 @@
+"""
+hqod's checkpointer: detectron2's DetectionCheckpointer with atomic writes, one clear error for
+unreadable or non-matching checkpoints, torchvision ResNet checkpoints, and the training state
+that is not in any state dict (:class:`ExtraTrainingState`).
+"""
+import glob
+import logging
 import os
+import random
 import re
 
+import numpy as np
 import torch
+from torch import nn
+
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
+
+from .defaults import UserError
+
+logger = logging.getLogger("hqod")
 
 
 def _is_torchvision_resnet(state_dict):
@@ -27,12 +43,123 @@ def torchvision_resnet_to_d2(state_dict):
     return out
 
 
+def read_checkpoint(path):
+    """``torch.load`` of a checkpoint file, on CPU; a truncated or corrupt file is one
+    :class:`UserError` naming it (instead of a zip/pickle traceback)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # zipfile / pickle / EOF / "PytorchStreamReader failed ..."
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"Checkpoint {path} ({size:,} bytes) cannot be read: it is truncated or corrupt "
+            f"({reason}). Use another checkpoint (e.g. an earlier model_*.pth of the run)."
+        ) from e
+
+
+def _atomic_write(path, write):
+    """``write(file)`` into a temporary file of the same folder, flushed to disk, then renamed
+    onto ``path``: readers see the old file or the complete new one, never a partial one."""
+    folder, base = os.path.split(path)
+    tmp = os.path.join(folder, f".{base}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(folder or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _unwrap(model):
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+class ExtraTrainingState:
+    """
+    Checkpointable (``state_dict`` / ``load_state_dict``) for what a resumed run needs and no
+    state dict holds:
+
+    * the loss normalizers of the detector: float attributes whose name ends in
+      ``normalizer`` (detectron2's RetinaNet/FCOS keep the EMA of the number of positives in
+      ``loss_normalizer``; a resumed run would otherwise restart it from its initial value);
+    * the random generators of the main process (Python, NumPy, torch): restored in the main
+      process only (other processes keep their own seeds). The training data does not depend
+      on them (:mod:`hqod.data.loader` seeds augmentations by stream position).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def _normalizers(self):
+        out = {}
+        for name, m in _unwrap(self.model).named_modules():
+            for attr, value in vars(m).items():
+                if attr.endswith("normalizer") and isinstance(value, (float, int)) and not isinstance(value, bool):
+                    out[f"{name}.{attr}" if name else attr] = (m, attr, float(value))
+        return out
+
+    def state_dict(self):
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        normalizers = {k: v for k, (_, _, v) in self._normalizers().items()}
+        return {"normalizers": normalizers, "rng": rng}
+
+    def load_state_dict(self, state):
+        modules = dict(_unwrap(self.model).named_modules())
+        for key, value in state.get("normalizers", {}).items():
+            name, _, attr = key.rpartition(".")
+            if name in modules:
+                setattr(modules[name], attr, value)
+        # A multi-process run keeps the global EMA in "_global_<attr>" and <attr> = EMA / world
+        # size (hqod.engine.distributed); re-derive <attr> for this run's number of processes.
+        world = comm.get_world_size()
+        for m in modules.values():
+            for attr, value in list(vars(m).items()):
+                if attr.startswith("_global_") and isinstance(value, float):
+                    setattr(m, attr[len("_global_"):], value / world)
+                    if world == 1:  # the detector's own EMA continues from <attr>
+                        delattr(m, attr)
+        rng = state.get("rng")
+        if rng and comm.is_main_process():
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 class Checkpointer(DetectionCheckpointer):
     """
-    detectron2's DetectionCheckpointer that also loads torchvision ResNet checkpoints (``.pth``
-    from torchvision.models, as ``train.init_checkpoint``) into the backbone, and says clearly
-    when a checkpoint file does not exist.
+    detectron2's DetectionCheckpointer that
+
+    * writes checkpoints atomically: the file goes to a temporary name in the same folder and
+      is renamed when complete, and ``last_checkpoint`` is updated (also atomically) only after,
+      so a run killed mid-write resumes from the previous, complete checkpoint;
+    * says in one line when a checkpoint does not exist or cannot be read (truncated, corrupt);
+    * with ``strict=True`` (evaluation), refuses a checkpoint that does not fit the model
+      (shape mismatches, or missing keys): it belongs to another architecture;
+    * loads torchvision ResNet checkpoints (``.pth`` from torchvision.models, as
+      ``train.init_checkpoint``) into the backbone.
     """
+
+    def __init__(self, model, save_dir="", *, strict=False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.strict = strict
 
     def load(self, path, *args, **kwargs):
         if path and "://" not in path and not os.path.isfile(path):
@@ -40,11 +167,12 @@ class Checkpointer(DetectionCheckpointer):
                 f"Checkpoint {path} does not exist. Set train.init_checkpoint to an existing "
                 'file (or to "" to train from scratch).'
             )
+        self._loading = path
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename):
         if filename.endswith((".pth", ".pt")):
-            loaded = torch.load(filename, map_location="cpu", weights_only=False)
+            loaded = read_checkpoint(filename)
             state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
             if _is_torchvision_resnet(state):
                 return {
@@ -52,7 +180,59 @@ class Checkpointer(DetectionCheckpointer):
                     "__author__": "torchvision",
                     "matching_heuristics": True,
                 }
-            if isinstance(loaded, dict) and "model" not in loaded:
+            if not isinstance(loaded, dict):
+                raise UserError(f"Checkpoint {filename} holds a {type(loaded).__name__}, not a state dict.")
+            if "model" not in loaded:
                 loaded = {"model": loaded}
             return loaded
         return super()._load_file(filename)
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        if self.strict and incompatible is not None:
+            path = getattr(self, "_loading", "the checkpoint")
+            shapes = getattr(incompatible, "incorrect_shapes", [])
+            if shapes:
+                k, ckpt_shape, model_shape = shapes[0]
+                raise UserError(
+                    f"Checkpoint {path} does not fit this model: {len(shapes)} shape mismatches "
+                    f"(e.g. {k}: checkpoint {tuple(ckpt_shape)} vs model {tuple(model_shape)}); it "
+                    "belongs to another architecture (detector, depth, width or classes)."
+                )
+            missing = list(incompatible.missing_keys)
+            if missing:
+                raise UserError(
+                    f"Checkpoint {path} lacks {len(missing)} of the model's "
+                    f"{len(self.model.state_dict())} entries (e.g. {', '.join(sorted(missing)[:3])}); "
+                    "it belongs to another architecture or is not a full checkpoint of this config."
+                )
+        return incompatible
+
+    def save(self, name, **kwargs):
+        """fvcore's ``save`` with an atomic write of the file and then of ``last_checkpoint``."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        assert os.path.basename(save_file) == basename, basename
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        if "://" in self.save_dir:  # remote storage: no rename; fvcore's way
+            with self.path_manager.open(save_file, "wb") as f:
+                torch.save(data, f)
+            return super().tag_last_checkpoint(basename)
+        for stale in glob.glob(os.path.join(self.save_dir, f".{basename}.tmp.*")):
+            os.remove(stale)  # left by a process killed mid-write
+        _atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        if "://" in self.save_dir:
+            return super().tag_last_checkpoint(last_filename_basename)
+        _atomic_write(
+            os.path.join(self.save_dir, "last_checkpoint"),
+            lambda f: f.write(last_filename_basename.encode()),
+        )

@@ -4,9 +4,12 @@ guard, the device. Every user mistake becomes one :class:`UserError` whose messa
 change; tools/train_net.py prints it without a traceback.
 """
 import difflib
+import logging
 import os
+import tempfile
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from detectron2.config import LazyConfig
@@ -14,6 +17,11 @@ from detectron2.config import LazyConfig
 
 class UserError(RuntimeError):
     """A mistake in the command line, config or files; the message says what to change."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became infinite or NaN; the message names the iteration, the
+    loss values and the last good checkpoint (nothing is saved after the failure)."""
 
 
 def _all_keys(cfg, prefix=""):
@@ -62,15 +70,114 @@ def resolve_device(device):
     return device
 
 
-def check_output_dir(output_dir, resume, eval_only):
+# A run is defined by its model, quantization and training data: --resume refuses an output
+# directory whose run differs in these keys. Other keys (schedule length, learning rate,
+# logging, evaluation, workers) may change when resuming; the changes are logged.
+RUN_IDENTITY_KEYS = ("model", "quant", "dataloader.dataset", "dataloader.train.dataset", "dataloader.train.mapper")
+
+
+def _flatten(node, prefix=""):
+    out = {}
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        if not node:
+            out[prefix[:-1]] = []
+    else:
+        out[prefix[:-1]] = node
+    return out
+
+
+def _saved_form(cfg):
+    """``cfg`` as detectron2's ``LazyConfig.save`` writes it to config.yaml, read back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        LazyConfig.save(cfg, path)
+        with open(path) as f:
+            return yaml.unsafe_load(f)
+
+
+def config_differences(cfg, saved_yaml):
+    """Flattened keys (``a.b.0.c``) whose values differ between ``cfg`` and the config saved in
+    ``saved_yaml`` (a run's config.yaml): ``{key: (saved, current)}``, "<absent>" for a key that
+    only one of them has. Interpolations are compared unresolved, as saved."""
+    with open(saved_yaml) as f:
+        saved = _flatten(yaml.unsafe_load(f) or {})
+    current = _flatten(_saved_form(cfg))
+    diffs = {}
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if a != b:
+            diffs[key] = (a, b)
+    return diffs
+
+
+def _is_identity_key(key):
+    return any(key == k or key.startswith(k + ".") for k in RUN_IDENTITY_KEYS)
+
+
+def _describe(diffs, limit=4):
+    items = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diffs.items())[:limit]]
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(items) + more
+
+
+def check_output_dir(output_dir, resume, eval_only, cfg=None):
     """
-    Never overwrite another run silently: a directory that already holds checkpoints is used only
-    with --resume (continue it) or --eval-only (read it).
+    Never overwrite another run silently. A directory that already holds checkpoints is used
+    only with --eval-only (read it) or --resume (continue it). With ``cfg``, the run's saved
+    config.yaml is compared: --resume refuses a run of another model, quantization or training
+    data (:data:`RUN_IDENTITY_KEYS`), naming the keys that differ, and logs other changes.
     """
-    if resume or eval_only or not output_dir:
+    if eval_only or not output_dir:
         return
-    if os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
-        raise UserError(
-            f"Output directory {output_dir} already holds a training run (it has checkpoints). "
-            "Add --resume to continue it, or choose another train.output_dir=... ."
+    has_run = os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
+    saved = os.path.join(output_dir, "config.yaml")
+    diffs = {}
+    if has_run and cfg is not None and os.path.isfile(saved):
+        try:
+            diffs = config_differences(cfg, saved)
+        except Exception as e:  # an unreadable saved config: say so, compare nothing
+            logging.getLogger("hqod").warning(f"Cannot compare with {saved}: {e}")
+    identity = {k: v for k, v in diffs.items() if _is_identity_key(k)}
+    if has_run and not resume:
+        what = (
+            f"a training run of a different config ({_describe(identity or diffs)})"
+            if diffs
+            else "a training run (it has checkpoints)"
         )
+        raise UserError(
+            f"Output directory {output_dir} already holds {what}. Add --resume to continue it, "
+            "or choose another train.output_dir=... ."
+        )
+    if has_run and resume and identity:
+        raise UserError(
+            f"--resume: output directory {output_dir} holds a run of another model, quantization "
+            f"or training data ({_describe(identity)}). Choose another train.output_dir=... for "
+            "this config, or resume with the run's own config."
+        )
+    if has_run and resume and diffs:
+        logging.getLogger("hqod").warning(
+            f"Resuming {output_dir} with changed settings: {_describe(diffs, limit=20)}"
+        )
+
+
+def setup_determinism(cfg):
+    """``train.deterministic=True``: deterministic algorithms (PyTorch, cuDNN, cuBLAS) so that a
+    run, and a run resumed from any of its checkpoints, repeat bit for bit on the same machine
+    and thread count. Needs ``train.seed >= 0``."""
+    if not cfg.train.get("deterministic", False):
+        return
+    if cfg.train.get("seed", -1) < 0:
+        raise UserError("train.deterministic=True needs a fixed seed: set train.seed=0 (or any seed >= 0).")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    # TorchScript functions (detectron2's focal loss) switch to an optimized graph with its own
+    # symbolic gradients after their first calls: a resumed process would take other code paths
+    # than the uninterrupted one at the same iteration. Run them unoptimized, like every call.
+    torch._C._set_graph_executor_optimize(False)

@@ -3,21 +3,23 @@ tools/lazyconfig_train_net.py (do_train / do_test), with the checks HQOD-D2 adds
 import json
 import logging
 import os
+import re
 
 import torch
 from omegaconf import ListConfig
 
 from detectron2.config import instantiate
 from detectron2.engine import SimpleTrainer, create_ddp_model, hooks
-from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from hqod.data import ensure_datasets
 from hqod.quantization import calibrate, load_fp32_checkpoint, quantize_model
 
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, ExtraTrainingState, read_checkpoint
 from .defaults import UserError, resolve_device
+from .distributed import convert_sync_batchnorm, sync_loss_normalizers
+from .hooks import SafeEvalHook, SafePeriodicCheckpointer, diverged
 
 logger = logging.getLogger("hqod")
 
@@ -27,15 +29,37 @@ def _dataset_names(loader_cfg):
     return [names] if isinstance(names, str) else list(names)
 
 
+KNOWN_DETECTORS = (
+    "RetinaNet (detectron2.modeling.meta_arch), FCOS, ATSS, HQODRetinaNet, HQODFCOS, HQODATSS "
+    "(hqod.modeling)"
+)
+
+
 def build_model(cfg):
-    """``cfg.model``, quantized by ``cfg.quant`` when the config has that node, on its device."""
-    model = instantiate(cfg.model)
+    """``cfg.model``, quantized by ``cfg.quant`` when the config has that node, on its device.
+    In several processes: synchronized BN everywhere and loss normalizers over all processes
+    (:mod:`hqod.engine.distributed`), so that N processes train as one with the same total
+    batch."""
+    try:
+        model = instantiate(cfg.model)
+    except ImportError as e:  # a _target_ that does not exist (detector, backbone, head name)
+        m = re.search(r"Error loading '([^']+)'", str(e))
+        what = f"{m.group(1)!r} cannot be imported" if m else str(e).strip().splitlines()[0]
+        raise UserError(
+            f"Cannot build the model: {what} (a model._target_ or a module name in the config). "
+            f"Known detectors: {KNOWN_DETECTORS}."
+        ) from e
     if cfg.get("quant") is not None:
         try:
             model = quantize_model(model, cfg.quant)
         except ValueError as e:  # bad bits, method, scope, layer names: the message says which
-            raise UserError(f"quant: {e}") from e
+            msg = str(e)
+            raise UserError(msg if msg.startswith("quant.") else f"quant: {msg}") from e
     model.to(resolve_device(cfg.train.device))
+    if comm.get_world_size() > 1:
+        n = convert_sync_batchnorm(model)
+        sync_loss_normalizers(model)
+        logger.info(f"{comm.get_world_size()} processes: {n} BatchNorm layers synchronized.")
     return model
 
 
@@ -60,10 +84,22 @@ def init_qat(cfg, model, data_loader):
     if path:
         if "://" not in path and not os.path.isfile(path):
             raise _fp32_checkpoint_missing(path)
+        # a truncated or corrupt file: one UserError from read_checkpoint
+        source = read_checkpoint(path) if path.endswith((".pth", ".pt")) else path
         try:
-            load_fp32_checkpoint(model, path)
-        except ValueError as e:
-            raise UserError(f"train.init_checkpoint={path}: {e}") from e
+            result = load_fp32_checkpoint(model, source)
+        except ValueError as e:  # another architecture: the first mismatches, on one line
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            detail = f" (e.g. {lines[1]})" if len(lines) > 1 else ""
+            raise UserError(f"train.init_checkpoint={path}: {lines[0]}{detail}") from e
+        total = len(result.loaded_keys) + len(result.missing_keys)
+        if total and len(result.missing_keys) > total // 2:
+            raise UserError(
+                f"train.init_checkpoint={path} has only {len(result.loaded_keys)} of the "
+                f"{total} FP32 entries of this model (missing e.g. "
+                f"{', '.join(result.missing_keys[:3])}): it is not a checkpoint of this detector. "
+                "QAT starts from the FP32 detector of the same config (its model_final.pth)."
+            )
     else:
         logger.warning("QAT from scratch: train.init_checkpoint is empty (no FP32 detector).")
     with torch.no_grad():
@@ -95,23 +131,79 @@ def do_test(cfg, model, output_dir=None):
     return results
 
 
+def _build_train_loader(cfg):
+    try:
+        return instantiate(cfg.dataloader.train)
+    except AssertionError as e:  # detectron2: every image was filtered out (no instances)
+        if "No valid data" not in str(e):
+            raise
+        names = ", ".join(_dataset_names(cfg.dataloader.train))
+        raise UserError(
+            f"Training dataset {names} has no image with instances (images without annotations "
+            "are dropped for training); check its annotation file."
+        ) from e
+
+
+def _writers(cfg):
+    """detectron2's default writers; ``train.metrics_window`` is the median window of the
+    values written to metrics.json and TensorBoard (1: the raw value of each iteration)."""
+    from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+    out, window = cfg.train.output_dir, cfg.train.get("metrics_window", 20)
+    return [
+        CommonMetricPrinter(cfg.train.max_iter),
+        JSONWriter(os.path.join(out, "metrics.json"), window_size=window),
+        TensorboardXWriter(out, window_size=window),
+    ]
+
+
+def _apply_optimizer_settings(optimizer, configured):
+    """After loading an optimizer state: the configured hyperparameters (lr, weight decay,
+    momentum, ...) replace the saved ones where they differ, logged."""
+    if len(configured) != len(optimizer.param_groups):
+        return
+    changed = set()
+    for group, conf in zip(optimizer.param_groups, configured):
+        for key, value in conf.items():
+            if key not in group or not isinstance(value, (int, float, bool)):
+                continue
+            saved = group.get("initial_lr", group[key]) if key == "lr" else group[key]
+            if saved != value:
+                changed.add(f"{'base lr' if key == 'lr' else key}: {saved} -> {value}")
+                group[key] = value
+                if key == "lr":  # the base of the LR schedule
+                    group["initial_lr"] = value
+    if changed:
+        logger.warning("Resuming with the optimizer settings of the config: " + "; ".join(sorted(changed)))
+
+
 def do_train(cfg, model, *, resume=False):
     """
     Train ``model`` (already built and on its device) with ``cfg.optimizer``,
     ``cfg.lr_multiplier`` and ``cfg.dataloader.train``; periodic checkpoints, evaluation,
     metrics.json / TensorBoard / console logs with ETA. Returns the results of the final
     evaluation (detectron2's EvalHook runs it after the last iteration).
+
+    ``resume``: continue from the last checkpoint of ``train.output_dir`` exactly: weights,
+    quantizer state, optimizer, LR schedule, iteration, loss-normalizer EMAs, RNG states and
+    the position in the data stream (hqod's resumable train loader). A NaN/inf loss or weight
+    raises :class:`TrainingDiverged`; nothing is saved after it.
     """
     ensure_datasets(_dataset_names(cfg.dataloader.train))
+    if comm.is_main_process() and cfg.train.output_dir:
+        os.makedirs(cfg.train.output_dir, exist_ok=True)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader = _build_train_loader(cfg)
     quantized = cfg.get("quant") is not None
     resuming = resume and Checkpointer(model, cfg.train.output_dir).has_checkpoint()
     if quantized and not resuming:
         init_qat(cfg, model, train_loader)  # before DDP wraps the model
 
-    model = create_ddp_model(model, **cfg.train.ddp)
+    ddp_kwargs = dict(cfg.train.ddp)
+    if next(model.parameters()).device.type == "cpu":
+        ddp_kwargs.setdefault("device_ids", None)  # CPU processes (gloo): no device
+    model = create_ddp_model(model, **ddp_kwargs)
     trainer = SimpleTrainer(model, train_loader, optimizer)
     results = {}
 
@@ -120,30 +212,39 @@ def do_train(cfg, model, *, resume=False):
         results.update(do_test(cfg, model))
         return results
 
-    checkpointer = Checkpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointables = {"trainer": trainer, "training_state": ExtraTrainingState(model)}
+    if hasattr(train_loader, "state_dict") and hasattr(train_loader, "load_state_dict"):
+        checkpointables["data_loader"] = train_loader
+    checkpointer = Checkpointer(model, cfg.train.output_dir, **checkpointables)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            SafePeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if comm.is_main_process()
             else None,
-            hooks.EvalHook(cfg.train.eval_period, evaluate),
-            hooks.PeriodicWriter(
-                default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                period=cfg.train.log_period,
-            )
+            SafeEvalHook(cfg.train.eval_period, evaluate),
+            hooks.PeriodicWriter(_writers(cfg), period=cfg.train.log_period)
             if comm.is_main_process()
             else None,
         ]
     )
     if resuming:
-        # Everything, quantizer state included, comes back from the last checkpoint.
+        # Everything, quantizer state included, comes back from the last checkpoint; the
+        # optimizer settings of the config (e.g. a lower optimizer.lr after a divergence) win
+        # over those saved with the optimizer state.
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=True)
+        _apply_optimizer_settings(optimizer, configured)
         start_iter = trainer.iter + 1
     else:
         if not quantized:
             checkpointer.load(cfg.train.init_checkpoint)
         start_iter = 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    if hasattr(train_loader, "set_start_iter"):
+        train_loader.set_start_iter(start_iter)  # the data of iteration start_iter comes next
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except FloatingPointError as e:
+        raise diverged(e, cfg.train.output_dir) from e
     return results

@@ -1,9 +1,10 @@
 from .backbone import level_shapes, resnet_stages
-from .meta_arch import ATSS, HQODATSS, HQODFCOS, ATSSHead, HQODRetinaNet, atss_match
+from .meta_arch import ATSS, FCOS, HQODATSS, HQODFCOS, ATSSHead, HQODRetinaNet, atss_match
 
 __all__ = [
     "ATSS",
     "ATSSHead",
+    "FCOS",
     "HQODATSS",
     "HQODFCOS",
     "HQODRetinaNet",

@@ -97,7 +97,7 @@ class QuantConfig:
             if key in kw:
                 check_bits(kw[key], f"quant.{key}")
         if kw.get("first_last_bits", 8) is not None:
-            check_bits(kw.get("first_last_bits", 8), "quant.first_last_bits (or None)")
+            check_bits(kw.get("first_last_bits", 8), "quant.first_last_bits")
         scope = kw.get("scope", cls.scope)
         if scope not in SCOPES:
             raise ValueError(f"quant.scope must be one of {list(SCOPES)}; got {scope!r}.")
@@ -117,7 +117,7 @@ class QuantConfig:
                 for k, v in bits.items():
                     check_bits(v, f"quant.overrides[{pattern!r}].{k}")
             elif bits is not None:
-                check_bits(bits, f"quant.overrides[{pattern!r}] (or None for FP32)")
+                check_bits(bits, f"quant.overrides[{pattern!r}]")
         kw["overrides"] = dict(overrides)
         for key in ("keep_unknown_fp32", "multi_level_bn"):
             if key in kw and not isinstance(kw[key], bool):

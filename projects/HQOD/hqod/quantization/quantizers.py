@@ -74,13 +74,25 @@ ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 def check_bits(bits, what: str = "bits") -> int:
-    """Return ``bits`` if it is an int in 2..8; raise a ValueError naming the allowed values."""
-    if isinstance(bits, bool) or not isinstance(bits, Integral) or int(bits) not in ALLOWED_BITS:
-        raise ValueError(
-            f"{what} must be an int in {{{', '.join(map(str, ALLOWED_BITS))}}}; got {bits!r} "
-            f"({type(bits).__name__})."
+    """Return ``bits`` if it is an int in 2..8; otherwise one ValueError that names ``what``, the
+    allowed values and why the given one is refused."""
+    if not isinstance(bits, bool) and isinstance(bits, Integral) and int(bits) in ALLOWED_BITS:
+        return int(bits)
+    if isinstance(bits, str):
+        why = f"a string; write {what}={bits.strip()} without quotes" if bits.strip().isdigit() else "a string"
+    elif isinstance(bits, bool) or not isinstance(bits, Integral):
+        why = f"a {type(bits).__name__}"
+    elif bits == 1:
+        why = (
+            "1 bit leaves no usable grid: signed 1-bit levels are {-1, 0} (no positive value) "
+            "and binary networks need other quantizers"
         )
-    return int(bits)
+    elif bits < 1:
+        why = "it has no quantization levels"
+    else:
+        why = "quantization here goes up to 8 bits; keep a layer FP32 with quant.overrides instead"
+    allowed = f"{min(ALLOWED_BITS)}..{max(ALLOWED_BITS)}"
+    raise ValueError(f"{what}={bits!r}: bit widths are ints in {allowed} ({why}).")
 
 
 def _all_reduce_mean(t: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """Dense detectors with the HQOD losses, and ATSS (not part of detectron2)."""
 from .atss import ATSS, HQODATSS, ATSSHead, atss_match
-from .fcos import HQODFCOS
+from .fcos import FCOS, HQODFCOS
 from .retinanet import HQODRetinaNet
 
-__all__ = ["ATSS", "ATSSHead", "HQODATSS", "HQODFCOS", "HQODRetinaNet", "atss_match"]
+__all__ = ["ATSS", "ATSSHead", "FCOS", "HQODATSS", "HQODFCOS", "HQODRetinaNet", "atss_match"]

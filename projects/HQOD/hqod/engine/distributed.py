@@ -1,0 +1,173 @@
+"""
+What a model needs to train in several processes as it trains in one with the same total batch:
+
+* :func:`convert_sync_batchnorm`: every BatchNorm (backbone, FPN, the per-level BNs of the
+  multi-level head, quantized BNs included) becomes synchronized BN — PyTorch's
+  ``SyncBatchNorm`` with CUDA, :class:`SyncBatchNormCPU` on CPU (PyTorch's needs a GPU).
+* :func:`sync_loss_normalizers`: detectron2's dense detectors divide their losses by an EMA of
+  the number of positive anchors *of this process*. Made global instead: the EMA of the total
+  number of positives over the processes (what one process with the whole batch computes),
+  divided by the number of processes, so that DDP's gradient average equals the
+  single-process gradient.
+
+Both change nothing in a single process. tools/train_net.py (``build_model``) applies them when
+``comm.get_world_size() > 1``.
+"""
+import types
+
+import torch
+import torch.distributed as dist
+from fvcore.nn.distributed import differentiable_all_reduce
+from torch import nn
+
+from detectron2.layers import NaiveSyncBatchNorm
+from detectron2.utils import comm
+
+from hqod.quantization.modules import QUANT_MODULES, QBatchNorm2d, QNaiveSyncBatchNorm, QSyncBatchNorm
+from hqod.quantization.modules import _OutputQuantBN
+
+__all__ = ["SyncBatchNormCPU", "QSyncBatchNormCPU", "convert_sync_batchnorm", "sync_loss_normalizers"]
+
+
+class SyncBatchNormCPU(NaiveSyncBatchNorm):
+    """
+    Synchronized BN for CPU processes (gloo), exact: the statistics are those of the whole
+    batch over all processes, as one ``nn.BatchNorm2d`` computes them over the concatenated
+    batch — two passes in float64 (mean, then the centered variance; PyTorch's CPU BN also
+    accumulates in double), each one differentiable all-reduce, and the sample counts are
+    all-reduced too, so processes may hold different batch or image sizes. Running statistics
+    as ``nn.BatchNorm2d``: unbiased running variance, ``num_batches_tracked`` counted.
+    (detectron2's NaiveSyncBatchNorm computes var = E[x²] - E[x]² in float32, which loses
+    precision when |mean| >> std, averages per-process statistics with equal weights and
+    updates the running variance with the biased one.)
+    """
+
+    def forward(self, input):
+        if comm.get_world_size() == 1 or not self.training:
+            return super().forward(input)
+        C = input.shape[1]
+        x = input.float() if input.dtype == torch.float16 else input
+        dims = [0, 2, 3]
+        count = torch.full((1,), float(x.numel() // C), dtype=torch.float64)
+        vec = differentiable_all_reduce(torch.cat([x.sum(dims, dtype=torch.float64), count]))
+        n = vec[-1].detach()
+        if float(n) < 2:
+            raise ValueError(f"SyncBatchNormCPU needs more than 1 value per channel; got {int(n)}.")
+        mean = vec[:C] / n
+        centered = x - mean.to(x.dtype).reshape(1, -1, 1, 1)
+        var = differentiable_all_reduce((centered * centered).sum(dims, dtype=torch.float64)) / n
+        invstd = torch.rsqrt(var + self.eps).to(x.dtype)
+        scale = self.weight * invstd if self.affine else invstd
+        out = centered * scale.reshape(1, -1, 1, 1)
+        if self.affine:
+            out = out + self.bias.reshape(1, -1, 1, 1)
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            momentum = (
+                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            )
+            with torch.no_grad():
+                m = mean.detach().to(self.running_mean.dtype)
+                unbiased = (var.detach() * (n / (n - 1))).to(self.running_var.dtype)
+                self.running_mean.mul_(1 - momentum).add_(m, alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        return out.to(input.dtype)
+
+
+@QUANT_MODULES.register()
+class QSyncBatchNormCPU(_OutputQuantBN, SyncBatchNormCPU):
+    """:class:`SyncBatchNormCPU` with its output fake-quantized (scope ``aqd``)."""
+
+    float_types = (SyncBatchNormCPU,)
+
+
+def _sync_class(module: nn.Module, cuda: bool):
+    """The synchronized class replacing ``type(module)``, or None to leave it."""
+    t = type(module)
+    if cuda:
+        table = {
+            nn.BatchNorm2d: nn.SyncBatchNorm,
+            NaiveSyncBatchNorm: nn.SyncBatchNorm,
+            SyncBatchNormCPU: nn.SyncBatchNorm,
+            QBatchNorm2d: QSyncBatchNorm,
+            QNaiveSyncBatchNorm: QSyncBatchNorm,
+            QSyncBatchNormCPU: QSyncBatchNorm,
+        }
+    else:
+        table = {
+            nn.BatchNorm2d: SyncBatchNormCPU,
+            NaiveSyncBatchNorm: SyncBatchNormCPU,
+            QBatchNorm2d: QSyncBatchNormCPU,
+            QNaiveSyncBatchNorm: QSyncBatchNormCPU,
+        }
+    return table.get(t)
+
+
+def convert_sync_batchnorm(model: nn.Module, cuda: bool = None) -> int:
+    """
+    In place: re-class every ``BatchNorm2d`` (plain, quantized, or detectron2's
+    NaiveSyncBatchNorm) of ``model`` to synchronized BN; parameters, buffers and state-dict keys
+    stay the same objects and names, so checkpoints load either way. ``cuda`` (default: whether
+    the model's parameters are on a GPU) picks PyTorch's SyncBatchNorm or
+    :class:`SyncBatchNormCPU`. Returns the number of converted modules.
+    """
+    if cuda is None:
+        p = next(model.parameters(), None)
+        cuda = p is not None and p.device.type == "cuda"
+    n = 0
+    for m in model.modules():
+        new = _sync_class(m, cuda)
+        if new is None:
+            continue
+        m.__class__ = new
+        if issubclass(new, NaiveSyncBatchNorm) and not hasattr(m, "_stats_mode"):
+            m._stats_mode = ""
+        if issubclass(new, nn.SyncBatchNorm) and not hasattr(m, "process_group"):
+            m.process_group = None
+        n += 1
+    return n
+
+
+def _sum_over_processes(value: float) -> float:
+    if comm.get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+GLOBAL_PREFIX = "_global_"
+
+
+def _synced_ema_update(self, name, value, initial_value, momentum=0.9):
+    """``DenseDetector._ema_update`` over all processes: the EMA (kept in ``_global_<name>``) is
+    the one a single process with the whole batch computes, of the SUM of the processes'
+    values; ``<name>`` and the returned normalizer are that EMA divided by the number of
+    processes, so that DDP's gradient average equals the single-process gradient."""
+    world = comm.get_world_size()
+    hidden = GLOBAL_PREFIX + name
+    # a checkpoint of a single-process run holds the global EMA in <name> itself
+    old = getattr(self, hidden, None)
+    if old is None:
+        old = getattr(self, name, initial_value)
+    new = old * momentum + _sum_over_processes(value) * (1 - momentum)
+    setattr(self, hidden, new)
+    setattr(self, name, new / world)
+    return new / world
+
+
+def sync_loss_normalizers(model: nn.Module) -> nn.Module:
+    """
+    Make the loss normalizers of detectron2's dense detectors (RetinaNet, FCOS and their HQOD
+    subclasses: ``DenseDetector._ema_update``) global: see :func:`_synced_ema_update`. In
+    place, on the instance; a no-op for other models and in a single process.
+    """
+    try:
+        from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+    except ImportError:  # pragma: no cover
+        return model
+    if comm.get_world_size() > 1 and isinstance(model, DenseDetector):
+        model._ema_update = types.MethodType(_synced_ema_update, model)
+    return model
