@@ -15,15 +15,9 @@ from detectron2.data.datasets import register_coco_instances
 
 from hqod.engine import UserError, build_model, check_output_dir, do_test, do_train, load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "model.backbone.out_channels=32",
-    "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
-    "dataloader.test.mapper.augmentations.0.short_edge_length=128",
-    "dataloader.train.total_batch_size=2",
-    "dataloader.train.num_workers=0",
-    "dataloader.test.num_workers=0",
-]
+from helpers import ROOT, tiny_overrides
+
+TINY = tiny_overrides()
 ALLOWED = "bit widths are ints in 2..8"
 
 

@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from hqod.data import DigitsSpec, generate_digits
 from hqod.engine.launch import d2_launch_supports_cpu, launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, tiny_overrides
+
 
 
 def _free_port():
@@ -116,14 +117,7 @@ def square_digits(tmp_path_factory):
     return root
 
 
-TINY = [
-    "model.backbone.out_channels=32",
-    "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
-    "dataloader.test.mapper.augmentations.0.short_edge_length=128",
-    "dataloader.train.total_batch_size=4",
-    "dataloader.train.num_workers=0",
-    "dataloader.test.num_workers=0",
-]
+TINY = tiny_overrides(4)
 
 
 def _losses(output_dir):

@@ -61,6 +61,8 @@ def test_harmony_metrics_hand_computed():
     assert m["num_tp"] == 4
     assert m["mean_gap"] == pytest.approx(0.1575)
     assert m["ideal"] == pytest.approx(75.0)
+    # p - mean = .2575, -.3925, .1075, .0275; u - mean = .05, -.2, 0, .15
+    assert m["corr"] == pytest.approx(0.0955 / (0.232675 * 0.065) ** 0.5)
     assert m["gap_0.0-0.1"] == pytest.approx(25.0)
     assert m["gap_0.1-0.2"] == pytest.approx(50.0)
     assert m["gap_0.2-0.3"] == pytest.approx(25.0)
@@ -75,7 +77,8 @@ def test_harmony_metrics_edges():
     assert m["gap_0.5-0.6"] == pytest.approx(50.0)
     assert m["tp_iou_0.9-1.0"] == pytest.approx(100.0)
     empty = harmony_metrics([], [])
-    assert empty["num_tp"] == 0 and np.isnan(empty["mean_gap"])
+    assert empty["num_tp"] == 0 and np.isnan(empty["mean_gap"]) and np.isnan(empty["corr"])
+    assert np.isnan(m["corr"])  # all IoUs equal: no correlation defined
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ from hqod.quantization import (
 from hqod.quantization import functional
 from hqod.quantization.integer_layers import INT32_MAX, add_max_shift, integer_batch_norm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, tiny_config
 AQD = {"method": "lq", "scope": "aqd", "weight_bits": 4, "act_bits": 4}
 
 
@@ -329,16 +329,8 @@ def test_skip_add_is_eq7(shortcut, larger):
 # The integer-only engine
 # ------------------------------------------------------------------------------------------
 def tiny_aqd_config(config="configs/retina_r18_aqd_w4.py"):
-    cfg = LazyConfig.load(os.path.join(ROOT, config))
-    cfg.model.backbone.out_channels = 32
+    cfg = tiny_config(config)
     cfg.model.test_score_thresh = 0.0  # every candidate: NMS and the top-100 cut are exercised
-    cfg.dataloader.train.dataset.names = "digits_tiny_train"
-    cfg.dataloader.test.dataset.names = "digits_tiny_val"
-    cfg.dataloader.train.mapper.augmentations[0].short_edge_length = [128]
-    cfg.dataloader.test.mapper.augmentations[0].short_edge_length = 128
-    cfg.dataloader.train.total_batch_size = 4
-    cfg.dataloader.train.num_workers = 0
-    cfg.dataloader.test.num_workers = 0
     return cfg
 
 

@@ -15,15 +15,9 @@ import torch
 from hqod.data.loader import ResumableTrainLoader
 from hqod.engine import Checkpointer, ExtraTrainingState, build_model, load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "model.backbone.out_channels=32",
-    "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
-    "dataloader.test.mapper.augmentations.0.short_edge_length=128",
-    "dataloader.train.total_batch_size=2",
-    "dataloader.train.num_workers=0",
-    "dataloader.test.num_workers=0",
-]
+from helpers import ROOT, tiny_overrides
+
+TINY = tiny_overrides()
 
 
 def _cmd(*args):

@@ -6,24 +6,15 @@ import os
 import numpy as np
 import torch
 
-from detectron2.config import LazyConfig
-
 from hqod.engine import Checkpointer, build_model, do_test, do_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import tiny_config
+
 COCO_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
 
-def tiny_config(output_dir, max_iter, config="configs/retina_r18_fp32.py"):
-    cfg = LazyConfig.load(os.path.join(ROOT, config))
-    cfg.model.backbone.out_channels = 32
-    cfg.dataloader.train.dataset.names = "digits_tiny_train"
-    cfg.dataloader.test.dataset.names = "digits_tiny_val"
-    cfg.dataloader.train.mapper.augmentations[0].short_edge_length = [128]
-    cfg.dataloader.test.mapper.augmentations[0].short_edge_length = 128
-    cfg.dataloader.train.total_batch_size = 4
-    cfg.dataloader.train.num_workers = 0
-    cfg.dataloader.test.num_workers = 0
+def tiny_train_config(output_dir, max_iter, config="configs/retina_r18_fp32.py"):
+    cfg = tiny_config(config)
     cfg.optimizer.lr = 0.01
     cfg.train.update(output_dir=output_dir, max_iter=max_iter, eval_period=max_iter, log_period=1)
     cfg.train.checkpointer.period = max_iter
@@ -32,7 +23,7 @@ def tiny_config(output_dir, max_iter, config="configs/retina_r18_fp32.py"):
 
 def test_short_training_loss_falls_and_evaluation_returns_coco_metrics(tiny_digits, tmp_path):
     torch.manual_seed(0)
-    cfg = tiny_config(str(tmp_path), max_iter=40)
+    cfg = tiny_train_config(str(tmp_path), max_iter=40)
     results = do_train(cfg, build_model(cfg))
 
     assert COCO_KEYS <= set(results["bbox"])
@@ -48,7 +39,7 @@ def test_short_training_loss_falls_and_evaluation_returns_coco_metrics(tiny_digi
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
 
     # The saved checkpoint evaluates to the same numbers.
-    cfg_eval = tiny_config(str(tmp_path / "eval"), max_iter=1)
+    cfg_eval = tiny_train_config(str(tmp_path / "eval"), max_iter=1)
     model = build_model(cfg_eval)
     Checkpointer(model).load(str(tmp_path / "model_final.pth"))
     again = do_test(cfg_eval, model)
@@ -58,10 +49,10 @@ def test_short_training_loss_falls_and_evaluation_returns_coco_metrics(tiny_digi
 def test_qat_with_hqod_from_an_fp32_checkpoint(tiny_digits, tmp_path):
     """The design-card path: FP32 detector -> AQD W4A4 + HQOD QAT (load, calibrate, train)."""
     torch.manual_seed(0)
-    fp32 = tiny_config(str(tmp_path / "fp32"), max_iter=20)
+    fp32 = tiny_train_config(str(tmp_path / "fp32"), max_iter=20)
     do_train(fp32, build_model(fp32))
 
-    cfg = tiny_config(str(tmp_path / "qat"), 30, config="configs/retina_r18_aqd_w4_hqod.py")
+    cfg = tiny_train_config(str(tmp_path / "qat"), 30, config="configs/retina_r18_aqd_w4_hqod.py")
     cfg.train.init_checkpoint = str(tmp_path / "fp32" / "model_final.pth")
     cfg.quant.calib_images = 8
     cfg.optimizer.lr = 0.01
@@ -91,7 +82,7 @@ def test_torchvision_resnet_checkpoint_loads_into_backbone(tmp_path):
     path = str(tmp_path / "resnet18_tv.pth")
     torch.save(tv.state_dict(), path)
 
-    cfg = tiny_config(str(tmp_path), max_iter=1)
+    cfg = tiny_train_config(str(tmp_path), max_iter=1)
     model = build_model(cfg)
     Checkpointer(model).load(path)
     bb = model.backbone.bottom_up

@@ -46,7 +46,7 @@ from hqod.evaluation.harmony_plots import (
 
 logger = logging.getLogger("hqod")
 
-TABLE_KEYS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("harmony", "mean_gap"), ("harmony", "gap_0.0-0.1"), ("harmony", "ideal"), ("harmony", "num_tp")]
+TABLE_KEYS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("harmony", "mean_gap"), ("harmony", "gap_0.0-0.1"), ("harmony", "ideal"), ("harmony", "corr"), ("harmony", "num_tp")]
 
 
 def run_name(config_file):
@@ -83,7 +83,7 @@ def visualize(cfg, model, name, num_images, score_thresh, output_dir):
 
 
 def _format(key, value):
-    return {"mean_gap": f"{value:.3f}", "num_tp": f"{value:.0f}"}.get(key, f"{value:.1f}")
+    return {"mean_gap": f"{value:.3f}", "corr": f"{value:.3f}", "num_tp": f"{value:.0f}"}.get(key, f"{value:.1f}")
 
 
 def format_table(results):

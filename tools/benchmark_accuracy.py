@@ -25,6 +25,7 @@ import numpy as np
 
 import hqod  # noqa: F401
 
+from hqod.evaluation import harmony_metrics
 from hqod.evaluation.harmony_plots import (
     load_tp_records,
     plot_gap_histogram,
@@ -49,12 +50,13 @@ RUNS = {
     "aqd_w2_hqod": ("retina_r18_aqd_w2_hqod", []),
 }
 COLUMNS = [  # (header, results.json task, key, format)
-    ("AP", "bbox", "AP", "{:.1f}"),
-    ("AP50", "bbox", "AP50", "{:.1f}"),
-    ("AP75", "bbox", "AP75", "{:.1f}"),
+    ("AP", "bbox", "AP", "{:.2f}"),
+    ("AP50", "bbox", "AP50", "{:.2f}"),
+    ("AP75", "bbox", "AP75", "{:.2f}"),
     ("mean gap", "harmony", "mean_gap", "{:.3f}"),
-    ("gap<0.1 %", "harmony", "gap_0.0-0.1", "{:.1f}"),
+    ("gap<0.1 %", "harmony", "gap_0.0-0.1", "{:.2f}"),
     ("ideal %", "harmony", "ideal", "{:.1f}"),
+    ("corr(p, u)", "harmony", "corr", "{:.3f}"),
     ("TPs", "harmony", "num_tp", "{:.0f}"),
 ]
 
@@ -87,7 +89,10 @@ def run(name, seed, output_dir, fp32_checkpoint):
     record_file = os.path.join(out, "benchmark.json")
     if os.path.isfile(record_file):
         with open(record_file) as f:
-            return json.load(f)
+            record = json.load(f)
+        # the harmony metrics of this version, from the run's TP records
+        record["results"]["harmony"] = harmony_metrics(*load_tp_records(os.path.join(out, "inference")))
+        return record
     cmd = command(name, seed, output_dir, fp32_checkpoint)
     print(f"[{datetime.datetime.now():%H:%M:%S}] {name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     os.makedirs(out, exist_ok=True)
@@ -152,6 +157,8 @@ def targets(records, seeds):
             check(f"{method.upper()} W{bits}: TP share with gap < 0.1 higher with HQOD", float(h > b) if not np.isnan(h + b) else np.nan, f"{h:.1f}% vs {b:.1f}%")
         g = [m(n, "mean_gap", "harmony") for n in ("fp32", f"{method}_w4", f"{method}_w2")]
         check(f"{method.upper()}: mean |score - IoU| grows as bits drop (FP32 < W4 < W2)", float(g[0] < g[1] < g[2]) if not np.isnan(sum(g)) else np.nan, " < ".join(f"{x:.3f}" for x in g))
+        c = [m(n, "corr", "harmony") for n in ("fp32", f"{method}_w4", f"{method}_w2")]
+        check(f"{method.upper()}: score-IoU correlation drops as bits drop (FP32 > W4 > W2)", float(c[0] > c[1] > c[2]) if not np.isnan(sum(c)) else np.nan, " > ".join(f"{x:.3f}" for x in c))
     return "\n".join(out)
 
 

@@ -11,6 +11,8 @@ and reports:
 * ``gap_a-b``: % of TPs with |p - u| in [a, b) (Fig. 5; the last bin includes 1.0);
 * ``ideal``: % of TPs with p and u both >= 0.7 (Fig. 2's ideal region);
 * ``tp_iou_a-b``: % of TPs with IoU in [a, b) (Fig. 4; the last bin includes 1.0);
+* ``corr``: Pearson correlation of p and u over TPs (1: the scores rank the TPs exactly as
+  their IoUs do; unlike ``mean_gap`` it does not depend on how high the scores are overall);
 * ``num_tp``: the number of TPs.
 """
 import json
@@ -83,6 +85,8 @@ def harmony_metrics(scores, ious):
     res["mean_gap"] = float(gap.mean()) if len(gap) else float("nan")
     ideal = (scores >= IDEAL_THRESHOLD) & (ious >= IDEAL_THRESHOLD)
     res["ideal"] = float(100.0 * ideal.mean()) if len(gap) else float("nan")
+    spread = len(gap) > 1 and scores.std() > 0 and ious.std() > 0
+    res["corr"] = float(np.corrcoef(scores, ious)[0, 1]) if spread else float("nan")
     for lo, hi, share in zip(GAP_BINS[:-1], GAP_BINS[1:], bin_shares(gap, GAP_BINS)):
         res[_bin_name("gap_", lo, hi)] = float(share)
     iou_in_range = ious[ious >= IOU_BINS[0]]
