@@ -3,4 +3,4 @@ from .common.qat import quant_config, to_qat
 from .atss_r18_fp32 import dataloader, lr_multiplier, model, optimizer, train
 
 quant = quant_config("aqdstar", bits=4)
-to_qat(train, optimizer, fp32="atss_r18_fp32", bits=4, name="atss_r18_aqdstar_w4")
+to_qat(train, optimizer, lr_multiplier, quant, fp32="atss_r18_fp32", name="atss_r18_aqdstar_w4")

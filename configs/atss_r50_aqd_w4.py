@@ -3,4 +3,4 @@ from .common.qat import quant_config, to_qat
 from .atss_r50_fp32 import dataloader, lr_multiplier, model, optimizer, train
 
 quant = quant_config("aqd", bits=4)
-to_qat(train, optimizer, fp32="atss_r50_fp32", bits=4, name="atss_r50_aqd_w4")
+to_qat(train, optimizer, lr_multiplier, quant, fp32="atss_r50_fp32", name="atss_r50_aqd_w4")

@@ -3,4 +3,4 @@ from .common.qat import quant_config, to_qat
 from .fcos_r50_fp32 import dataloader, lr_multiplier, model, optimizer, train
 
 quant = quant_config("aqdstar", bits=4)
-to_qat(train, optimizer, fp32="fcos_r50_fp32", bits=4, name="fcos_r50_aqdstar_w4")
+to_qat(train, optimizer, lr_multiplier, quant, fp32="fcos_r50_fp32", name="fcos_r50_aqdstar_w4")

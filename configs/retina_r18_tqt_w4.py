@@ -3,4 +3,4 @@ from .common.qat import quant_config, to_qat
 from .retina_r18_fp32 import dataloader, lr_multiplier, model, optimizer, train
 
 quant = quant_config("tqt", bits=4)
-to_qat(train, optimizer, fp32="retina_r18_fp32", bits=4, name="retina_r18_tqt_w4")
+to_qat(train, optimizer, lr_multiplier, quant, fp32="retina_r18_fp32", name="retina_r18_tqt_w4")

@@ -3,4 +3,4 @@ from .common.qat import quant_config, to_qat
 from .retina_r50_fp32 import dataloader, lr_multiplier, model, optimizer, train
 
 quant = quant_config("aqdstar", bits=3)
-to_qat(train, optimizer, fp32="retina_r50_fp32", bits=3, name="retina_r50_aqdstar_w3")
+to_qat(train, optimizer, lr_multiplier, quant, fp32="retina_r50_fp32", name="retina_r50_aqdstar_w3")

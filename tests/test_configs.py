@@ -74,3 +74,49 @@ def test_config_loads_and_builds(path):
     with torch.no_grad(), EventStorage():
         out = model([{"image": torch.randint(0, 255, (3, 64, 64)).float()}])
     assert "instances" in out[0]
+
+
+# The papers' fine-tuning recipes (configs/common/qat.py): (lr, LR steps of a 1000-step
+# schedule, gradient clipping) by quantizer family and bits; the FP32 lr is 0.01.
+RECIPES = {
+    ("lsq", 4): (1e-3, [500, 875], True),
+    ("lsq", 3): (1e-3, [500, 875], True),
+    ("lsq", 2): (1e-2, [500, 777, 944], True),
+    ("tqt", 2): (1e-2, [500, 777, 944], True),
+    ("aqdstar", 4): (1e-3, [666, 888], False),
+    ("aqd", 3): (1e-3, [666, 888], False),
+    ("aqd", 2): (2e-3, [666, 888], False),
+}
+
+
+@pytest.mark.parametrize("det", ["retina", "fcos", "atss"])
+@pytest.mark.parametrize("qat,bits", list(RECIPES))
+def test_qat_configs_follow_the_papers_recipes(det, qat, bits):
+    from hqod.solver import ClippedSGD
+
+    lr, steps, clip = RECIPES[(qat, bits)]
+    fp32 = LazyConfig.load(os.path.join(ROOT, f"configs/{det}_r18_fp32.py"))
+    cfg = LazyConfig.load(os.path.join(ROOT, f"configs/{det}_r18_{qat}_w{bits}_hqod.py"))
+    assert cfg.optimizer.lr == pytest.approx(lr) and fp32.optimizer.lr == pytest.approx(0.01)
+    assert list(cfg.lr_multiplier.scheduler.milestones) == steps
+    assert cfg.lr_multiplier.warmup_length == pytest.approx(0.05)
+    assert cfg.train.max_iter == fp32.train.max_iter // 3
+    assert (cfg.optimizer._target_ is ClippedSGD) == clip
+    assert not clip or cfg.optimizer.max_norm == 35.0
+    assert list(fp32.lr_multiplier.scheduler.milestones) == [750, 900]  # the FP32 one is untouched
+
+
+def test_clipped_sgd_clips_the_global_gradient_norm():
+    from hqod.solver import ClippedSGD
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    opt = ClippedSGD([a, b], lr=1.0, max_norm=5.0)
+    a.grad, b.grad = torch.tensor([6.0, 0.0]), torch.tensor([8.0])  # norm 10 -> scaled by 1/2
+    opt.step()
+    torch.testing.assert_close(a.detach(), torch.tensor([-3.0, 0.0]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.detach(), torch.tensor([-4.0]), rtol=0, atol=1e-6)
+    a.grad, b.grad = torch.tensor([0.3, 0.4]), None  # norm 0.5 < 5: unchanged
+    opt.step()
+    torch.testing.assert_close(a.detach(), torch.tensor([-3.3, -0.4]), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="max_norm"):
+        ClippedSGD([a], lr=1.0, max_norm=0)

@@ -1,25 +1,35 @@
 #!/usr/bin/env python
 """
-The accuracy and harmony benchmark on the embedded dataset (HQOD Tables I/IV, Figs. 2, 4, 5):
-RetinaNet-R18 FP32; LSQ, LSQ+HQOD, AQD, AQD+HQOD at W4 and W2; TCorr-only and HIoU-only
-(LSQ W2, Table IV). Each run is ``tools/train_net.py`` in its own process with a fixed seed;
-every QAT run fine-tunes the same FP32 detector.
+The accuracy and harmony benchmark on the embedded dataset, over seeds (HQOD Tables I/IV,
+Figs. 2, 4, 5): RetinaNet-R18 FP32; LSQ, LSQ+HQOD, AQD, AQD+HQOD at W4, W3 and W2; TCorr-only and
+HIoU-only (LSQ W2, Table IV); ATSS-R18 FP32, TQT W2 and TQT W2+HQOD. Each run is
+``tools/train_net.py`` in its own process, with the benchmark's schedule (``SCHEDULE``). The FP32
+detectors are trained once (seed 0); every QAT run fine-tunes its FP32 detector with its own seed
+(``train.seed``): by default 0-2 for the W2 pairs, 0-1 for the W4 pairs and 0 for the others
+(``RUNS``). The default plan is about 30 runs of <= 15 min each on 2 CPU cores.
 
-    python tools/benchmark_accuracy.py --seeds 0 1 --fp32-checkpoint output/retina_r18_fp32/model_final.pth
+    python tools/benchmark_accuracy.py                                  # the whole benchmark
+    python tools/benchmark_accuracy.py --runs lsq_w2_hqod --seeds 3     # one run (and its FP32 run)
+    python tools/benchmark_accuracy.py --list                           # the plan and its status
+    python tools/benchmark_accuracy.py --report-only                    # the report of finished runs
 
-Without ``--fp32-checkpoint`` the FP32 detector is trained first (per seed). Results go to
-``--output-dir`` (default ``output/benchmark_accuracy``): ``seed<S>/<run>/`` per run (a finished
-run is not repeated, an interrupted one resumes), ``results.md`` (the table, the targets, the
-commands) and Fig. 2/4/5-style PNGs from the first seed.
+Everything goes to ``--output-dir`` (default ``output/benchmark_accuracy``): ``<run>/`` per FP32
+run and ``seed<S>/<run>/`` per QAT run (a finished run is never repeated, an interrupted one
+resumes), ``results.md`` over every finished run (per-seed values with mean ± std, HQOD - baseline
+differences per seed, the targets, the commands) and Fig. 2/4/5-style PNGs of seed 0.
+``--fp32-checkpoint`` evaluates that RetinaNet FP32 detector instead of training one, and the
+RetinaNet QAT runs fine-tune it.
 """
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -35,64 +45,134 @@ from hqod.evaluation.harmony_plots import (
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# run name -> (config under configs/, extra overrides)
+
+class Run(NamedTuple):
+    config: str  # under configs/
+    overrides: List[str]
+    fp32: Optional[str]  # the FP32 run it fine-tunes; None: an FP32 run
+    seeds: Tuple[int, ...]  # default QAT seeds
+
+
 RUNS = {
-    "fp32": ("retina_r18_fp32", []),
-    "lsq_w4": ("retina_r18_lsq_w4", []),
-    "lsq_w4_hqod": ("retina_r18_lsq_w4_hqod", []),
-    "aqd_w4": ("retina_r18_aqd_w4", []),
-    "aqd_w4_hqod": ("retina_r18_aqd_w4_hqod", []),
-    "lsq_w2": ("retina_r18_lsq_w2", []),
-    "lsq_w2_hqod": ("retina_r18_lsq_w2_hqod", []),
-    "lsq_w2_tcorr": ("retina_r18_lsq_w2_hqod", ["model.hiou=False"]),
-    "lsq_w2_hiou": ("retina_r18_lsq_w2_hqod", ["model.tcorr=False"]),
-    "aqd_w2": ("retina_r18_aqd_w2", []),
-    "aqd_w2_hqod": ("retina_r18_aqd_w2_hqod", []),
+    "fp32": Run("retina_r18_fp32", [], None, (0,)),
+    "lsq_w4": Run("retina_r18_lsq_w4", [], "fp32", (0, 1)),
+    "lsq_w4_hqod": Run("retina_r18_lsq_w4_hqod", [], "fp32", (0, 1)),
+    "aqd_w4": Run("retina_r18_aqd_w4", [], "fp32", (0, 1)),
+    "aqd_w4_hqod": Run("retina_r18_aqd_w4_hqod", [], "fp32", (0, 1)),
+    "lsq_w3": Run("retina_r18_lsq_w3", [], "fp32", (0,)),
+    "lsq_w3_hqod": Run("retina_r18_lsq_w3_hqod", [], "fp32", (0,)),
+    "aqd_w3": Run("retina_r18_aqd_w3", [], "fp32", (0,)),
+    "aqd_w3_hqod": Run("retina_r18_aqd_w3_hqod", [], "fp32", (0,)),
+    "lsq_w2": Run("retina_r18_lsq_w2", [], "fp32", (0, 1, 2)),
+    "lsq_w2_hqod": Run("retina_r18_lsq_w2_hqod", [], "fp32", (0, 1, 2)),
+    "aqd_w2": Run("retina_r18_aqd_w2", [], "fp32", (0, 1, 2)),
+    "aqd_w2_hqod": Run("retina_r18_aqd_w2_hqod", [], "fp32", (0, 1, 2)),
+    "lsq_w2_tcorr": Run("retina_r18_lsq_w2_hqod", ["model.hiou=False"], "fp32", (0,)),
+    "lsq_w2_hiou": Run("retina_r18_lsq_w2_hqod", ["model.tcorr=False"], "fp32", (0,)),
+    "atss_fp32": Run("atss_r18_fp32", [], None, (0,)),
+    "atss_tqt_w2": Run("atss_r18_tqt_w2", [], "atss_fp32", (0,)),
+    "atss_tqt_w2_hqod": Run("atss_r18_tqt_w2_hqod", [], "atss_fp32", (0,)),
 }
-COLUMNS = [  # (header, results.json task, key, format)
+FP32_SEED = 0
+# The benchmark's schedule, added to every FP32 / QAT run (BENCHMARKS.md documents it).
+SCHEDULE = {
+    "fp32": ["train.max_iter=3000", "train.eval_period=3000", "train.checkpointer.period=500"],
+    "qat": ["train.max_iter=1000", "train.eval_period=1000", "train.checkpointer.period=250"],
+}
+BITS = (4, 3, 2)
+# (baseline, variant): compared seed by seed
+PAIRS = [
+    *[(f"{method}_w{bits}", f"{method}_w{bits}_hqod") for bits in BITS for method in ("lsq", "aqd")],
+    ("lsq_w2", "lsq_w2_tcorr"),
+    ("lsq_w2", "lsq_w2_hiou"),
+    ("atss_tqt_w2", "atss_tqt_w2_hqod"),
+]
+MIN_PAIRED_SEEDS = 3  # for the W2 gain target
+# (header, results.json task, key, format); SEED_COLUMNS show per-seed values and mean ± std,
+# MEAN_COLUMNS the mean over seeds
+SEED_COLUMNS = [
     ("AP", "bbox", "AP", "{:.2f}"),
-    ("AP50", "bbox", "AP50", "{:.2f}"),
     ("AP75", "bbox", "AP75", "{:.2f}"),
-    ("mean gap", "harmony", "mean_gap", "{:.3f}"),
-    ("gap<0.1 %", "harmony", "gap_0.0-0.1", "{:.2f}"),
-    ("ideal %", "harmony", "ideal", "{:.1f}"),
     ("corr(p, u)", "harmony", "corr", "{:.3f}"),
+    ("gap<0.1 %", "harmony", "gap_0.0-0.1", "{:.2f}"),
+]
+MEAN_COLUMNS = [
+    ("AP50", "bbox", "AP50", "{:.2f}"),
+    ("mean gap", "harmony", "mean_gap", "{:.3f}"),
+    ("ideal %", "harmony", "ideal", "{:.1f}"),
     ("TPs", "harmony", "num_tp", "{:.0f}"),
 ]
 
 
-def run_dir(output_dir, seed, name):
-    return os.path.join(output_dir, f"seed{seed}", name)
+# ------------------------------------------------------------------------------------------
+# The plan and its runs
+# ------------------------------------------------------------------------------------------
+def is_fp32(name):
+    return RUNS[name].fp32 is None
 
 
-def command(name, seed, output_dir, fp32_checkpoint):
+def run_dir(output_dir, name, seed):
+    """``<output>/<name>`` for an FP32 run (trained once), ``<output>/seed<S>/<name>`` otherwise."""
+    return os.path.join(output_dir, name) if is_fp32(name) else os.path.join(output_dir, f"seed{seed}", name)
+
+
+def record_path(output_dir, name, seed):
+    """The record a finished run leaves."""
+    return os.path.join(run_dir(output_dir, name, seed), "benchmark.json")
+
+
+def run_seeds(name, seeds=None):
+    """The seeds of a run: FP32_SEED for an FP32 run, else ``seeds`` or the run's defaults."""
+    return [FP32_SEED] if is_fp32(name) else list(seeds or RUNS[name].seeds)
+
+
+def plan(names, seeds=None):
+    """(name, seed) of ``names`` and the FP32 runs they fine-tune: FP32 runs first, then by seed."""
+    needed = set(names) | {RUNS[n].fp32 for n in names if not is_fp32(n)}
+    ordered = [n for n in RUNS if n in needed]
+    entries = [(n, s) for n in ordered for s in run_seeds(n, seeds)]
+    return sorted(entries, key=lambda e: (not is_fp32(e[0]), e[1], ordered.index(e[0])))
+
+
+def run_status(output_dir, name, seed):
+    """done (its record exists), partial (its directory exists) or todo."""
+    if os.path.isfile(record_path(output_dir, name, seed)):
+        return "done"
+    return "partial" if os.path.isdir(run_dir(output_dir, name, seed)) else "todo"
+
+
+def init_checkpoint(name, output_dir, fp32_checkpoint):
+    """What a run starts from: ``fp32_checkpoint`` for the RetinaNet FP32 run and its QAT runs
+    when given, else a QAT run's FP32 final model; None: the config's."""
+    parent = RUNS[name].fp32
+    if fp32_checkpoint and "fp32" in (name, parent):
+        return fp32_checkpoint
+    if parent:
+        return os.path.join(run_dir(output_dir, parent, FP32_SEED), "model_final.pth")
+    return None
+
+
+def command(name, seed, output_dir, fp32_checkpoint=None):
     """The train_net.py command line of one run."""
-    config, extra = RUNS[name]
-    out = run_dir(output_dir, seed, name)
-    cmd = [sys.executable, "tools/train_net.py", "--config-file", f"configs/{config}.py"]
+    out = run_dir(output_dir, name, seed)
+    cmd = [sys.executable, "tools/train_net.py", "--config-file", f"configs/{RUNS[name].config}.py"]
     if name == "fp32" and fp32_checkpoint:
         cmd.append("--eval-only")
     elif os.path.isdir(out):
         cmd.append("--resume")  # an interrupted run continues
-    opts = [f"train.output_dir={out}", f"train.seed={seed}", *extra]
-    if name == "fp32":
-        if fp32_checkpoint:
-            opts.append(f"train.init_checkpoint={fp32_checkpoint}")
-    else:
-        opts.append(f"train.init_checkpoint={fp32_checkpoint or os.path.join(run_dir(output_dir, seed, 'fp32'), 'model_final.pth')}")
+    schedule = SCHEDULE["fp32" if is_fp32(name) else "qat"]
+    opts = [f"train.output_dir={out}", f"train.seed={seed}", *schedule, *RUNS[name].overrides]
+    init = init_checkpoint(name, output_dir, fp32_checkpoint)
+    if init:
+        opts.append(f"train.init_checkpoint={init}")
     return cmd + opts
 
 
 def run(name, seed, output_dir, fp32_checkpoint):
-    """Run one benchmark entry unless its results exist; returns its record."""
-    out = run_dir(output_dir, seed, name)
-    record_file = os.path.join(out, "benchmark.json")
-    if os.path.isfile(record_file):
-        with open(record_file) as f:
-            record = json.load(f)
-        # the harmony metrics of this version, from the run's TP records
-        record["results"]["harmony"] = harmony_metrics(*load_tp_records(os.path.join(out, "inference")))
-        return record
+    """Run one benchmark entry unless it is finished; write its record."""
+    if run_status(output_dir, name, seed) == "done":
+        return
+    out = run_dir(output_dir, name, seed)
     cmd = command(name, seed, output_dir, fp32_checkpoint)
     print(f"[{datetime.datetime.now():%H:%M:%S}] {name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     os.makedirs(out, exist_ok=True)
@@ -105,68 +185,204 @@ def run(name, seed, output_dir, fp32_checkpoint):
     with open(os.path.join(out, "inference", "results.json")) as f:
         results = json.load(f)
     record = {"name": name, "seed": seed, "command": " ".join(["python", *cmd[1:]]), "wall_s": wall, "results": results}
-    with open(record_file, "w") as f:
+    with open(record_path(output_dir, name, seed), "w") as f:
         json.dump(record, f, indent=2)
-    return record
 
 
-def _value(record, task, key):
-    return record["results"].get(task, {}).get(key, float("nan"))
+def read_record(path):
+    with open(path) as f:
+        return json.load(f)
 
 
-def summarize(records, names, seeds):
-    """Markdown table: one row per run, mean over seeds and (with several) the min-max spread."""
-    head = "| run | " + " | ".join(h for h, *_ in COLUMNS) + " | wall (min) |"
-    lines = [head, "|---" + "|---:" * (len(COLUMNS) + 1) + "|"]
-    for name in names:
-        rs = [records[(name, s)] for s in seeds if (name, s) in records]
-        cells = []
-        for _, task, key, fmt in COLUMNS:
-            v = np.array([_value(r, task, key) for r in rs])
-            cell = fmt.format(v.mean())
-            if len(v) > 1:
-                cell += f" ({fmt.format(v.min())}–{fmt.format(v.max())})"
-            cells.append(cell)
-        wall = np.mean([r["wall_s"] for r in rs]) / 60
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wall:.1f} |")
+def plan_table(entries, output_dir):
+    """One line per (run, seed) with its status and the wall minutes of a finished one; totals."""
+    lines = [f"{'run':<18} {'seed':>4}  {'status':<8} {'wall (min)':>10}"]
+    done = 0
+    for name, seed in entries:
+        status = run_status(output_dir, name, seed)
+        wall = ""
+        if status == "done":
+            done += 1
+            wall = f"{read_record(record_path(output_dir, name, seed))['wall_s'] / 60:.1f}"
+        lines.append(f"{name:<18} {seed:>4}  {status:<8} {wall:>10}".rstrip())
+    lines.append(f"{done} done, {len(entries) - done} remaining")
     return "\n".join(lines)
 
 
-def _mean(records, name, seeds, task, key):
-    v = [_value(records[(name, s)], task, key) for s in seeds if (name, s) in records]
-    return float(np.mean(v)) if v else float("nan")
-
-
-def targets(records, seeds):
-    """The issue's targets, each with the measured numbers and met/missed."""
-    m = lambda name, key, task="bbox": _mean(records, name, seeds, task, key)  # noqa: E731
-    out = []
-
-    def check(text, ok, detail):
-        if not np.isnan(ok):
-            out.append(f"- {text}: {'met' if ok else 'missed'} ({detail})")
-
-    for method in ("lsq", "aqd"):
-        h4, fp = m(f"{method}_w4_hqod", "AP"), m("fp32", "AP")
-        check(f"{method.upper()}+HQOD W4 AP >= FP32 AP", float(h4 >= fp) if not np.isnan(h4 + fp) else np.nan, f"{h4:.1f} vs {fp:.1f}")
-        for key in ("AP", "AP75"):
-            h2, b2 = m(f"{method}_w2_hqod", key), m(f"{method}_w2", key)
-            check(f"{method.upper()}+HQOD W2 {key} >= baseline + 1.0", float(h2 >= b2 + 1.0) if not np.isnan(h2 + b2) else np.nan, f"{h2:.1f} vs {b2:.1f}")
-        for bits in (4, 2):
-            h, b = m(f"{method}_w{bits}_hqod", "gap_0.0-0.1", "harmony"), m(f"{method}_w{bits}", "gap_0.0-0.1", "harmony")
-            check(f"{method.upper()} W{bits}: TP share with gap < 0.1 higher with HQOD", float(h > b) if not np.isnan(h + b) else np.nan, f"{h:.1f}% vs {b:.1f}%")
-        g = [m(n, "mean_gap", "harmony") for n in ("fp32", f"{method}_w4", f"{method}_w2")]
-        check(f"{method.upper()}: mean |score - IoU| grows as bits drop (FP32 < W4 < W2)", float(g[0] < g[1] < g[2]) if not np.isnan(sum(g)) else np.nan, " < ".join(f"{x:.3f}" for x in g))
-        c = [m(n, "corr", "harmony") for n in ("fp32", f"{method}_w4", f"{method}_w2")]
-        check(f"{method.upper()}: score-IoU correlation drops as bits drop (FP32 > W4 > W2)", float(c[0] > c[1] > c[2]) if not np.isnan(sum(c)) else np.nan, " > ".join(f"{x:.3f}" for x in c))
-    return "\n".join(out)
-
-
-def figures(output_dir, seed):
-    """Fig. 2/4/5-style PNGs of the runs of ``seed`` that exist."""
-    tps = {}
+def finished_records(output_dir):
+    """The records of every finished run under ``output_dir`` (RUNS order, then seed), with the
+    harmony metrics of this version recomputed from the runs' TP records."""
+    records = []
     for name in RUNS:
-        path = os.path.join(run_dir(output_dir, seed, name), "inference", "harmony_tp.json")
+        for path in glob.glob(record_path(glob.escape(output_dir), name, "*")):
+            record = read_record(path)
+            record["results"]["harmony"] = harmony_metrics(*load_tp_records(os.path.join(os.path.dirname(path), "inference")))
+            records.append(record)
+    return sorted(records, key=lambda r: (list(RUNS).index(r["name"]), r["seed"]))
+
+
+# ------------------------------------------------------------------------------------------
+# The report: records are dicts {"name", "seed", "command", "wall_s", "results"}
+# ------------------------------------------------------------------------------------------
+def values(records, name, key, task="bbox"):
+    """{seed: value} of ``name``'s finished seeds, in seed order."""
+    found = {r["seed"]: r["results"].get(task, {}).get(key, float("nan")) for r in records if r["name"] == name}
+    return dict(sorted(found.items()))
+
+
+def mean(records, name, key, task="bbox"):
+    return float(np.mean(list(values(records, name, key, task).values())))
+
+
+def mean_std(vals, fmt):
+    """``mean ± std`` over seeds (std with ddof=1; "—" for one seed)."""
+    vals = np.asarray(vals, dtype=np.float64)
+    std = fmt.format(vals.std(ddof=1)) if len(vals) > 1 else "—"
+    return f"{fmt.format(vals.mean())} ± {std}"
+
+
+def per_seed_cell(vals, fmt):
+    return " / ".join(fmt.format(v) for v in vals)
+
+
+def results_table(records):
+    """Markdown table, one row per run: per-seed values and mean ± std of SEED_COLUMNS, means of
+    MEAN_COLUMNS and of the wall time."""
+    head = ["run", "seeds"]
+    for header, *_ in SEED_COLUMNS:
+        head += [f"{header} per seed", f"{header} mean ± std"]
+    head += [header for header, *_ in MEAN_COLUMNS] + ["wall (min)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---" + "|---:" * (len(head) - 2) + "|"]
+    for name in RUNS:
+        seeds = values(records, name, "AP")
+        if not seeds:
+            continue
+        cells = [name, ", ".join(map(str, seeds))]
+        for _, task, key, fmt in SEED_COLUMNS:
+            vals = list(values(records, name, key, task).values())
+            cells += [per_seed_cell(vals, fmt), mean_std(vals, fmt)]
+        cells += [fmt.format(mean(records, name, key, task)) for _, task, key, fmt in MEAN_COLUMNS]
+        cells.append(f"{np.mean([r['wall_s'] for r in records if r['name'] == name]) / 60:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_differences(records, baseline, variant, key):
+    """{seed: variant - baseline} of bbox ``key`` over the seeds both runs finished."""
+    base, var = values(records, baseline, key), values(records, variant, key)
+    return {seed: var[seed] - base[seed] for seed in sorted(base.keys() & var.keys())}
+
+
+def differences_cell(diffs):
+    """``mean (per seed)`` of paired differences."""
+    return f"{np.mean(list(diffs.values())):+.2f} ({per_seed_cell(diffs.values(), '{:+.2f}')})"
+
+
+def differences_table(records):
+    """Markdown table, one row per pair of PAIRS with common seeds: dAP and dAP75 per seed, mean."""
+    lines = ["| variant - baseline | seeds | ΔAP mean (per seed) | ΔAP75 mean (per seed) |", "|---|---|---:|---:|"]
+    for baseline, variant in PAIRS:
+        d_ap, d_ap75 = (paired_differences(records, baseline, variant, key) for key in ("AP", "AP75"))
+        if d_ap:
+            seeds = ", ".join(map(str, d_ap))
+            lines.append(f"| {variant} - {baseline} | {seeds} | {differences_cell(d_ap)} | {differences_cell(d_ap75)} |")
+    return "\n".join(lines)
+
+
+def target_line(records, text, names, measure):
+    """``- text: met|missed|not measured (detail)``; not measured while a run of ``names`` has no
+    finished seed, else ``measure() -> (ok, detail)`` with ok None for not measured."""
+    missing = [name for name in names if not values(records, name, "AP")]
+    ok, detail = (None, "missing " + ", ".join(missing)) if missing else measure()
+    verdict = "not measured" if ok is None else "met" if ok else "missed"
+    return f"- {text}: {verdict} ({detail})"
+
+
+def target_bit_separation(records):
+    """(a) LSQ W2 is at least 5 AP below FP32."""
+
+    def measure():
+        fp32, w2 = mean(records, "fp32", "AP"), mean(records, "lsq_w2", "AP")
+        return w2 <= fp32 - 5, f"LSQ W2 {w2:.2f} vs FP32 {fp32:.2f}"
+
+    text = "the benchmark separates bit widths: LSQ W2 AP <= FP32 AP - 5"
+    return target_line(records, text, ["fp32", "lsq_w2"], measure)
+
+
+def target_hqod_w4(records, method):
+    """(b) ``method``+HQOD W4 reaches FP32 AP."""
+    hqod = f"{method}_w4_hqod"
+
+    def measure():
+        ap, fp32 = mean(records, hqod, "AP"), mean(records, "fp32", "AP")
+        return ap >= fp32, f"{ap:.2f} vs {fp32:.2f}"
+
+    return target_line(records, f"{method.upper()}+HQOD W4 AP >= FP32 AP", ["fp32", hqod], measure)
+
+
+def target_hqod_w2(records, method):
+    """(c) ``method``+HQOD W2 gains 1 AP and 1 AP75 over its baseline: mean paired difference over
+    at least MIN_PAIRED_SEEDS seeds, each seed's difference positive."""
+    baseline, hqod = f"{method}_w2", f"{method}_w2_hqod"
+
+    def measure():
+        d_ap, d_ap75 = (paired_differences(records, baseline, hqod, key) for key in ("AP", "AP75"))
+        if len(d_ap) < MIN_PAIRED_SEEDS:
+            return None, f"only {len(d_ap)} paired seeds"
+        ok = all(np.mean(list(d.values())) >= 1.0 and min(d.values()) > 0 for d in (d_ap, d_ap75))
+        return ok, f"ΔAP {differences_cell(d_ap)}, ΔAP75 {differences_cell(d_ap75)}"
+
+    text = (
+        f"{method.upper()}+HQOD W2 >= {method.upper()} W2 + 1.0 AP and + 1.0 AP75 "
+        f"(mean paired difference over >= {MIN_PAIRED_SEEDS} seeds, every seed > 0)"
+    )
+    return target_line(records, text, [baseline, hqod], measure)
+
+
+def targets_harmony(records, method):
+    """(d) ``method``'s score-IoU correlation falls as bits drop; HQOD raises it and the share of
+    TPs with gap < 0.1 at every bit width."""
+    chain = ["fp32", *(f"{method}_w{bits}" for bits in BITS)]
+    pairs = [(f"{method}_w{bits}", f"{method}_w{bits}_hqod") for bits in BITS]
+
+    def falls():
+        corr = [mean(records, name, "corr", "harmony") for name in chain]
+        return all(a > b for a, b in zip(corr, corr[1:])), " > ".join(f"{c:.3f}" for c in corr)
+
+    def rises(key, fmt):
+        def measure():
+            means = [(mean(records, hqod, key, "harmony"), mean(records, base, key, "harmony")) for base, hqod in pairs]
+            detail = ", ".join(f"W{bits} {fmt.format(h)} vs {fmt.format(b)}" for bits, (h, b) in zip(BITS, means))
+            return all(h > b for h, b in means), detail
+
+        return measure
+
+    m, widths = method.upper(), [f"W{bits}" for bits in BITS]
+    order, at = " > ".join(["FP32", *widths]), ", ".join(widths)
+    names = [name for pair in pairs for name in pair]
+    return [
+        target_line(records, f"{m}: score-IoU correlation falls as bits drop ({order})", chain, falls),
+        target_line(records, f"{m}+HQOD raises the score-IoU correlation at {at}", names, rises("corr", "{:.3f}")),
+        target_line(records, f"{m}+HQOD raises the share of TPs with gap < 0.1 at {at}", names, rises("gap_0.0-0.1", "{:.2f}%")),
+    ]
+
+
+def targets(records):
+    """The target lines (a)-(d)."""
+    methods = ("lsq", "aqd")
+    return [
+        target_bit_separation(records),
+        *(target_hqod_w4(records, m) for m in methods),
+        *(target_hqod_w2(records, m) for m in methods),
+        *(line for m in methods for line in targets_harmony(records, m)),
+    ]
+
+
+def figures(output_dir, seed=0):
+    """Fig. 2/4/5-style PNGs of the runs of ``seed`` (and the FP32 run) that exist."""
+    tps = {}
+    for name in ("fp32", "lsq_w4", "lsq_w2", "lsq_w2_hqod", "lsq_w2_tcorr"):
+        path = os.path.join(run_dir(output_dir, name, seed), "inference", "harmony_tp.json")
         if os.path.isfile(path):
             tps[name] = load_tp_records(path)
     made = []
@@ -175,10 +391,39 @@ def figures(output_dir, seed):
         made.append(plot_score_iou_density(pick(["fp32", "lsq_w4", "lsq_w2"]), os.path.join(output_dir, "fig2_score_iou_density.png")))
     if pick(["fp32", "lsq_w4", "lsq_w2", "lsq_w2_hqod"]):
         made.append(plot_gap_histogram(pick(["fp32", "lsq_w4", "lsq_w2", "lsq_w2_hqod"]), os.path.join(output_dir, "fig5_gap_histogram.png")))
-    for run in ("lsq_w2_tcorr", "lsq_w2_hqod"):
-        if run in tps and "lsq_w2" in tps:
-            made.append(plot_iou_bin_difference(tps[run], tps["lsq_w2"], os.path.join(output_dir, f"fig4_{run}_vs_lsq_w2.png"), names=(run, "lsq_w2")))
+    for run_name in ("lsq_w2_tcorr", "lsq_w2_hqod"):
+        if run_name in tps and "lsq_w2" in tps:
+            made.append(plot_iou_bin_difference(tps[run_name], tps["lsq_w2"], os.path.join(output_dir, f"fig4_{run_name}_vs_lsq_w2.png"), names=(run_name, "lsq_w2")))
     return made
+
+
+def report(output_dir):
+    """results.md over every finished run under ``output_dir`` (written there and returned)."""
+    records = finished_records(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    made = figures(output_dir)
+    text = "\n".join(
+        [
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores; {datetime.date.today().isoformat()}",
+            "",
+            results_table(records),
+            "",
+            "Paired differences (per common seed):",
+            "",
+            differences_table(records),
+            "",
+            "Targets:",
+            *targets(records),
+            "",
+            "Figures: " + ", ".join(os.path.relpath(p, output_dir) for p in made),
+            "",
+            "Commands:",
+            *[f"- `{r['command']}`" for r in records],
+        ]
+    )
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(text + "\n")
+    return text
 
 
 def _from_root(path):
@@ -187,44 +432,34 @@ def _from_root(path):
     return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="default: all")
-    parser.add_argument("--fp32-checkpoint", help="evaluate and fine-tune this FP32 detector instead of training one per seed")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="default: all; a QAT run brings its FP32 run")
+    parser.add_argument("--seeds", type=int, nargs="+", help="QAT seeds (default: each run's, see RUNS); FP32 runs have seed 0")
+    parser.add_argument(
+        "--fp32-checkpoint", help="evaluate this RetinaNet FP32 detector instead of training one; its QAT runs fine-tune it"
+    )
     parser.add_argument("--output-dir", default="output/benchmark_accuracy")
-    args = parser.parse_args(argv)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="print the plan (status of every run and seed) and exit")
+    mode.add_argument("--report-only", action="store_true", help="write the report of the finished runs without running any")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.fp32_checkpoint and not os.path.isfile(args.fp32_checkpoint):
         sys.exit(f"error: --fp32-checkpoint {args.fp32_checkpoint} does not exist.")
-    names = (["fp32"] if "fp32" not in args.runs else []) + args.runs  # QAT needs the FP32 run
-    names = sorted(set(names), key=list(RUNS).index)
     output_dir, fp32 = _from_root(args.output_dir), args.fp32_checkpoint and _from_root(args.fp32_checkpoint)
     os.chdir(ROOT)  # the commands (and the paths above) are relative to the repository root
-
-    records = {}
-    for seed in args.seeds:
-        for name in names:
-            records[(name, seed)] = run(name, seed, output_dir, fp32)
-
-    made = figures(output_dir, args.seeds[0])
-    text = "\n".join(
-        [
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores; {datetime.date.today().isoformat()}; seeds {args.seeds}",
-            "",
-            summarize(records, names, args.seeds),
-            "",
-            "Targets:",
-            targets(records, args.seeds),
-            "",
-            "Figures: " + ", ".join(os.path.relpath(p, output_dir) for p in made),
-            "",
-            "Commands:",
-            *[f"- `{records[(n, s)]['command']}`" for s in args.seeds for n in names],
-        ]
-    )
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    entries = plan(args.runs, args.seeds)
+    if args.list:
+        print(plan_table(entries, output_dir))
+        return
+    if not args.report_only:
+        for name, seed in entries:
+            run(name, seed, output_dir, fp32)
+    print(report(output_dir))
 
 
 if __name__ == "__main__":

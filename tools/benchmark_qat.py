@@ -13,14 +13,30 @@ Defaults: RetinaNet-R18-FPN (width 256), 80 classes, 320x320 images, batch 2, 2 
     python tools/benchmark_qat.py --reps 5
 
 Prints a markdown table of median step times and ratios to FP32 (``--out`` also writes it).
+
+``--loop`` times the loop ``tools/train_net.py`` runs instead: the same configs, trainer,
+hooks and data path (:func:`hqod.engine.build_trainer`, digits images through the resumable
+loader and its workers), for ``--iters`` iterations after ``--warmup``, one run per variant and
+round, variants interleaved over ``--rounds`` rounds; the per-iteration times are those of
+detectron2's IterationTimer (what the training log prints). Only the final evaluation is left
+out. ``--shape demo`` is the configs as they are (FPN width 64, 224-288 px, batch 4, 10
+classes); ``--shape paper`` the papers' (width 256, 320 px, batch 2, 80 classes).
+``--profile`` adds a breakdown of one run per variant (cProfile, cumulative seconds per
+iteration: data, forward, losses, HQOD terms, quantizers, integer BN, backward, optimizer,
+metrics, hooks).
+
+    python tools/benchmark_qat.py --loop --shape demo --rounds 3 --iters 30 --profile
 """
 import argparse
 import copy
+import cProfile
 import datetime
 import os
 import platform
+import pstats
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -48,6 +64,38 @@ VARIANTS = {
     "lq-aqd-float": ("lq", "aqd"),  # integer-aware arithmetic off
 }
 TARGETS = {"lsq-aqd*": 1.10, "lsq-aqd": 1.20, "tqt-aqd": 1.20, "lq-aqd": 1.20}
+
+# --loop: the configs train_net runs (name -> config); the demo's QAT stage is aqd+hqod.
+LOOP_VARIANTS = {
+    "fp32": "configs/retina_r18_fp32.py",
+    "lsq-aqd*": "configs/retina_r18_lsq_w4.py",
+    "aqd": "configs/retina_r18_aqd_w4.py",
+    "aqd+hqod": "configs/retina_r18_aqd_w4_hqod.py",
+}
+LOOP_TARGETS = {"lsq-aqd*": 1.15, "aqd": 1.25, "aqd+hqod": 1.25}
+LOOP_SHAPES = {
+    "demo": [],
+    "paper": [
+        "model.backbone.out_channels=256",
+        "model.num_classes=80",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[320]",
+        "dataloader.train.mapper.augmentations.0.max_size=320",
+        "dataloader.train.total_batch_size=2",
+    ],
+}
+# What --profile reports: label -> functions whose cumulative time it sums (file suffix, name).
+PROFILE_ROWS = {
+    "step (run_step)": [("engine/train_loop.py", "run_step")],
+    "forward (losses included)": [("meta_arch/dense_detector.py", "forward"), ("meta_arch/retinanet.py", "forward")],
+    "  losses (RetinaNet + HQOD)": [("meta_arch/retinanet.py", "losses")],
+    "  HQOD terms (p, u, TCorr, HIoU)": [("hqod_mixin.py", "hqod_loss_terms")],
+    "  quantizers (forward)": [("quantization/quantizers.py", "forward")],
+    "  integer BN (forward)": [("quantization/integer_layers.py", "integer_batch_norm")],
+    "backward": [("torch/_tensor.py", "backward")],
+    "optimizer step": [("torch/optim/optimizer.py", "wrapper")],
+    "metrics (_write_metrics)": [("engine/train_loop.py", "_write_metrics")],
+    "hooks after_step": [("engine/train_loop.py", "after_step")],
+}
 
 
 def _cpu_name():
@@ -112,6 +160,118 @@ def train_step(model, opt, batch, clock=time.perf_counter):
     return clock() - start
 
 
+def loop_run(name, args, profile=False):
+    """One training run of variant ``name`` as train_net runs it (without the final
+    evaluation); returns (per-iteration seconds after warm-up, data seconds, cProfile stats)."""
+    from detectron2.config import LazyConfig
+
+    from hqod.engine import build_model, build_trainer
+
+    total = args.warmup + args.iters
+    with tempfile.TemporaryDirectory() as out:
+        cfg = LazyConfig.load(os.path.join(ROOT, LOOP_VARIANTS[name]))
+        cfg = LazyConfig.apply_overrides(
+            cfg,
+            LOOP_SHAPES[args.shape]
+            + [
+                f"train.output_dir={out}",
+                f"train.max_iter={total}",
+                f"train.checkpointer.period={10 * total}",
+                f"train.eval_period={10 * total}",
+                f"train.log_period={10 * total}",
+            ],
+        )
+        # the same FP32 weights for every variant (trained weights: their value ranges matter)
+        cfg.train.init_checkpoint = args.fp32_checkpoint
+        if "quant" in cfg:
+            cfg.quant.calib_images = cfg.dataloader.train.total_batch_size
+        del cfg.dataloader.evaluator  # no final evaluation (do_test returns at once)
+        model = build_model(cfg)
+        trainer, start, _ = build_trainer(cfg, model)
+        profiler = cProfile.Profile() if profile else None
+        if profiler:
+            profiler.enable()
+        trainer.train(start, total)
+        if profiler:
+            profiler.disable()
+        history = trainer.storage.history
+        times = [t for t, it in history("time").values() if it >= args.warmup]
+        data = [t for t, it in history("data_time").values() if it >= args.warmup]
+    return times, data, (pstats.Stats(profiler) if profiler else None)
+
+
+def profile_rows(stats, iterations):
+    """Cumulative seconds per iteration of the functions of :data:`PROFILE_ROWS`."""
+    rows = {}
+    for label, targets in PROFILE_ROWS.items():
+        total = 0.0
+        for (filename, line, func), (cc, nc, tt, ct, callers) in stats.stats.items():
+            if any(filename.endswith(f) and func == fn for f, fn in targets):
+                total += ct
+        rows[label] = total / iterations
+    return rows
+
+
+def main_loop(args):
+    names = ["fp32"] + [n for n in args.loop_variants if n != "fp32"]
+    per_run = {n: [] for n in names}
+    data = {n: [] for n in names}
+    ratios = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        medians = {}
+        for name in order:
+            times, data_times, _ = loop_run(name, args)
+            medians[name] = statistics.median(times)
+            per_run[name].append(medians[name])
+            data[name].append(statistics.median(data_times))
+            print(f"round {r}: {name} {medians[name]:.3f} s/iter", file=sys.stderr, flush=True)
+        for name in names:
+            ratios[name].append(medians[name] / medians["fp32"])
+    fp32 = statistics.median(per_run["fp32"])
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    cmd = "python tools/benchmark_qat.py " + " ".join(sys.argv[1:])
+    lines = [
+        f"Command: `{cmd.strip()}`  ",
+        f"Machine: {_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {datetime.date.today().isoformat()}  ",
+        f"Loop: tools/train_net.py's trainer, hooks and data path; shape {args.shape} "
+        f"({' '.join(LOOP_SHAPES[args.shape]) or 'the configs as they are'}); {args.iters} timed iterations "
+        f"after {args.warmup} per run, {args.rounds} interleaved rounds; load average at the end {load}.",
+        "",
+        "| variant | config | median s/iter | data s/iter | ratio (medians) | ratio (median of per-round) | target |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        med = statistics.median(per_run[name])
+        target = f"≤ {LOOP_TARGETS[name]:.2f}" if name in LOOP_TARGETS else ""
+        lines.append(
+            f"| {name} | {os.path.basename(LOOP_VARIANTS[name])} | {med:.3f} | {statistics.median(data[name]):.3f} | "
+            f"{med / fp32:.3f} | {statistics.median(ratios[name]):.3f} | {target} |"
+        )
+    if args.profile:
+        profiles = {}
+        for name in names:
+            times, _, stats = loop_run(name, args, profile=True)
+            profiles[name] = (statistics.median(times), profile_rows(stats, args.warmup + args.iters))
+        lines += [
+            "",
+            "Profile (cProfile, cumulative seconds per iteration, warm-up included; cProfile adds "
+            "overhead to Python-heavy parts):",
+            "",
+            "| part | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+            "| iteration (IterationTimer, median) | " + " | ".join(f"{profiles[n][0]:.3f}" for n in names) + " |",
+        ]
+        for label in PROFILE_ROWS:
+            lines.append(f"| {label} | " + " | ".join(f"{profiles[n][1][label]:.3f}" for n in names) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", default="configs/retina_r18_fp32.py")
@@ -129,7 +289,18 @@ def main(argv=None):
     parser.add_argument("--clock", default="wall", choices=["wall", "process"],
                         help="wall clock, or the process's CPU time (all threads)")
     parser.add_argument("--out", default="", help="also write the markdown table here")
+    parser.add_argument("--loop", action="store_true", help="time the training loop train_net runs")
+    parser.add_argument("--shape", default="demo", choices=list(LOOP_SHAPES), help="--loop: demo or paper shapes")
+    parser.add_argument("--rounds", type=int, default=3, help="--loop: interleaved rounds")
+    parser.add_argument("--iters", type=int, default=30, help="--loop: timed iterations per run")
+    parser.add_argument("--loop-variants", nargs="+", default=list(LOOP_VARIANTS), choices=list(LOOP_VARIANTS))
+    parser.add_argument("--profile", action="store_true", help="--loop: add a cProfile breakdown")
+    parser.add_argument("--fp32-checkpoint", default="", help="--loop: FP32 detector every variant starts from")
     args = parser.parse_args(argv)
+    if args.loop:
+        torch.set_num_threads(args.threads)
+        set_backend(args.backend)
+        return main_loop(args)
     if "fp32" not in args.variants:
         args.variants = ["fp32"] + args.variants
     torch.set_num_threads(args.threads)

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """
-The main job (`make demo`): on the embedded digits dataset, generate the data if missing, train
-FP32 RetinaNet-R18 from scratch on a short schedule, fine-tune it with quantization-aware training
-(AQD W4A4, fully quantized, + the HQOD losses), evaluate both with COCOEvaluator, and print the
-AP table and where the outputs went. Each stage is the `tools/train_net.py` command a user would
+The main job (`make demo`): on the embedded digits dataset, generate the data if missing,
+pretrain the ResNet-18 backbone on digit crops of the train split if its checkpoint is missing
+(the stand-in for ImageNet pretraining), train FP32 RetinaNet-R18 from it, fine-tune it with
+quantization-aware training (AQD W4A4, fully quantized, + the HQOD losses), evaluate both with
+COCOEvaluator, and print the AP table and where the outputs went. Each stage is the `tools/train_net.py` command a user would
 type (printed before it runs). Running it again continues (`--resume`) instead of starting over:
 finished stages only re-evaluate, and nothing in output/demo is overwritten.
 """
@@ -51,6 +52,7 @@ def main(argv=None):
 
     start = time.perf_counter()
     run([sys.executable, "tools/generate_digits.py"])
+    run([sys.executable, "tools/pretrain_backbone.py", "--depth", "18"])  # kept if it exists
     rows = []
     for name, config, overrides in STAGES:
         out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(config))[0])

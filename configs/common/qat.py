@@ -7,13 +7,15 @@ HQOD switch (:func:`with_hqod`). A matrix file is a few lines over these, e.g.::
     from .retina_r18_fp32 import dataloader, lr_multiplier, model, optimizer, train
 
     quant = quant_config("aqd", bits=2)
-    to_qat(train, optimizer, fp32="retina_r18_fp32", bits=2)
+    to_qat(train, optimizer, lr_multiplier, quant, fp32="retina_r18_fp32", name="retina_r18_aqd_w2")
 """
 import copy
 
 from hqod.modeling import HQODATSS, HQODFCOS, HQODRetinaNet
+from hqod.solver import ClippedSGD
 
 from .quant import qat_optimizer_params, quant
+from .schedules import multistep
 
 # name in the config file -> fields of the quant node (configs/common/quant.py documents them).
 # Every method uses multi-level BN in the head (one BN per FPN level, indexed by level).
@@ -24,9 +26,22 @@ QAT_METHODS = {
     "aqd": dict(method="lq", scope="aqd"),  # AQD: also BN outputs, residual and FPN adds
 }
 
-# Fine-tuning learning rate by bit width, relative to the FP32 one. The papers fine-tune at
-# 1/10 of the FP32 rate for 4 bits and use a larger rate for 2 bits (AQD: 2e-3; HQOD: 1e-2).
-LR_FACTOR = {2: 0.25, 3: 0.1, 4: 0.1}
+# The papers' fine-tuning recipes (../shared/notes/method-facts.md), by the quantizer's family
+# and bit width: learning rate as a factor of the FP32 one (0.01 in the papers and here),
+# LR steps as fractions of the QAT schedule, and gradient clipping.
+#   HQOD (its LSQ/TQT baselines and HQOD itself): W4 lr 1e-3, 16 epochs, steps at 8 and 14;
+#   W2 lr 1e-2, 18 epochs, steps at 9, 14 and 17; gradient clipping (max norm 35). W3, which
+#   HQOD does not report, takes the W4 recipe.
+#   AQD (its LQ quantizer): lr 1e-3, 2e-3 for 2 bits; detectron2's 1x steps (2/3, 8/9).
+QAT_RECIPES = {
+    ("hqod", 4): dict(lr_factor=0.1, milestones=(8 / 16, 14 / 16), clip=True),
+    ("hqod", 3): dict(lr_factor=0.1, milestones=(8 / 16, 14 / 16), clip=True),
+    ("hqod", 2): dict(lr_factor=1.0, milestones=(9 / 18, 14 / 18, 17 / 18), clip=True),
+    ("aqd", 4): dict(lr_factor=0.1, milestones=(2 / 3, 8 / 9), clip=False),
+    ("aqd", 3): dict(lr_factor=0.1, milestones=(2 / 3, 8 / 9), clip=False),
+    ("aqd", 2): dict(lr_factor=0.2, milestones=(2 / 3, 8 / 9), clip=False),
+}
+RECIPE_FAMILY = {"lsq": "hqod", "tqt": "hqod", "lsq_torch": "hqod", "lq": "aqd"}
 # The embedded dataset's QAT schedule: a third of the FP32 schedule's iterations.
 QAT_ITER_FRACTION = 1 / 3
 
@@ -40,17 +55,23 @@ def quant_config(method: str, bits: int):
     return node
 
 
-def to_qat(train, optimizer, *, fp32: str, bits: int, name: str):
-    """Turn the FP32 config's ``train``/``optimizer`` into QAT fine-tuning from
-    ``output/<fp32>/model_final.pth`` (what ``configs/<fp32>.py`` writes), output to
-    ``output/<name>``; zero weight decay on quantizer steps."""
+def to_qat(train, optimizer, lr_multiplier, quant, *, fp32: str, name: str):
+    """Turn the FP32 config's ``train``/``optimizer``/``lr_multiplier`` into QAT fine-tuning
+    with ``quant`` from ``output/<fp32>/model_final.pth`` (what ``configs/<fp32>.py`` writes),
+    output to ``output/<name>``: the recipe of :data:`QAT_RECIPES` for the quantizer's family
+    and weight bits, a warm-up over 5% of the schedule, zero weight decay on quantizer steps."""
+    recipe = QAT_RECIPES[(RECIPE_FAMILY[quant.method], quant.weight_bits)]
     train.init_checkpoint = f"output/{fp32}/model_final.pth"
     train.output_dir = f"./output/{name}"
     train.max_iter = int(train.max_iter * QAT_ITER_FRACTION)
     train.eval_period = train.max_iter
     train.checkpointer.period = max(train.max_iter // 3, 1)
-    optimizer.lr = optimizer.lr * LR_FACTOR[bits]
+    optimizer.lr = optimizer.lr * recipe["lr_factor"]
     optimizer.params = copy.deepcopy(qat_optimizer_params)
+    if recipe["clip"]:
+        optimizer._target_ = ClippedSGD
+        optimizer.max_norm = 35.0
+    lr_multiplier.update(multistep(recipe["milestones"], warmup=0.05))
 
 
 def with_hqod(model, train):

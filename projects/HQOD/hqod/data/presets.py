@@ -9,6 +9,11 @@ Besides names, class count and image sizes, a preset sets the batch size and the
 (``fpn_channels``): the papers' 256 for COCO and VOC, and 64 for the embedded dataset, whose 10
 classes and small images train 3x faster that way on a 2-core CPU. The schedule (``train.max_iter``,
 ``optimizer.lr``) stays in the configs.
+
+``backbone_checkpoint`` is where the FP32 configs' ``train.init_checkpoint`` points, through the
+resolver ``${hqod_backbone:<preset>,<ResNet depth>}``: for digits, the backbone that
+``tools/pretrain_backbone.py --depth <depth>`` trains on the embedded data (the stand-in for
+ImageNet pretraining); "" (from scratch) for COCO and VOC until an ImageNet checkpoint is set.
 """
 from omegaconf import OmegaConf
 
@@ -24,6 +29,7 @@ PRESETS = {
         flip_prob=0.0,
         batch_size=4,
         fpn_channels=64,
+        backbone_checkpoint="output/pretrained/digits_r{depth}.pth",
     ),
     "coco": dict(
         train="coco_2017_train",
@@ -35,6 +41,7 @@ PRESETS = {
         flip_prob=0.5,
         batch_size=16,
         fpn_channels=256,
+        backbone_checkpoint="",
     ),
     "voc": dict(
         train="voc_0712_trainval_coco",
@@ -46,6 +53,7 @@ PRESETS = {
         flip_prob=0.5,
         batch_size=16,
         fpn_channels=256,
+        backbone_checkpoint="",
     ),
 }
 
@@ -59,5 +67,12 @@ def preset_value(preset: str, key: str):
     return PRESETS[preset][key]
 
 
+def backbone_checkpoint(preset: str, depth) -> str:
+    """The preset's pretrained backbone for a ResNet of ``depth`` ("" = none)."""
+    return preset_value(preset, "backbone_checkpoint").format(depth=int(depth))
+
+
 if not OmegaConf.has_resolver("hqod_data"):
     OmegaConf.register_new_resolver("hqod_data", preset_value)
+if not OmegaConf.has_resolver("hqod_backbone"):
+    OmegaConf.register_new_resolver("hqod_backbone", backbone_checkpoint)

@@ -10,7 +10,7 @@ from .defaults import (
 )
 from .distributed import convert_sync_batchnorm, sync_loss_normalizers
 from .launch import launch
-from .train_loop import build_model, do_test, do_train
+from .train_loop import build_model, build_trainer, do_test, do_train
 
 __all__ = [
     "Checkpointer",
@@ -18,6 +18,7 @@ __all__ = [
     "TrainingDiverged",
     "UserError",
     "build_model",
+    "build_trainer",
     "check_output_dir",
     "config_differences",
     "convert_sync_batchnorm",

@@ -16,6 +16,8 @@ from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
+from hqod.modeling.backbone import resnet_depth
+
 from .defaults import UserError
 
 logger = logging.getLogger("hqod")
@@ -154,7 +156,8 @@ class Checkpointer(DetectionCheckpointer):
     * with ``strict=True`` (evaluation), refuses a checkpoint that does not fit the model
       (shape mismatches, or missing keys): it belongs to another architecture;
     * loads torchvision ResNet checkpoints (``.pth`` from torchvision.models, as
-      ``train.init_checkpoint``) into the backbone.
+      ``train.init_checkpoint``) into the backbone;
+    * refuses a checkpoint whose ResNet has another depth than the model's, naming both.
     """
 
     def __init__(self, model, save_dir="", *, strict=False, **checkpointables):
@@ -188,9 +191,18 @@ class Checkpointer(DetectionCheckpointer):
         return super()._load_file(filename)
 
     def _load_model(self, checkpoint):
+        path = getattr(self, "_loading", "the checkpoint")
+        theirs = resnet_depth(checkpoint.get("model", {}).keys())
+        ours = resnet_depth(self.model.state_dict().keys())
+        if theirs and ours and theirs != ours:
+            raise UserError(
+                f"Checkpoint {path} holds a ResNet-{theirs} backbone but the model's backbone is "
+                f"ResNet-{ours} (model.backbone.bottom_up.stages.depth={ours}): use a ResNet-{ours} "
+                f"checkpoint (e.g. python tools/pretrain_backbone.py --depth {ours}), or set the "
+                f"depth to {theirs}."
+            )
         incompatible = super()._load_model(checkpoint)
         if self.strict and incompatible is not None:
-            path = getattr(self, "_loading", "the checkpoint")
             shapes = getattr(incompatible, "incorrect_shapes", [])
             if shapes:
                 k, ckpt_shape, model_shape = shapes[0]

@@ -14,6 +14,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from hqod.data import ensure_datasets
+from hqod.pretrain import pretrained_backbone_path
 from hqod.quantization import calibrate, load_fp32_checkpoint, quantize_model
 
 from .checkpoint import Checkpointer, ExtraTrainingState, read_checkpoint
@@ -106,6 +107,25 @@ def init_qat(cfg, model, data_loader):
         calibrate(model, data_loader, cfg.quant.get("calib_images", 0))
 
 
+def check_init_checkpoint(cfg):
+    """A missing ``train.init_checkpoint`` of an FP32 run: one message; for the digits preset's
+    pretrained backbone, the command that makes it."""
+    path = cfg.train.init_checkpoint
+    if not path or "://" in path or os.path.isfile(path) or cfg.get("quant") is not None:
+        return
+    m = re.fullmatch(r"(.*/)?digits_r(\d+)\.pth", os.path.normpath(path))
+    if m and os.path.normpath(path) == os.path.normpath(pretrained_backbone_path(m.group(2))):
+        raise UserError(
+            f"Pretrained backbone {path} (train.init_checkpoint) does not exist: make it with "
+            f"`python tools/pretrain_backbone.py --depth {m.group(2)}` (about 3 minutes on 2 cores), "
+            'or set train.init_checkpoint="" to train from scratch.'
+        )
+    raise UserError(
+        f"Checkpoint {path} (train.init_checkpoint) does not exist. Set train.init_checkpoint to "
+        'an existing file (or to "" to train from scratch).'
+    )
+
+
 def do_test(cfg, model, output_dir=None):
     """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator`` (one
     evaluator or a list); returns detectron2's results dict, e.g.
@@ -177,26 +197,25 @@ def _apply_optimizer_settings(optimizer, configured):
         logger.warning("Resuming with the optimizer settings of the config: " + "; ".join(sorted(changed)))
 
 
-def do_train(cfg, model, *, resume=False):
+def build_trainer(cfg, model, *, resume=False):
     """
-    Train ``model`` (already built and on its device) with ``cfg.optimizer``,
-    ``cfg.lr_multiplier`` and ``cfg.dataloader.train``; periodic checkpoints, evaluation,
-    metrics.json / TensorBoard / console logs with ETA. Returns the results of the final
-    evaluation (detectron2's EvalHook runs it after the last iteration).
-
-    ``resume``: continue from the last checkpoint of ``train.output_dir`` exactly: weights,
-    quantizer state, optimizer, LR schedule, iteration, loss-normalizer EMAs, RNG states and
-    the position in the data stream (hqod's resumable train loader). A NaN/inf loss or weight
-    raises :class:`TrainingDiverged`; nothing is saved after it.
+    The trainer ``tools/train_net.py`` runs, ready to start: detectron2's SimpleTrainer over
+    ``cfg.optimizer``, ``cfg.lr_multiplier`` and ``cfg.dataloader.train`` with its hooks
+    (iteration timer, LR schedule, periodic checkpoints, evaluation, writers), FP32 -> QAT
+    initialization and calibration for quantized configs, and the state of the last checkpoint
+    when resuming. Returns ``(trainer, start_iter, results)``; ``results`` holds the last
+    evaluation once training has run (see :func:`do_train`).
     """
     ensure_datasets(_dataset_names(cfg.dataloader.train))
+    resuming = resume and Checkpointer(model, cfg.train.output_dir).has_checkpoint()
+    if not resuming:
+        check_init_checkpoint(cfg)
     if comm.is_main_process() and cfg.train.output_dir:
         os.makedirs(cfg.train.output_dir, exist_ok=True)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = _build_train_loader(cfg)
     quantized = cfg.get("quant") is not None
-    resuming = resume and Checkpointer(model, cfg.train.output_dir).has_checkpoint()
     if quantized and not resuming:
         init_qat(cfg, model, train_loader)  # before DDP wraps the model
 
@@ -243,6 +262,22 @@ def do_train(cfg, model, *, resume=False):
         start_iter = 0
     if hasattr(train_loader, "set_start_iter"):
         train_loader.set_start_iter(start_iter)  # the data of iteration start_iter comes next
+    return trainer, start_iter, results
+
+
+def do_train(cfg, model, *, resume=False):
+    """
+    Train ``model`` (already built and on its device) with the trainer of
+    :func:`build_trainer`: periodic checkpoints, evaluation, metrics.json / TensorBoard /
+    console logs with ETA. Returns the results of the final evaluation (detectron2's EvalHook
+    runs it after the last iteration).
+
+    ``resume``: continue from the last checkpoint of ``train.output_dir`` exactly: weights,
+    quantizer state, optimizer, LR schedule, iteration, loss-normalizer EMAs, RNG states and
+    the position in the data stream (hqod's resumable train loader). A NaN/inf loss or weight
+    raises :class:`TrainingDiverged`; nothing is saved after it.
+    """
+    trainer, start_iter, results = build_trainer(cfg, model, resume=resume)
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except FloatingPointError as e:

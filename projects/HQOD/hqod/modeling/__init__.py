@@ -1,4 +1,4 @@
-from .backbone import level_shapes, resnet_stages
+from .backbone import level_shapes, resnet_depth, resnet_stages
 from .meta_arch import ATSS, FCOS, HQODATSS, HQODFCOS, ATSSHead, HQODRetinaNet, atss_match
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "HQODRetinaNet",
     "atss_match",
     "level_shapes",
+    "resnet_depth",
     "resnet_stages",
 ]

@@ -1,3 +1,6 @@
+import re
+from typing import Optional
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import ResNet
 
@@ -21,3 +24,28 @@ def level_shapes(channels: int, num_levels: int = 5):
     """``[ShapeSpec(channels=channels)] * num_levels``: the head's input shapes, for LazyConfig,
     so that the FPN width is set in one place (``model.backbone.out_channels``)."""
     return [ShapeSpec(channels=channels)] * num_levels
+
+
+_DEPTHS = {  # (blocks per stage res2..res5, bottleneck) -> depth, as ResNet.make_default_stages
+    ((2, 2, 2, 2), False): 18,
+    ((3, 4, 6, 3), False): 34,
+    ((3, 4, 6, 3), True): 50,
+    ((3, 4, 23, 3), True): 101,
+    ((3, 8, 36, 3), True): 152,
+}
+_BLOCK_KEY = re.compile(r"(?:^|\.)res([2-5])\.(\d+)\.conv(\d)\.")
+
+
+def resnet_depth(keys) -> Optional[int]:
+    """The depth of the detectron2 ResNet whose state-dict ``keys`` these are (a bare backbone,
+    ``res2.0.conv1.weight``, or inside a detector, ``backbone.bottom_up.res2.0...``); None when
+    the keys hold no complete ResNet of a standard depth."""
+    blocks, bottleneck = {}, False
+    for key in keys:
+        m = _BLOCK_KEY.search(key)
+        if m:
+            stage, block, conv = (int(g) for g in m.groups())
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+            bottleneck |= conv == 3
+    counts = tuple(blocks.get(s, 0) for s in (2, 3, 4, 5))
+    return _DEPTHS.get((counts, bottleneck))

@@ -1,0 +1,4 @@
+"""Optimizers for the LazyConfigs beyond torch.optim's."""
+from .clipping import ClippedSGD
+
+__all__ = ["ClippedSGD"]

@@ -1,0 +1,202 @@
+"""tools/benchmark_accuracy.py without training: its plan and commands, and its report (tables,
+paired differences, target verdicts) on hand-made records whose answers are written out here."""
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("benchmark_accuracy", os.path.join(ROOT, "tools/benchmark_accuracy.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def record(name, seed, ap=5.0, ap75=4.0, corr=0.3, gap01=1.0, wall_s=300.0):
+    """A ``benchmark.json`` record with the given metrics (the others fixed)."""
+    return {
+        "name": name,
+        "seed": seed,
+        "command": f"python tools/train_net.py {name} {seed}",
+        "wall_s": wall_s,
+        "results": {
+            "bbox": {"AP": ap, "AP50": 2 * ap, "AP75": ap75},
+            "harmony": {"mean_gap": 0.4, "gap_0.0-0.1": gap01, "ideal": 0.0, "corr": corr, "num_tp": 100},
+        },
+    }
+
+
+def w2_pair(method, ap_gains, ap75_gains):
+    """Baseline and HQOD W2 records, one seed per gain (baseline AP 3, AP75 2)."""
+    records = []
+    for seed, (gain, gain75) in enumerate(zip(ap_gains, ap75_gains)):
+        records.append(record(f"{method}_w2", seed, ap=3.0, ap75=2.0))
+        records.append(record(f"{method}_w2_hqod", seed, ap=3.0 + gain, ap75=2.0 + gain75))
+    return records
+
+
+# ------------------------------------------------------------------------------------------
+# Plan and commands
+# ------------------------------------------------------------------------------------------
+def test_plan_default_seeds_and_fp32_first(tool):
+    assert tool.plan(["lsq_w2"]) == [("fp32", 0), ("lsq_w2", 0), ("lsq_w2", 1), ("lsq_w2", 2)]
+    assert tool.plan(["atss_tqt_w2", "lsq_w4"], seeds=[5]) == [("fp32", 0), ("atss_fp32", 0), ("lsq_w4", 5), ("atss_tqt_w2", 5)]
+    assert tool.plan(["fp32"], seeds=[3]) == [("fp32", 0)]
+
+
+def test_docstring_run_count_matches_plan(tool):
+    count = int(re.search(r"about (\d+) runs", tool.__doc__).group(1))
+    assert count == len(tool.plan(list(tool.RUNS)))
+
+
+def test_qat_command(tool, tmp_path):
+    out = str(tmp_path)
+    cmd = tool.command("lsq_w2_tcorr", 2, out)
+    assert f"train.init_checkpoint={out}/fp32/model_final.pth" in cmd
+    assert f"train.output_dir={out}/seed2/lsq_w2_tcorr" in cmd
+    assert "train.seed=2" in cmd and "model.hiou=False" in cmd
+    assert all(opt in cmd for opt in tool.SCHEDULE["qat"]) and not any(opt in cmd for opt in tool.SCHEDULE["fp32"])
+    assert "--resume" not in cmd
+    os.makedirs(tool.run_dir(out, "lsq_w2_tcorr", 2))
+    assert "--resume" in tool.command("lsq_w2_tcorr", 2, out)
+
+
+def test_fp32_and_atss_commands(tool, tmp_path):
+    out = str(tmp_path)
+    fp32 = tool.command("fp32", 0, out)
+    assert all(opt in fp32 for opt in tool.SCHEDULE["fp32"])
+    assert f"train.output_dir={out}/fp32" in fp32
+    assert not any(opt.startswith("train.init_checkpoint=") for opt in fp32)  # the config's
+    assert f"train.init_checkpoint={out}/atss_fp32/model_final.pth" in tool.command("atss_tqt_w2_hqod", 0, out)
+    # --fp32-checkpoint: evaluated, and the RetinaNet (not the ATSS) QAT runs fine-tune it
+    assert {"--eval-only", "train.init_checkpoint=given.pth"} <= set(tool.command("fp32", 0, out, "given.pth"))
+    assert "train.init_checkpoint=given.pth" in tool.command("aqd_w4", 1, out, "given.pth")
+    assert "train.init_checkpoint=given.pth" not in tool.command("atss_tqt_w2", 0, out, "given.pth")
+
+
+def test_list_runs_nothing(tool, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # main() moves to the repository root; restored afterwards
+    monkeypatch.setattr(tool.subprocess, "run", lambda *a, **k: pytest.fail("--list ran a command"))
+    tool.main(["--list", "--output-dir", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    entries = tool.plan(list(tool.RUNS))
+    assert len(lines) == len(entries) + 2
+    for line, (name, seed) in zip(lines[1:], entries):
+        assert line.split() == [name, str(seed), "todo"]
+    assert lines[-1] == f"0 done, {len(entries)} remaining"
+    assert os.listdir(tmp_path) == []
+
+
+def test_list_done_and_partial(tool, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = str(tmp_path)
+    os.makedirs(tool.run_dir(out, "fp32", 0))
+    with open(tool.record_path(out, "fp32", 0), "w") as f:
+        json.dump(record("fp32", 0, wall_s=600.0), f)
+    os.makedirs(tool.run_dir(out, "lsq_w4", 1))
+    tool.main(["--list", "--output-dir", out, "--runs", "lsq_w4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in lines[1:-1]] == [["fp32", "0", "done", "10.0"], ["lsq_w4", "0", "todo"], ["lsq_w4", "1", "partial"]]
+    assert lines[-1] == "1 done, 2 remaining"
+
+
+def test_report_only_reads_finished_runs(tool, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = str(tmp_path)
+    for rec in (record("lsq_w3", 0, ap=4.0), record("lsq_w3", 1, ap=6.0), record("lsq_w3_hqod", 1, ap=7.0)):
+        inference = os.path.join(tool.run_dir(out, rec["name"], rec["seed"]), "inference")
+        os.makedirs(inference)
+        with open(os.path.join(inference, "harmony_tp.json"), "w") as f:
+            json.dump({"score": [0.9, 0.5], "iou": [0.95, 0.65]}, f)
+        with open(tool.record_path(out, rec["name"], rec["seed"]), "w") as f:
+            json.dump(rec, f)
+    os.makedirs(tool.run_dir(out, "lsq_w3_hqod", 0))  # interrupted: not in the report
+    tool.main(["--report-only", "--output-dir", out])
+    with open(os.path.join(out, "results.md")) as f:
+        text = f.read()
+    assert "| lsq_w3 | 0, 1 | 4.00 / 6.00 | 5.00 ± 1.41 |" in text
+    assert "| lsq_w3_hqod | 1 | 7.00 | 7.00 ± — |" in text
+    assert "| lsq_w3_hqod - lsq_w3 | 1 | +1.00 (+1.00) |" in text
+    assert "gap<0.1 %" in text and "| 50.00 / 50.00 |" in text  # harmony recomputed from the TPs
+
+
+# ------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------
+def test_mean_std_cells(tool):
+    assert tool.mean_std([10, 12, 14], "{:.2f}") == "12.00 ± 2.00"
+    assert tool.mean_std([0.25], "{:.3f}") == "0.250 ± —"
+
+
+def test_results_table_row(tool):
+    records = [record("lsq_w2", s, ap=ap, ap75=1.0, corr=0.2, gap01=0.5, wall_s=60.0 * (s + 1)) for s, ap in zip((2, 0, 1), (14, 10, 12))]
+    row = [line for line in tool.results_table(records).splitlines() if line.startswith("| lsq_w2 |")]
+    assert row == [
+        "| lsq_w2 | 0, 1, 2 | 10.00 / 12.00 / 14.00 | 12.00 ± 2.00 | 1.00 / 1.00 / 1.00 | 1.00 ± 0.00"
+        " | 0.200 / 0.200 / 0.200 | 0.200 ± 0.000 | 0.50 / 0.50 / 0.50 | 0.50 ± 0.00 | 24.00 | 0.400 | 0.0 | 100 | 2.0 |"
+    ]
+
+
+def test_paired_differences(tool):
+    records = w2_pair("lsq", [2.0, -0.5, 3.0], [1.0, 1.5, 2.0]) + [record("lsq_w2_hqod", 7, ap=9.0)]  # seed 7: unpaired
+    d_ap = tool.paired_differences(records, "lsq_w2", "lsq_w2_hqod", "AP")
+    assert d_ap == pytest.approx({0: 2.0, 1: -0.5, 2: 3.0})
+    assert tool.differences_cell(d_ap) == "+1.50 (+2.00 / -0.50 / +3.00)"
+    assert "| lsq_w2_hqod - lsq_w2 | 0, 1, 2 | +1.50 (+2.00 / -0.50 / +3.00) | +1.50 (+1.00 / +1.50 / +2.00) |" in tool.differences_table(records)
+
+
+W2_TEXT = "LSQ+HQOD W2 >= LSQ W2 + 1.0 AP and + 1.0 AP75 (mean paired difference over >= 3 seeds, every seed > 0)"
+
+
+def test_target_w2_met(tool):
+    line = tool.target_hqod_w2(w2_pair("lsq", [1.0, 1.5, 2.0], [1.2, 1.2, 1.2]), "lsq")
+    assert line == f"- {W2_TEXT}: met (ΔAP +1.50 (+1.00 / +1.50 / +2.00), ΔAP75 +1.20 (+1.20 / +1.20 / +1.20))"
+
+
+def test_target_w2_missed_when_one_seed_negative(tool):
+    line = tool.target_hqod_w2(w2_pair("lsq", [2.0, -0.5, 3.0], [2.0, 2.0, 2.0]), "lsq")
+    assert line.startswith(f"- {W2_TEXT}: missed (ΔAP +1.50 (+2.00 / -0.50 / +3.00)")
+
+
+def test_target_w2_not_measured(tool):
+    assert tool.target_hqod_w2(w2_pair("aqd", [2.0, 2.0], [2.0, 2.0]), "aqd").endswith(": not measured (only 2 paired seeds)")
+    assert tool.target_hqod_w2([record("aqd_w2", 0)], "aqd").endswith(": not measured (missing aqd_w2_hqod)")
+
+
+def test_targets_bit_separation_and_w4(tool):
+    records = [record("fp32", 0, ap=10.0), record("lsq_w2", 0, ap=4.0), record("lsq_w2", 1, ap=6.0)]
+    records += [record("lsq_w4_hqod", 0, ap=9.0), record("lsq_w4_hqod", 1, ap=11.5)]
+    assert tool.target_bit_separation(records) == "- the benchmark separates bit widths: LSQ W2 AP <= FP32 AP - 5: met (LSQ W2 5.00 vs FP32 10.00)"
+    records[2] = record("lsq_w2", 1, ap=6.5)
+    assert tool.target_bit_separation(records).endswith(": missed (LSQ W2 5.25 vs FP32 10.00)")
+    assert tool.target_hqod_w4(records, "lsq") == "- LSQ+HQOD W4 AP >= FP32 AP: met (10.25 vs 10.00)"
+    assert tool.target_hqod_w4(records, "aqd") == "- AQD+HQOD W4 AP >= FP32 AP: not measured (missing aqd_w4_hqod)"
+
+
+def harmony_records(corr, gap01):
+    """FP32 and LSQ baseline/HQOD runs at W4, W3, W2 with the given corr / gap<0.1 share per run."""
+    return [record(name, 0, corr=corr[name], gap01=gap01[name]) for name in corr]
+
+
+def test_targets_harmony(tool):
+    corr = {"fp32": 0.40, "lsq_w4": 0.35, "lsq_w4_hqod": 0.37, "lsq_w3": 0.30, "lsq_w3_hqod": 0.31, "lsq_w2": 0.25, "lsq_w2_hqod": 0.24}
+    gap01 = {"fp32": 1.0, "lsq_w4": 0.5, "lsq_w4_hqod": 0.9, "lsq_w3": 0.2, "lsq_w3_hqod": 0.4, "lsq_w2": 0.0, "lsq_w2_hqod": 0.1}
+    falls, corr_rises, share_rises = tool.targets_harmony(harmony_records(corr, gap01), "lsq")
+    assert falls == "- LSQ: score-IoU correlation falls as bits drop (FP32 > W4 > W3 > W2): met (0.400 > 0.350 > 0.300 > 0.250)"
+    assert corr_rises == "- LSQ+HQOD raises the score-IoU correlation at W4, W3, W2: missed (W4 0.370 vs 0.350, W3 0.310 vs 0.300, W2 0.240 vs 0.250)"
+    assert share_rises == "- LSQ+HQOD raises the share of TPs with gap < 0.1 at W4, W3, W2: met (W4 0.90% vs 0.50%, W3 0.40% vs 0.20%, W2 0.10% vs 0.00%)"
+    del corr["lsq_w3"], gap01["lsq_w3"]
+    falls, corr_rises, _ = tool.targets_harmony(harmony_records(corr, gap01), "lsq")
+    assert falls.endswith(": not measured (missing lsq_w3)") and corr_rises.endswith(": not measured (missing lsq_w3)")
+
+
+def test_targets_all_lines(tool):
+    lines = tool.targets([])
+    assert len(lines) == 1 + 2 + 2 + 6
+    assert all(re.fullmatch(r"- .+: not measured \(missing .+\)", line) for line in lines)
