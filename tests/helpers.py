@@ -6,7 +6,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_overrides(batch_size=2):
+    # from scratch: tests do not depend on output/pretrained (a QAT test names its FP32
+    # checkpoint after these overrides)
     return [
+        'train.init_checkpoint=""',
         "model.backbone.out_channels=32",
         "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
         "dataloader.test.mapper.augmentations.0.short_edge_length=128",

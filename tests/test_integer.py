@@ -536,3 +536,130 @@ def test_export_tool_user_errors(trained_aqd, tmp_path, capsys, config, extra, m
         tool.run(tool.parse_args(args))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+
+# ------------------------------------------------------------------------------------------
+# Eq. 6 in one native pass (float32, CPU): bit-identical to the PyTorch ops
+# ------------------------------------------------------------------------------------------
+from hqod.quantization.integer_layers import _eq6  # noqa: E402
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """The names of the native kernels called (through functional._native.load)."""
+    calls = []
+    real_load = functional._native.load
+    if real_load() is None:
+        pytest.skip("no C compiler: the native kernels cannot be built")
+
+    class Lib:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real_load(), name)
+
+    monkeypatch.setattr(functional._native, "load", lambda: Lib())
+    return calls
+
+
+def eq6_args(shape, acc_step, seed, ties=False):
+    """A conv output ``x`` (accumulator integers times ``acc_step``, with float noise; with
+    ``ties``, half of it exactly at ``(k + 1/2) * acc_step``) and per-channel Eq. 6 parameters with
+    negative, zero and positive ``alpha_z`` and ``round(s)``."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    eta = torch.randint(-300, 300, shape, generator=g).float()
+    x = eta * acc_step * (1 + 1e-6 * torch.randn(shape, generator=g))
+    if ties:
+        half = torch.rand(shape, generator=g) < 0.5
+        x = torch.where(half, (eta + 0.5) * acc_step, x)
+    alpha_z = torch.randn(c, generator=g, dtype=torch.float64) * acc_step * 3
+    alpha_z[torch.randperm(c, generator=g)[: max(1, c // 4)]] = 0.0
+    s_round = torch.round(torch.randn(c, generator=g, dtype=torch.float64) * 40)
+    s_round[0] = 0.0
+    offset = torch.where(alpha_z == 0, torch.randn(c, generator=g, dtype=torch.float64), s_round * alpha_z)
+    return x.contiguous(), alpha_z, s_round, offset
+
+
+def eq6_eager(x, acc_step, alpha_z, s_round, offset):
+    previous = functional.get_backend()
+    functional.set_backend("eager")
+    try:
+        return _eq6(x, acc_step, alpha_z, s_round, offset)
+    finally:
+        functional.set_backend(previous)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 9, 7), (1, 8, 33, 31), (2, 8, 70, 70), (4, 64, 17, 17)])
+@pytest.mark.parametrize("acc_step", [2.0**-7, 3 * 2.0**-11, "random"])
+def test_integer_bn_native_forward_is_bit_identical(shape, acc_step, native_calls):
+    """One pass in C == torch.mul(x, 1 / acc_step).round_().add_(s).mul_(alpha_z) (+ beta where
+    gamma = 0), bit for bit: ties (exact for a power-of-two step) to even, signed zeros, the
+    parallel and multi-block paths (the two larger shapes)."""
+    seed = sum(shape) * 7 + (0 if acc_step == "random" else int(1 / acc_step))
+    if acc_step == "random":
+        acc_step = float(torch.empty(()).uniform_(1e-5, 1e-2, generator=torch.Generator().manual_seed(seed)))
+    x, alpha_z, s_round, offset = eq6_args(shape, acc_step, seed, ties=True)
+    if acc_step == 2.0**-7:  # exact ties really occur
+        v = torch.mul(x, 1.0 / acc_step)
+        assert ((v - v.floor()) == 0.5).sum() > x.numel() // 4
+    ref = eq6_eager(x, acc_step, alpha_z, s_round, offset)
+    assert native_calls == []
+    out = _eq6(x, acc_step, alpha_z, s_round, offset)
+    assert native_calls == ["hqod_int_bn_forward_f32"]
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert torch.equal(out, ref)
+    assert torch.equal(torch.signbit(out), torch.signbit(ref))  # -0.0 where torch has it
+    zero = (alpha_z == 0).view(1, -1, 1, 1).expand_as(out)  # gamma = 0: the constant beta
+    assert torch.equal(out[zero], offset.float().view(1, -1, 1, 1).expand_as(out)[zero])
+
+
+@pytest.mark.parametrize("case", ["transposed", "channels_last", "float64", "inductor_backend"])
+def test_integer_bn_native_fallbacks(case, native_calls):
+    """What the kernel does not cover (non-contiguous, channels-last, float64, a backend other
+    than auto/native) takes the PyTorch ops, with the same result as before."""
+    acc_step = 3 * 2.0**-11
+    x, alpha_z, s_round, offset = eq6_args((2, 16, 9, 7), acc_step, seed=7, ties=True)
+    if case == "transposed":
+        x = x.transpose(2, 3)
+    elif case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif case == "float64":
+        x = x.double()
+    else:
+        functional.set_backend("inductor")  # its compiled kernels are for the fake quantizers only
+    assert x.is_contiguous() == (case in ("float64", "inductor_backend"))
+    ref = eq6_eager(x, acc_step, alpha_z, s_round, offset)
+    out = _eq6(x, acc_step, alpha_z, s_round, offset)
+    assert native_calls == []
+    assert out.dtype == x.dtype and torch.equal(out, ref)
+    # and the float32 native result of the same values, for the float32 cases
+    if x.dtype == torch.float32 and case != "inductor_backend":
+        functional.set_backend("auto")
+        assert torch.equal(_eq6(x.contiguous(), acc_step, alpha_z, s_round, offset), ref.contiguous())
+        assert native_calls == ["hqod_int_bn_forward_f32"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_integer_batch_norm_native_gradients_unchanged(train, native_calls):
+    """integer_batch_norm with the native forward: the same output, input/gamma/beta gradients and
+    running statistics as with the PyTorch ops (eager backend), bit for bit; a gamma = 0 channel
+    included."""
+    torch.manual_seed(11)
+    bn = nn.BatchNorm2d(16)
+    random_bn(bn, 12)
+    with torch.no_grad():
+        bn.weight[3] = 0.0
+    acc_step = float(torch.empty(()).uniform_(1e-4, 1e-2))
+    x0, _, _, _ = eq6_args((2, 16, 9, 7), acc_step, seed=13)
+    g = torch.randn(x0.shape)
+    results = {}
+    for backend in ("eager", "auto"):
+        functional.set_backend(backend)
+        b = copy.deepcopy(bn).train(train)
+        x = x0.clone().requires_grad_(True)
+        z = integer_batch_norm(b, x, acc_step)
+        z.backward(g)
+        results[backend] = (z.detach(), x.grad, b.weight.grad, b.bias.grad, b.running_mean, b.running_var)
+        assert native_calls == ([] if backend == "eager" else ["hqod_int_bn_forward_f32"])
+    for a, e in zip(results["auto"], results["eager"]):
+        assert torch.equal(a, e)

@@ -1,7 +1,8 @@
 """
 Native CPU kernels of the fake quantizer: one pass forward, one pass backward (input gradient
 and the step-gradient sum together: float partial sums per block of 4096, float64 across
-blocks), OpenMP over PyTorch's thread count.
+blocks), OpenMP over PyTorch's thread count. Also the forward of AQD's integer BN (Eq. 6, scope
+"aqd", :class:`~.integer_layers._IntegerBatchNorm`) in one pass, bit-identical to its PyTorch ops.
 
 Plain C, compiled once per machine with the system C compiler (about a second, no PyTorch
 headers), cached under ``$HQOD_CACHE_DIR`` (default ``~/.cache/hqod``) by source hash, and
@@ -79,8 +80,37 @@ double hqod_fq_backward_f32(const float* restrict g, const float* restrict x,
     }
     return acc;
 }
+
+/* AQD Eq. 6 on a contiguous NCHW tensor (`planes` = N * C planes of `hw` elements), as PyTorch's
+   torch.mul(x, inv).round_().add_(s).mul_(a) computes it in float32: the same operations in the
+   same order, each rounded to float (no contraction: -ffp-contract=off). Tasks: blocks of at
+   most BLOCK elements within one plane, so both many small planes and few large ones spread. */
+void hqod_int_bn_forward_f32(const float* restrict x, float* restrict out, int64_t planes,
+                             int64_t channels, int64_t hw, float inv, const float* restrict s,
+                             const float* restrict a, int nthreads) {
+    int64_t nchunks = (hw + BLOCK - 1) / BLOCK;
+    int64_t ntasks = planes * nchunks;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (planes * hw >= PARALLEL_MIN)
+    for (int64_t t = 0; t < ntasks; t++) {
+        int64_t p = t / nchunks;
+        int64_t k = t - p * nchunks;
+        int64_t c = p % channels;
+        float sc = s[c], ac = a[c];
+        int64_t begin = p * hw + k * BLOCK;
+        int64_t end = p * hw + ((k + 1) * BLOCK < hw ? (k + 1) * BLOCK : hw);
+        #pragma omp simd
+        for (int64_t i = begin; i < end; i++) {
+            float r = nearbyintf(x[i] * inv);
+            out[i] = (r + sc) * ac;
+        }
+    }
+}
 """
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+# -ffp-contract=off: no fused multiply-adds (GCC's default in -std=c11, not clang's), so that
+# the kernels round as PyTorch's separate ops do.
+_FLAGS = [
+    "-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11",
+]
 
 _lock = threading.Lock()
 _lib = None
@@ -134,6 +164,8 @@ def load() -> Optional[ctypes.CDLL]:
             lib.hqod_fq_forward_f32.restype = None
             lib.hqod_fq_backward_f32.argtypes = [p, p, p, i64, f32, f32, f32, f32, cint, cint]
             lib.hqod_fq_backward_f32.restype = ctypes.c_double
+            lib.hqod_int_bn_forward_f32.argtypes = [p, p, i64, i64, i64, f32, p, p, cint]
+            lib.hqod_int_bn_forward_f32.restype = None
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""

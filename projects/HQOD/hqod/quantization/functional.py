@@ -22,7 +22,8 @@ needs no temporary tensor. What "inside" means differs:
 
 Backends (:func:`set_backend`, or the environment variable ``HQOD_QUANT_BACKEND``):
 
-* ``"native"`` (float32 on CPU): two small C kernels (:mod:`._native`), one pass forward and
+* ``"native"`` (float32 on CPU): two small C kernels of :mod:`._native` (which also holds the
+  one-pass integer BN of :mod:`.integer_layers`), one pass forward and
   one pass backward (input gradient and the step-gradient sum together, accumulated in float64,
   the output recomputed on the fly instead of saved); compiled once per machine with the system
   C compiler (about a second) and called through ctypes.

@@ -31,6 +31,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import functional
+
 __all__ = [
     "INT32_MAX",
     "IntegerGrid",
@@ -321,7 +323,7 @@ class _RoundToGrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step: float):
-        return torch.round(x * (1.0 / step)).mul_(step)
+        return torch.mul(x, 1.0 / step).round_().mul_(step)
 
     @staticmethod
     def backward(ctx, grad):
@@ -402,21 +404,56 @@ def _is_synced(bn) -> bool:
     return isinstance(bn, (torch.nn.SyncBatchNorm, NaiveSyncBatchNorm)) and comm.get_world_size() > 1
 
 
-class _IntegerBatchNorm(torch.autograd.Function):
-    """Forward: Eq. 6 exactly, ``(round(x / alpha_conv) + round(s)) * alpha_z`` (the integer sum
-    first, then one rounding of the product); backward: the float BN's (Eq. 5) gradients for
-    ``x``, ``gamma``, ``beta`` (straight-through roundings)."""
+def _eq6_native(x: Tensor, acc_step, alpha_z: Tensor, s_round: Tensor) -> Optional[Tensor]:
+    """``(round(x * (1 / acc_step)) + round(s)) * alpha_z`` in one pass with the native kernel
+    (:mod:`._native`), bit-identical to the PyTorch ops of :func:`_eq6`; None where the kernel
+    does not apply (not a contiguous float32 NCHW tensor on CPU, a backend other than
+    "auto"/"native", no compiler)."""
+    if x.dim() != 4 or isinstance(acc_step, Tensor) or x.numel() == 0:
+        return None
+    lib = functional._native_lib(x)  # contiguous float32 on CPU, and the backend allows it
+    if lib is None:
+        return None
+    n, c, h, w = x.shape
+    if alpha_z.numel() != c or s_round.numel() != c or alpha_z.device != x.device or s_round.device != x.device:
+        return None  # the PyTorch ops raise
+    # what torch.mul(x, 1.0 / acc_step) multiplies by: the Python float rounded to float32 (the
+    # c_float argument), and the per-channel vectors as .to(float32) rounds them
+    s = s_round.to(torch.float32).contiguous()
+    a = alpha_z.to(torch.float32).contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    lib.hqod_int_bn_forward_f32(
+        x.data_ptr(), out.data_ptr(), n * c, c, h * w, 1.0 / acc_step, s.data_ptr(), a.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, acc_step, alpha_z, s_round, offset, bn_stats):
-        mean, invstd, running_mean, running_var, train, eps = bn_stats
+
+def _eq6(x: Tensor, acc_step, alpha_z: Tensor, s_round: Tensor, offset: Tensor) -> Tensor:
+    """Eq. 6 on ``x = eta_conv * alpha_conv`` (NCHW): ``(round(x / alpha_conv) + round(s)) *
+    alpha_z``, plus ``offset`` (``beta``) in the channels with ``alpha_z = 0`` (``gamma = 0``)."""
+    z = _eq6_native(x, acc_step, alpha_z, s_round)
+    if z is None:
         view = (1, -1, 1, 1)
         z = torch.mul(x, 1.0 / acc_step).round_()  # the exact int32 accumulator (float noise off)
         # (eta_conv + round(s)) first: an exact integer, so z is exactly 0 where it is 0
         z.add_(s_round.to(x.dtype).view(view)).mul_(alpha_z.to(x.dtype).view(view))
-        zero = alpha_z == 0
-        if zero.any():  # gamma = 0: the constant beta
-            z.add_(torch.where(zero, offset, torch.zeros_like(offset)).to(x.dtype).view(view))
+    zero = alpha_z == 0
+    if zero.any():  # gamma = 0: the constant beta
+        z.add_(torch.where(zero, offset, torch.zeros_like(offset)).to(x.dtype).view(1, -1, 1, 1))
+    return z
+
+
+class _IntegerBatchNorm(torch.autograd.Function):
+    """Forward: Eq. 6 exactly, ``(round(x / alpha_conv) + round(s)) * alpha_z`` (the integer sum
+    first, then one rounding of the product; one native pass for float32 on CPU, :func:`_eq6`);
+    backward: the float BN's (Eq. 5) gradients for ``x``, ``gamma``, ``beta`` (straight-through
+    roundings)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, acc_step, alpha_z, s_round, offset, bn_stats):
+        mean, invstd, running_mean, running_var, train, eps = bn_stats
+        z = _eq6(x, acc_step, alpha_z, s_round, offset)
         ctx.save_for_backward(x, weight, mean, invstd, running_mean, running_var)
         ctx.train, ctx.eps = train, eps
         return z
