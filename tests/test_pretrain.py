@@ -129,3 +129,11 @@ def test_tool_keeps_an_existing_checkpoint_and_refuses_bad_arguments(pretrained,
     assert "exists; keeping it" in capsys.readouterr().out and os.path.getmtime(pretrained[18]) == before
     assert tool.main(["--output", pretrained[18] + ".new", "--crops", "8", "--batch-size", "16"]) == 2
     assert "--crops >= --batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", DIGITS_CONFIGS)
+def test_real_data_presets_do_not_use_the_digits_backbone(config):
+    cfg = LazyConfig.load(os.path.join(ROOT, config))
+    for preset in ("coco", "voc"):
+        cfg.dataloader.dataset = preset
+        assert cfg.train.init_checkpoint == ""
