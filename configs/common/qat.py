@@ -34,12 +34,16 @@ QAT_METHODS = {
 #   HQOD does not report, takes the W4 recipe.
 #   AQD (its LQ quantizer): lr 1e-3, 2e-3 for 2 bits; detectron2's 1x steps (2/3, 8/9).
 QAT_RECIPES = {
-    ("hqod", 4): dict(lr_factor=0.1, milestones=(8 / 16, 14 / 16), clip=True),
-    ("hqod", 3): dict(lr_factor=0.1, milestones=(8 / 16, 14 / 16), clip=True),
-    ("hqod", 2): dict(lr_factor=1.0, milestones=(9 / 18, 14 / 18, 17 / 18), clip=True),
-    ("aqd", 4): dict(lr_factor=0.1, milestones=(2 / 3, 8 / 9), clip=False),
-    ("aqd", 3): dict(lr_factor=0.1, milestones=(2 / 3, 8 / 9), clip=False),
-    ("aqd", 2): dict(lr_factor=0.2, milestones=(2 / 3, 8 / 9), clip=False),
+    "hqod": {
+        4: dict(lr_factor=0.1, milestones=(8 / 16, 14 / 16), clip=True),
+        3: dict(lr_factor=0.1, milestones=(8 / 16, 14 / 16), clip=True),
+        2: dict(lr_factor=1.0, milestones=(9 / 18, 14 / 18, 17 / 18), clip=True),
+    },
+    "aqd": {
+        4: dict(lr_factor=0.1, milestones=(2 / 3, 8 / 9), clip=False),
+        3: dict(lr_factor=0.1, milestones=(2 / 3, 8 / 9), clip=False),
+        2: dict(lr_factor=0.2, milestones=(2 / 3, 8 / 9), clip=False),
+    },
 }
 RECIPE_FAMILY = {"lsq": "hqod", "tqt": "hqod", "lsq_torch": "hqod", "lq": "aqd"}
 # The embedded dataset's QAT schedule: a third of the FP32 schedule's iterations.
@@ -60,7 +64,7 @@ def to_qat(train, optimizer, lr_multiplier, quant, *, fp32: str, name: str):
     with ``quant`` from ``output/<fp32>/model_final.pth`` (what ``configs/<fp32>.py`` writes),
     output to ``output/<name>``: the recipe of :data:`QAT_RECIPES` for the quantizer's family
     and weight bits, a warm-up over 5% of the schedule, zero weight decay on quantizer steps."""
-    recipe = QAT_RECIPES[(RECIPE_FAMILY[quant.method], quant.weight_bits)]
+    recipe = QAT_RECIPES[RECIPE_FAMILY[quant.method]][quant.weight_bits]
     train.init_checkpoint = f"output/{fp32}/model_final.pth"
     train.output_dir = f"./output/{name}"
     train.max_iter = int(train.max_iter * QAT_ITER_FRACTION)

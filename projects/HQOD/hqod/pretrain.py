@@ -29,6 +29,7 @@ __all__ = [
     "BackboneClassifier",
     "crop_set",
     "pretrain_backbone",
+    "pretrain_command",
     "pretrained_backbone_path",
 ]
 
@@ -47,6 +48,7 @@ def pretrained_backbone_path(depth) -> str:
 
 
 def pretrain_command(depth) -> str:
+    """The command that makes :func:`pretrained_backbone_path` (``depth``)."""
     return f"python tools/pretrain_backbone.py --depth {int(depth)}"
 
 

@@ -17,6 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
 from hqod.modeling.backbone import resnet_depth
+from hqod.pretrain import pretrain_command
 
 from .defaults import UserError
 
@@ -198,8 +199,7 @@ class Checkpointer(DetectionCheckpointer):
             raise UserError(
                 f"Checkpoint {path} holds a ResNet-{theirs} backbone but the model's backbone is "
                 f"ResNet-{ours} (model.backbone.bottom_up.stages.depth={ours}): use a ResNet-{ours} "
-                f"checkpoint (e.g. python tools/pretrain_backbone.py --depth {ours}), or set the "
-                f"depth to {theirs}."
+                f"checkpoint (e.g. {pretrain_command(ours)}), or set the depth to {theirs}."
             )
         incompatible = super()._load_model(checkpoint)
         if self.strict and incompatible is not None:

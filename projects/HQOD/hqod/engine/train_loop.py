@@ -14,7 +14,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from hqod.data import ensure_datasets
-from hqod.pretrain import pretrained_backbone_path
+from hqod.pretrain import pretrain_command, pretrained_backbone_path
 from hqod.quantization import calibrate, load_fp32_checkpoint, quantize_model
 
 from .checkpoint import Checkpointer, ExtraTrainingState, read_checkpoint
@@ -108,21 +108,21 @@ def init_qat(cfg, model, data_loader):
 
 
 def check_init_checkpoint(cfg):
-    """A missing ``train.init_checkpoint`` of an FP32 run: one message; for the digits preset's
-    pretrained backbone, the command that makes it."""
+    """A missing ``train.init_checkpoint`` of an FP32 run: one message; for a digits-pretrained
+    backbone, the command that makes it."""
     path = cfg.train.init_checkpoint
     if not path or "://" in path or os.path.isfile(path) or cfg.get("quant") is not None:
         return
-    m = re.fullmatch(r"(.*/)?digits_r(\d+)\.pth", os.path.normpath(path))
-    if m and os.path.normpath(path) == os.path.normpath(pretrained_backbone_path(m.group(2))):
-        raise UserError(
-            f"Pretrained backbone {path} (train.init_checkpoint) does not exist: make it with "
-            f"`python tools/pretrain_backbone.py --depth {m.group(2)}` (about 3 minutes on 2 cores), "
-            'or set train.init_checkpoint="" to train from scratch.'
-        )
+    for depth in (18, 34, 50):
+        if os.path.normpath(path) == os.path.normpath(pretrained_backbone_path(depth)):
+            raise UserError(
+                f"Pretrained backbone {path} (train.init_checkpoint) does not exist: make it with "
+                f"`{pretrain_command(depth)}` (about 3 minutes on 2 cores), or set "
+                'train.init_checkpoint="" to train from scratch.'
+            )
     raise UserError(
-        f"Checkpoint {path} (train.init_checkpoint) does not exist. Set train.init_checkpoint to "
-        'an existing file (or to "" to train from scratch).'
+        f"Checkpoint {path} does not exist. Set train.init_checkpoint to an existing file (or to "
+        '"" to train from scratch).'
     )
 
 

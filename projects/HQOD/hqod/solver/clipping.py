@@ -19,7 +19,10 @@ class ClippedSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            torch.nn.utils.clip_grad_norm_(grads, self.max_norm, self.norm_type, foreach=True)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if params:
+            grads = [p.grad for p in params]
+            total = torch.nn.utils.get_total_norm(grads, self.norm_type, foreach=True)
+            if total > self.max_norm:  # else the scale is 1: skip the pass over every gradient
+                torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, total, foreach=True)
         return super().step(closure)
