@@ -311,22 +311,22 @@ def target_bit_separation(records):
 
 def target_hqod_w4(records, method):
     """(b) ``method``+HQOD W4 reaches FP32 AP."""
-    hqod = f"{method}_w4_hqod"
+    with_hqod = f"{method}_w4_hqod"
 
     def measure():
-        ap, fp32 = mean(records, hqod, "AP"), mean(records, "fp32", "AP")
+        ap, fp32 = mean(records, with_hqod, "AP"), mean(records, "fp32", "AP")
         return ap >= fp32, f"{ap:.2f} vs {fp32:.2f}"
 
-    return target_line(records, f"{method.upper()}+HQOD W4 AP >= FP32 AP", ["fp32", hqod], measure)
+    return target_line(records, f"{method.upper()}+HQOD W4 AP >= FP32 AP", ["fp32", with_hqod], measure)
 
 
 def target_hqod_w2(records, method):
     """(c) ``method``+HQOD W2 gains 1 AP and 1 AP75 over its baseline: mean paired difference over
     at least MIN_PAIRED_SEEDS seeds, each seed's difference positive."""
-    baseline, hqod = f"{method}_w2", f"{method}_w2_hqod"
+    baseline, with_hqod = f"{method}_w2", f"{method}_w2_hqod"
 
     def measure():
-        d_ap, d_ap75 = (paired_differences(records, baseline, hqod, key) for key in ("AP", "AP75"))
+        d_ap, d_ap75 = (paired_differences(records, baseline, with_hqod, key) for key in ("AP", "AP75"))
         if len(d_ap) < MIN_PAIRED_SEEDS:
             return None, f"only {len(d_ap)} paired seeds"
         ok = all(np.mean(list(d.values())) >= 1.0 and min(d.values()) > 0 for d in (d_ap, d_ap75))
@@ -336,7 +336,7 @@ def target_hqod_w2(records, method):
         f"{method.upper()}+HQOD W2 >= {method.upper()} W2 + 1.0 AP and + 1.0 AP75 "
         f"(mean paired difference over >= {MIN_PAIRED_SEEDS} seeds, every seed > 0)"
     )
-    return target_line(records, text, [baseline, hqod], measure)
+    return target_line(records, text, [baseline, with_hqod], measure)
 
 
 def targets_harmony(records, method):
@@ -351,7 +351,7 @@ def targets_harmony(records, method):
 
     def rises(key, fmt):
         def measure():
-            means = [(mean(records, hqod, key, "harmony"), mean(records, base, key, "harmony")) for base, hqod in pairs]
+            means = [(mean(records, h, key, "harmony"), mean(records, base, key, "harmony")) for base, h in pairs]
             detail = ", ".join(f"W{bits} {fmt.format(h)} vs {fmt.format(b)}" for bits, (h, b) in zip(BITS, means))
             return all(h > b for h, b in means), detail
 

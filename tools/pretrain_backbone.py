@@ -12,7 +12,6 @@ train a new one; the old file is replaced only when the new one is complete).
 """
 import argparse
 import json
-import logging
 import os
 import sys
 
