@@ -297,14 +297,12 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="--loop: add a cProfile breakdown")
     parser.add_argument("--fp32-checkpoint", default="", help="--loop: FP32 detector every variant starts from")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    set_backend(args.backend)
     if args.loop:
-        torch.set_num_threads(args.threads)
-        set_backend(args.backend)
         return main_loop(args)
     if "fp32" not in args.variants:
         args.variants = ["fp32"] + args.variants
-    torch.set_num_threads(args.threads)
-    set_backend(args.backend)
 
     models = build_variants(args)
     batch = make_batch(args.batch, args.size, args.num_classes)

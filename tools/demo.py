@@ -4,9 +4,10 @@ The main job (`make demo`): on the embedded digits dataset, generate the data if
 pretrain the ResNet-18 backbone on digit crops of the train split if its checkpoint is missing
 (the stand-in for ImageNet pretraining), train FP32 RetinaNet-R18 from it, fine-tune it with
 quantization-aware training (AQD W4A4, fully quantized, + the HQOD losses), evaluate both with
-COCOEvaluator, and print the AP table and where the outputs went. Each stage is the `tools/train_net.py` command a user would
-type (printed before it runs). Running it again continues (`--resume`) instead of starting over:
-finished stages only re-evaluate, and nothing in output/demo is overwritten.
+COCOEvaluator, and print the AP table and where the outputs went. Each stage is the
+`tools/train_net.py` command a user would type (printed before it runs). Running it again
+continues (`--resume`) instead of starting over: finished stages only re-evaluate, and nothing in
+output/demo is overwritten.
 """
 import argparse
 import json

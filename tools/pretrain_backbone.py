@@ -18,12 +18,12 @@ import sys
 import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 from detectron2.utils.logger import setup_logger
 
-from hqod.pretrain import pretrain_backbone, pretrained_backbone_path, save_backbone_checkpoint
+from hqod.pretrain import PRETRAIN_DEPTHS, pretrain_backbone, pretrained_backbone_path, save_backbone_checkpoint
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=18, choices=[18, 34, 50], help="ResNet depth (default 18)")
+    p.add_argument("--depth", type=int, default=18, choices=PRETRAIN_DEPTHS, help="ResNet depth (default 18)")
     p.add_argument("--output", default=None, help="checkpoint path (default output/pretrained/digits_r<depth>.pth)")
     p.add_argument("--crops", type=int, default=25600, help="training crops (default 25600)")
     p.add_argument("--epochs", type=int, default=2, help="passes over the crops (default 2)")

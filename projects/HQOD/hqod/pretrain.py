@@ -31,6 +31,7 @@ __all__ = [
     "pretrain_backbone",
     "pretrain_command",
     "pretrained_backbone_path",
+    "PRETRAIN_DEPTHS",
 ]
 
 logger = logging.getLogger("hqod")
@@ -39,6 +40,10 @@ logger = logging.getLogger("hqod")
 # RGB mean/std; the classifier normalizes its crops the same way.
 PIXEL_MEAN = (123.675, 116.280, 103.530)
 PIXEL_STD = (58.395, 57.120, 57.375)
+
+
+# The ResNet depths tools/pretrain_backbone.py trains.
+PRETRAIN_DEPTHS = (18, 34, 50)
 
 
 def pretrained_backbone_path(depth) -> str:
@@ -59,7 +64,6 @@ class BackboneClassifier(nn.Module):
 
     def __init__(self, depth: int, num_classes: int = NUM_CROP_CLASSES, norm: str = "BN"):
         super().__init__()
-        self.depth = depth
         self.backbone = ResNet(
             BasicStem(in_channels=3, out_channels=64, norm=norm),
             resnet_stages(depth, norm=norm),
@@ -106,11 +110,6 @@ def evaluate(model, images, labels, batch_size=256) -> float:
     )
     model.train()
     return 100.0 * correct / max(len(labels), 1)
-
-
-def _to_detectron2_names(classifier: BackboneClassifier):
-    """The backbone's state dict under detectron2 ResNet names (``stem.*``, ``res2.*``, ...)."""
-    return {k: v.detach().clone() for k, v in classifier.backbone.state_dict().items()}
 
 
 def pretrain_backbone(
@@ -216,7 +215,7 @@ def save_backbone_checkpoint(model: BackboneClassifier, info, path):
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     data = {
-        "model": _to_detectron2_names(model),
+        "model": model.backbone.state_dict(),  # detectron2 ResNet names: stem.*, res2.*, ...
         "__author__": "hqod.pretrain",
         "matching_heuristics": True,
         "pretrain": dict(info),

@@ -10,6 +10,7 @@ rotations, distractor shapes, occluding bars, pixel noise and JPEG compression â
 Each crop is a pure function of ``(seed, index)``, so a crop set is reproducible on any machine
 and independent of the number of worker processes.
 """
+import functools
 import io
 
 import numpy as np
@@ -29,6 +30,7 @@ BACKGROUND = 10
 NUM_CROP_CLASSES = 11
 
 
+@functools.lru_cache(maxsize=None)  # one read of scikit-learn's digits per process
 def crop_digit_pools(holdout_fraction=0.1):
     """``(digit images, labels, {"fit": indices, "holdout": indices})``: the train split's digit
     samples (those that render the train scenes), divided into the samples pretraining learns

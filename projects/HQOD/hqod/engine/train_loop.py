@@ -14,7 +14,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from hqod.data import ensure_datasets
-from hqod.pretrain import pretrain_command, pretrained_backbone_path
+from hqod.pretrain import PRETRAIN_DEPTHS, pretrain_command, pretrained_backbone_path
 from hqod.quantization import calibrate, load_fp32_checkpoint, quantize_model
 
 from .checkpoint import Checkpointer, ExtraTrainingState, read_checkpoint
@@ -113,7 +113,7 @@ def check_init_checkpoint(cfg):
     path = cfg.train.init_checkpoint
     if not path or "://" in path or os.path.isfile(path) or cfg.get("quant") is not None:
         return
-    for depth in (18, 34, 50):
+    for depth in PRETRAIN_DEPTHS:
         if os.path.normpath(path) == os.path.normpath(pretrained_backbone_path(depth)):
             raise UserError(
                 f"Pretrained backbone {path} (train.init_checkpoint) does not exist: make it with "
