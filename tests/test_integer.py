@@ -340,6 +340,10 @@ def trained_aqd(tiny_digits, tmp_path_factory):
     calibration on 8 images, then 3 QAT steps on the tiny dataset; saved as a checkpoint."""
     torch.manual_seed(0)
     cfg = tiny_aqd_config()
+    # the same training images whatever ran before (else the stream seed comes from the global
+    # RNG and the float32 AP check below flips with the tests that ran first); stream 3 because
+    # streams 0-2 leave a detector at AP <= 0.013, which would make the AP checks vacuous
+    cfg.dataloader.train.seed = 3
     model = build_model(cfg)
     loader = iter(instantiate(cfg.dataloader.train))
     set_fake_quant(model, False)
