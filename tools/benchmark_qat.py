@@ -179,6 +179,9 @@ def loop_run(name, args, profile=False):
                 f"train.checkpointer.period={10 * total}",
                 f"train.eval_period={10 * total}",
                 f"train.log_period={10 * total}",
+                # float32 against float32: the FP32 configs train with bfloat16 autocast
+                # (train.amp) where the CPU has it; QAT always runs in float32
+                "train.amp.enabled=False",
             ],
         )
         # the same FP32 weights for every variant (trained weights: their value ranges matter)

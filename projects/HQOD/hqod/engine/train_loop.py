@@ -9,7 +9,7 @@ import torch
 from omegaconf import ListConfig
 
 from detectron2.config import instantiate
-from detectron2.engine import SimpleTrainer, create_ddp_model, hooks
+from detectron2.engine import create_ddp_model, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
@@ -17,6 +17,7 @@ from hqod.data import ensure_datasets
 from hqod.pretrain import PRETRAIN_DEPTHS, pretrain_command, pretrained_backbone_path
 from hqod.quantization import calibrate, load_fp32_checkpoint, quantize_model
 
+from .amp import trainer_class
 from .checkpoint import Checkpointer, ExtraTrainingState, read_checkpoint
 from .defaults import UserError, resolve_device
 from .distributed import convert_sync_batchnorm, sync_loss_normalizers
@@ -199,7 +200,8 @@ def _apply_optimizer_settings(optimizer, configured):
 
 def build_trainer(cfg, model, *, resume=False):
     """
-    The trainer ``tools/train_net.py`` runs, ready to start: detectron2's SimpleTrainer over
+    The trainer ``tools/train_net.py`` runs, ready to start: detectron2's SimpleTrainer (or its
+    mixed-precision variant for ``train.amp.enabled``, :mod:`hqod.engine.amp`) over
     ``cfg.optimizer``, ``cfg.lr_multiplier`` and ``cfg.dataloader.train`` with its hooks
     (iteration timer, LR schedule, periodic checkpoints, evaluation, writers), FP32 -> QAT
     initialization and calibration for quantized configs, and the state of the last checkpoint
@@ -207,6 +209,7 @@ def build_trainer(cfg, model, *, resume=False):
     evaluation once training has run (see :func:`do_train`).
     """
     ensure_datasets(_dataset_names(cfg.dataloader.train))
+    trainer_cls = trainer_class(cfg, next(model.parameters()).device)  # train.amp
     resuming = resume and Checkpointer(model, cfg.train.output_dir).has_checkpoint()
     if not resuming:
         check_init_checkpoint(cfg)
@@ -223,7 +226,7 @@ def build_trainer(cfg, model, *, resume=False):
     if next(model.parameters()).device.type == "cpu":
         ddp_kwargs.setdefault("device_ids", None)  # CPU processes (gloo): no device
     model = create_ddp_model(model, **ddp_kwargs)
-    trainer = SimpleTrainer(model, train_loader, optimizer)
+    trainer = trainer_cls(model, train_loader, optimizer)
     results = {}
 
     def evaluate():

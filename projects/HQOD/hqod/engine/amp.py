@@ -1,0 +1,73 @@
+"""
+Mixed-precision training (``train.amp.enabled``) for FP32 detectors.
+
+On CUDA it is detectron2's own :class:`~detectron2.engine.AMPTrainer` (float16 autocast with a
+gradient scaler). On CPU it is :class:`CPUAutocastTrainer`: the forward pass (losses included, as
+in AMPTrainer) under bfloat16 autocast, where the CPU computes bfloat16 natively (AVX512-BF16 or
+AMX; about 1.5x faster for the digits RetinaNet-R18). bfloat16 has float32's exponent range, so
+no gradient scaler is needed. Weights, gradients and the optimizer stay float32, and evaluation
+runs in float32. A CPU without native bfloat16 would emulate it (slower than float32): there the
+run trains in float32 and the log says so.
+
+Quantization-aware training is refused with AMP: fake quantization rounds to grids that a
+bfloat16 value (8 significant bits) cannot hold exactly, so QAT trains in float32.
+"""
+import logging
+import time
+
+import torch
+
+from detectron2.engine import AMPTrainer, SimpleTrainer
+
+from .defaults import UserError
+
+logger = logging.getLogger("hqod")
+
+
+def native_bfloat16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's check)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class CPUAutocastTrainer(SimpleTrainer):
+    """detectron2's SimpleTrainer with the forward pass under CPU bfloat16 autocast."""
+
+    def run_step(self):
+        assert self.model.training, "[CPUAutocastTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_dict = self.model(data)
+        # the sum in float32: each loss is a float32 or bfloat16 scalar
+        loss_dict = {k: v.float() for k, v in loss_dict.items()}
+        losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad()
+        losses.backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
+def trainer_class(cfg, device: torch.device):
+    """The trainer class for ``cfg.train.amp`` on ``device``: SimpleTrainer, AMPTrainer (CUDA)
+    or CPUAutocastTrainer (CPU with native bfloat16)."""
+    if not cfg.train.get("amp", {}).get("enabled", False):
+        return SimpleTrainer
+    if cfg.get("quant") is not None:
+        raise UserError(
+            "train.amp.enabled=True with a quant node: quantization-aware training runs in "
+            "float32 (fake quantization needs float32 grids). Set train.amp.enabled=False."
+        )
+    if device.type == "cuda":
+        return AMPTrainer
+    if device.type == "cpu":
+        if native_bfloat16_cpu():
+            return CPUAutocastTrainer
+        logger.warning(
+            "train.amp.enabled=True, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
+            "training in float32 instead (emulated bfloat16 would be slower)."
+        )
+        return SimpleTrainer
+    raise UserError(f"train.amp.enabled=True is supported on CPU and CUDA, not on {device.type}.")
