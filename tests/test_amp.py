@@ -53,6 +53,9 @@ def test_cpu_autocast_step_runs_convs_in_bfloat16_and_keeps_float32_state(tiny_d
         del model.loss_normalizer  # the EMA that forward started: the step starts it again
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay put
         trainer = CPUAutocastTrainer(model, [data], optimizer)
+        stem = model.backbone.bottom_up.stem.conv1.weight
+        assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+        assert optimizer.param_groups[0]["params"][0] is next(model.parameters())
         trainer.run_step()
         logged = {k: v.latest() for k, v in storage.histories().items() if k.startswith("loss")}
     hook.remove()
