@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3.11}
-D2_SDIST="pb1-detectron2==0.6"  # fetched through pip's configured index (PIP_INDEX_URL, pip.conf)
+D2_SDIST_URL="https://files.pythonhosted.org/packages/60/26/48f5bbb7ee492696a21da23303daeecdfe3942c498a70d34108acf63b2bd/pb1-detectron2-0.6.tar.gz"
 D2_SDIST_SHA256="5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 
 stamp_inputs=(requirements.txt setup.py tools/install.sh projects/HQOD/hqod/compat/d2_c_standin.py)
@@ -40,12 +40,14 @@ else
   echo "[install] building detectron2 (pb1-detectron2==0.6) without its C++ extension"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation -d "$work" "$D2_SDIST"
-  sdist=$(find "$work" -maxdepth 1 -name 'pb1*detectron2-0.6.tar.gz' | head -n 1)
-  [[ -n $sdist ]] || { echo "error: pip download $D2_SDIST gave no sdist in $work" >&2; exit 1; }
-  echo "$D2_SDIST_SHA256  $sdist" | sha256sum --check --quiet - \
-    || { echo "error: $sdist does not have the expected sha256 $D2_SDIST_SHA256" >&2; exit 1; }
-  mv "$sdist" "$work/d2.tar.gz"
+  "$PY" - "$D2_SDIST_URL" "$D2_SDIST_SHA256" "$work/d2.tar.gz" <<'PYEOF'
+import hashlib, sys, urllib.request
+url, sha, dst = sys.argv[1:]
+data = urllib.request.urlopen(url, timeout=180).read()
+if hashlib.sha256(data).hexdigest() != sha:
+    sys.exit(f"error: {url} does not have the expected sha256 {sha}")
+open(dst, "wb").write(data)
+PYEOF
   tar xzf "$work/d2.tar.gz" -C "$work"
   src=$work/pb1-detectron2-0.6
   # No C++ extension; no black pin; the model-zoo configs where setup.py expects them.
