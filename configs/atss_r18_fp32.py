@@ -5,3 +5,5 @@ from .retina_r18_fp32 import dataloader, lr_multiplier, optimizer, train
 model.num_classes = "${hqod_data:${dataloader.dataset},num_classes}"
 model.backbone.out_channels = "${hqod_data:${dataloader.dataset},fpn_channels}"
 train.output_dir = "./output/atss_r18_fp32"
+# float32: fvcore's GIoU loss (FCOS/ATSS box loss) fails on bfloat16 boxes under autocast
+train.amp.enabled = False
