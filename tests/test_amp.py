@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from detectron2.config import instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils.events import EventStorage
 
@@ -32,8 +33,9 @@ def test_trainer_class_follows_train_amp(monkeypatch):
 def test_amp_is_refused_for_quantization_aware_training():
     with pytest.raises(UserError, match=r"train.amp.enabled=False"):
         trainer_class(_cfg("configs/retina_r18_lsq_w4.py"), CPU)
-    # the QAT configs switch it off themselves, whatever their FP32 config says
-    assert _cfg("configs/retina_r18_lsq_w4.py", enabled=False).train.amp.enabled is False
+    # the QAT configs switch it off themselves, although their FP32 config turns it on
+    assert tiny_config("configs/retina_r18_fp32.py").train.amp.enabled is True
+    assert tiny_config("configs/retina_r18_lsq_w4.py").train.amp.enabled is False
 
 
 def test_cpu_autocast_step_runs_convs_in_bfloat16_and_keeps_float32_state(tiny_digits):
@@ -41,8 +43,6 @@ def test_cpu_autocast_step_runs_convs_in_bfloat16_and_keeps_float32_state(tiny_d
     cfg = _cfg()
     model = build_model(cfg)
     model.train()
-    from detectron2.config import instantiate
-
     data = next(iter(instantiate(cfg.dataloader.train)))
     conv_dtypes = []
     hook = model.backbone.bottom_up.stem.conv1.register_forward_hook(

@@ -63,8 +63,9 @@ def quant_config(method: str, bits: int):
 def to_qat(train, optimizer, lr_multiplier, quant, *, fp32: str, name: str):
     """Turn the FP32 config's ``train``/``optimizer``/``lr_multiplier`` into QAT fine-tuning
     with ``quant`` from ``output/<fp32>/model_final.pth`` (what ``configs/<fp32>.py`` writes),
-    output to ``output/<name>``, in float32: the recipe of :data:`QAT_RECIPES` for the quantizer's family
-    and weight bits, a warm-up over 5% of the schedule, zero weight decay on quantizer steps."""
+    output to ``output/<name>``, in float32: the recipe of :data:`QAT_RECIPES` for the
+    quantizer's family and weight bits, a warm-up over 5% of the schedule, zero weight decay on
+    quantizer steps."""
     recipe = QAT_RECIPES[RECIPE_FAMILY[quant.method]][quant.weight_bits]
     train.init_checkpoint = f"output/{fp32}/model_final.pth"
     train.amp.enabled = False  # fake quantization trains in float32 (hqod.engine.amp)
