@@ -12,10 +12,11 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3.11}
-D2_SDIST_URL="https://files.pythonhosted.org/packages/60/26/48f5bbb7ee492696a21da23303daeecdfe3942c498a70d34108acf63b2bd/pb1-detectron2-0.6.tar.gz"
+# From the package indexes pip is configured with (tools/fetch_sdist.py), checked against the pin.
+D2_SDIST="pb1-detectron2-0.6.tar.gz"
 D2_SDIST_SHA256="5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 
-stamp_inputs=(requirements.txt setup.py tools/install.sh projects/HQOD/hqod/compat/d2_c_standin.py)
+stamp_inputs=(requirements.txt setup.py tools/install.sh tools/fetch_sdist.py projects/HQOD/hqod/compat/d2_c_standin.py)
 want=$(cat "${stamp_inputs[@]}" | sha256sum | cut -d' ' -f1)
 stamp=$VENV/.hqod-install-stamp
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
@@ -40,14 +41,8 @@ else
   echo "[install] building detectron2 (pb1-detectron2==0.6) without its C++ extension"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  "$PY" - "$D2_SDIST_URL" "$D2_SDIST_SHA256" "$work/d2.tar.gz" <<'PYEOF'
-import hashlib, sys, urllib.request
-url, sha, dst = sys.argv[1:]
-data = urllib.request.urlopen(url, timeout=180).read()
-if hashlib.sha256(data).hexdigest() != sha:
-    sys.exit(f"error: {url} does not have the expected sha256 {sha}")
-open(dst, "wb").write(data)
-PYEOF
+  # not `pip download`: it refuses pb1-detectron2, whose metadata has a direct-URL dependency
+  "$PY" tools/fetch_sdist.py pb1-detectron2 "$D2_SDIST" "$D2_SDIST_SHA256" "$work/d2.tar.gz"
   tar xzf "$work/d2.tar.gz" -C "$work"
   src=$work/pb1-detectron2-0.6
   # No C++ extension; no black pin; the model-zoo configs where setup.py expects them.
