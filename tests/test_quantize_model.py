@@ -200,6 +200,22 @@ def test_config_node_loads():
     cfg = LazyConfig.load(os.path.join(ROOT, "configs/common/quant.py"))
     q = QuantConfig.from_cfg(cfg.quant)
     assert (q.method, q.weight_bits, q.act_bits, q.scope, q.first_last_bits) == ("lsq", 4, 4, "aqd_star", 8)
+    assert cfg.quant.calib_images == 256
+
+
+def test_calibration_without_calib_images_uses_quant_config_default(monkeypatch):
+    """A quant node without ``calib_images`` calibrates on QuantConfig's default (256), the one
+    configs/common/quant.py shows, not a default of the training loop's own."""
+    from omegaconf import OmegaConf
+
+    from hqod.engine import train_loop
+
+    calls = []
+    monkeypatch.setattr(train_loop, "calibrate", lambda model, loader, num_images: calls.append(num_images))
+    for quant in ({"method": "lsq"}, {"calib_images": 8}):
+        cfg = OmegaConf.create({"train": {"init_checkpoint": ""}, "quant": quant})
+        train_loop.init_qat(cfg, model=None, data_loader=None)
+    assert calls == [256, 8]
 
 
 # ------------------------------------------------------------------------------------------

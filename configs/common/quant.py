@@ -3,9 +3,10 @@ Quantization-aware training settings: the top-level ``quant`` node, read by
 ``hqod.quantization.quantize_model`` (and ``calib_images`` by tools/train_net.py), plus the
 optimizer parameter groups that exempt quantizer steps from weight decay.
 
-Defaults: HQOD's LSQ W4A4 "AQD*" baseline — convs quantized (weights signed, activations
-unsigned after ReLU), first conv and head predictors at 8 bits, multi-level BN in the head,
-calibration on 256 images. Use in a config::
+Defaults (``hqod.quantization.QuantConfig``'s, the one place they are set): HQOD's LSQ W4A4
+"AQD*" baseline — convs quantized (weights signed, activations unsigned after ReLU), first conv
+and head predictors at 8 bits, multi-level BN in the head, calibration on 256 images. Use in a
+config::
 
     from .common.quant import quant, qat_optimizer_params
     optimizer.params = qat_optimizer_params
@@ -29,23 +30,14 @@ Fields (validated by ``hqod.quantization.QuantConfig``, which documents them in 
   multi_level_bn    one BN per FPN level in the shared head, indexed by level (AQD)
   calib_images      images of the calibration pass before QAT (0: init on the first batch)
 """
+from dataclasses import asdict
+
 from detectron2.config import LazyCall as L
 
-from hqod.quantization import get_qat_optimizer_params
+from hqod.quantization import QuantConfig, get_qat_optimizer_params
 
-quant = dict(
-    method="lsq",
-    weight_bits=4,
-    act_bits=4,
-    scope="aqd_star",
-    first_last_bits=8,
-    input_layers=None,
-    output_layers=None,
-    overrides={},
-    keep_unknown_fp32=False,
-    multi_level_bn=True,
-    calib_images=256,
-)
+# Every field, so that configs and command-line overrides can set each one by name.
+quant = asdict(QuantConfig())
 
 # Like configs/common/optim.py's params, plus zero weight decay on steps / thresholds /
 # intervals. train_net sets params.model before instantiating the optimizer.

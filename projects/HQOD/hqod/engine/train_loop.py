@@ -15,7 +15,7 @@ from detectron2.utils import comm
 
 from hqod.data import ensure_datasets
 from hqod.pretrain import PRETRAIN_DEPTHS, pretrain_command, pretrained_backbone_path
-from hqod.quantization import calibrate, load_fp32_checkpoint, quantize_model
+from hqod.quantization import QuantConfig, calibrate, load_fp32_checkpoint, quantize_model
 
 from .amp import trainer_class
 from .checkpoint import Checkpointer, ExtraTrainingState, read_checkpoint
@@ -105,7 +105,8 @@ def init_qat(cfg, model, data_loader):
     else:
         logger.warning("QAT from scratch: train.init_checkpoint is empty (no FP32 detector).")
     with torch.no_grad():
-        calibrate(model, data_loader, cfg.quant.get("calib_images", 0))
+        # QuantConfig holds the default of a node without the key, as for every quant field
+        calibrate(model, data_loader, QuantConfig.from_cfg(cfg.quant).calib_images)
 
 
 def check_init_checkpoint(cfg):
