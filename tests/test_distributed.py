@@ -6,18 +6,19 @@ import os
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from detectron2.utils import comm
 
 from hqod.data import DigitsSpec, generate_digits
 from hqod.engine.launch import d2_launch_supports_cpu, launch
 
 from helpers import ROOT, tiny_overrides
-
 
 
 def _free_port():
@@ -26,15 +27,40 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# The worker of detectron2's launch module, v0.6's and main's (abridged).
+D2_V06_WORKER = """
+def _distributed_worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args):
+    assert torch.cuda.is_available(), "cuda is not available. Please check your installation."
+    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    dist.init_process_group(backend="NCCL", init_method=dist_url, world_size=world_size, rank=global_rank)
+"""
+D2_MAIN_WORKER = """
+def _distributed_worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args):
+    has_gpu = torch.cuda.is_available()
+    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    dist.init_process_group(backend="NCCL" if has_gpu else "GLOO", init_method=dist_url,
+                            world_size=world_size, rank=global_rank)
+"""
+
+
+@pytest.mark.parametrize("source, expected", [(D2_V06_WORKER, False), (D2_MAIN_WORKER, True), (None, False)])
+def test_d2_launch_supports_cpu_reads_detectron2s_launch_module(tmp_path, monkeypatch, source, expected):
+    """True for a launch module whose worker falls back to gloo, False for one that asserts
+    CUDA, and False when the module's source cannot be read (no file)."""
+    module = types.ModuleType("detectron2.engine.launch")
+    if source is not None:
+        module.__file__ = str(tmp_path / "launch.py")
+        (tmp_path / "launch.py").write_text(source)
+    monkeypatch.setitem(sys.modules, "detectron2.engine.launch", module)
+    assert d2_launch_supports_cpu() is expected
+
+
 def test_launch_runs_one_process_in_place_and_knows_the_installed_detectron2():
     out = []
     launch(out.append, 1, args=(5,))
     assert out == [5]
-    import inspect
-
-    import detectron2.engine.launch as d2
-
-    assert d2_launch_supports_cpu() == ("gloo" in inspect.getsource(d2).lower())
+    # detectron2 main (the one with comm.create_local_process_group) runs CPU processes; v0.6 not
+    assert d2_launch_supports_cpu() is hasattr(comm, "create_local_process_group")
 
 
 def _sync_worker(rank, port, result_file):

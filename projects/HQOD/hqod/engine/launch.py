@@ -9,6 +9,7 @@ a CPU branch (gloo) where it cannot.
   backend (same ranks, same local process group, same ``--num-machines / --machine-rank /
   --dist-url`` semantics).
 """
+import importlib
 import inspect
 import logging
 import os
@@ -28,9 +29,10 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 def d2_launch_supports_cpu() -> bool:
     """Whether the installed detectron2's ``launch`` starts CPU processes (gloo) by itself:
-    detectron2 main does, v0.6 asserts CUDA."""
-    import detectron2.engine.launch as launch_module
-
+    detectron2 main's worker picks gloo without CUDA, v0.6's asserts CUDA (NCCL only)."""
+    # By name: ``import detectron2.engine.launch as m`` gives the function ``launch``, which
+    # detectron2.engine re-exports over its submodule, and the worker is not in that function.
+    launch_module = importlib.import_module("detectron2.engine.launch")
     try:
         source = inspect.getsource(launch_module)
     except (OSError, TypeError):  # no source available: assume the old behaviour
