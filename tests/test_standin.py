@@ -8,13 +8,26 @@ pytestmark = pytest.mark.skipif(HAS_D2_CPP_OPS, reason="official detectron2 with
 
 
 def test_cpp_only_op_raises_clear_error_naming_itself():
-    from detectron2.layers.rotated_boxes import pairwise_iou_rotated
+    """Through detectron2's own layers, whether they call ``detectron2._C.<op>`` (v0.6) or
+    ``torch.ops.detectron2.<op>`` (main; v0.6 for nms_rotated)."""
     import torch
 
-    with pytest.raises(RuntimeError, match=r"detectron2\._C\.box_iou_rotated is a C\+\+/CUDA operator"):
-        pairwise_iou_rotated(torch.zeros(1, 5), torch.zeros(1, 5))
-    with pytest.raises(RuntimeError, match=r"deform_conv_forward .*install official detectron2"):
-        _C.deform_conv_forward()
+    from detectron2.layers import ROIAlignRotated, nms_rotated
+    from detectron2.layers.rotated_boxes import pairwise_iou_rotated
+
+    calls = {
+        "box_iou_rotated": lambda: pairwise_iou_rotated(torch.zeros(1, 5), torch.zeros(1, 5)),
+        "nms_rotated": lambda: nms_rotated(torch.zeros(2, 5), torch.ones(2), 0.5),
+        "roi_align_rotated_forward": lambda: ROIAlignRotated((2, 2), 1.0, 0)(
+            torch.zeros(1, 1, 4, 4, requires_grad=True), torch.zeros(1, 6)
+        ),
+        "deform_conv_forward": lambda: _C.deform_conv_forward(),
+    }
+    for name, call in calls.items():
+        with pytest.raises(_C.MissingCppOpError) as e:
+            call()
+        assert str(e.value).startswith(f"detectron2._C.{name} is a C++/CUDA operator, and this detectron2 was built ")
+        assert "install official detectron2 from source" in str(e.value)
 
 
 def test_modeling_and_env_info_import_in_a_fresh_process():

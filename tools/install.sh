@@ -4,8 +4,9 @@
 #
 # detectron2 comes from the PyPI sdist pb1-detectron2==0.6 (the official v0.6 Python code without
 # its C++ sources), built without the C++ extension, plus a detectron2._C stand-in that raises a
-# clear error for the C++-only ops. An official detectron2 that is already installed in the venv
-# (with its real _C) is left alone. Idempotent: a second run with nothing changed takes a second.
+# clear error for the C++-only ops. A detectron2 that is already installed in the venv is kept:
+# an official one (with its real _C) as it is, ours with the current stand-in copied in.
+# Idempotent: a second run with nothing changed takes a second.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -37,6 +38,9 @@ echo "[install] pinned dependencies (torch alone is ~5 GB on a first run)"
 
 if "$PY" -c "import detectron2" 2>/dev/null; then
   echo "[install] detectron2 already installed: $("$PY" -c 'import detectron2, os; print(detectron2.__version__, os.path.dirname(detectron2.__file__))')"
+  # The stand-in that an earlier run installed takes this checkout's changes (a real _C stays).
+  standin=$("$PY" -c 'from detectron2 import _C; print(_C.__file__ if getattr(_C, "IS_STANDIN", False) else "")' 2>/dev/null || true)
+  [[ -z $standin ]] || cp projects/HQOD/hqod/compat/d2_c_standin.py "$standin"
 else
   echo "[install] building detectron2 (pb1-detectron2==0.6) without its C++ extension"
   work=$(mktemp -d)

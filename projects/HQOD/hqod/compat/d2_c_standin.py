@@ -5,7 +5,13 @@ PyPI sdist ``pb1-detectron2==0.6`` (which lacks the C++ sources). Importing dete
 in every process; each C++-only operator raises one clear error that names itself when called.
 Nothing in HQOD-D2 needs those operators: deformable conv, rotated boxes and the fast COCO
 evaluator (we use pycocotools instead, see ``hqod.evaluation``).
+
+detectron2 v0.6 calls every operator as ``detectron2._C.<name>`` (this module's ``__getattr__``);
+detectron2 main calls its rotated-box operators as ``torch.ops.detectron2.<name>``, which the
+real extension registers with TORCH_LIBRARY: this module registers them too (same schemas), with
+kernels that raise the same error.
 """
+import torch
 
 IS_STANDIN = True
 
@@ -25,6 +31,30 @@ def _missing(name):
 
     op.__name__ = name
     return op
+
+
+# detectron2/layers/csrc/vision.cpp's TORCH_LIBRARY(detectron2, m) operators and their C++ signatures
+TORCH_OPS = {
+    "nms_rotated": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "box_iou_rotated": "(Tensor boxes1, Tensor boxes2) -> Tensor",
+    "roi_align_rotated_forward": "(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
+    "int pooled_width, int sampling_ratio) -> Tensor",
+    "roi_align_rotated_backward": "(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
+    "int pooled_width, int batch_size, int channels, int height, int width, int sampling_ratio) -> Tensor",
+}
+
+
+def _register_torch_ops():
+    library = torch.library.Library("detectron2", "DEF")
+    for name, schema in TORCH_OPS.items():
+        library.define(name + schema)
+        # every dispatch key (CPU, CUDA, autograd, meta) reaches the same raising kernel
+        library.impl(name, _missing(name), "CompositeImplicitAutograd")
+    return library
+
+
+# The registrations last as long as the Library object does.
+_TORCH_LIBRARY = _register_torch_ops()
 
 
 # Build information that detectron2.utils.collect_env asks for: answered, not refused.
