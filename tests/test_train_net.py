@@ -1,5 +1,5 @@
-"""tools/train_net.py from the command line: a run, its outputs, evaluation of its checkpoint, and
-one clear error (exit code 2, no traceback) for each user mistake."""
+"""tools/train_net.py from the command line: a run, its outputs, evaluation of its checkpoint,
+one clear error (exit code 2, no traceback) for each user mistake, and the traceback of a bug."""
 import json
 import os
 import subprocess
@@ -98,3 +98,45 @@ def test_missing_and_corrupt_datasets_say_how_to_fix(tmp_path):
                   datasets=bad.parent, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "is not a valid COCO JSON file" in r.stderr and "tools/generate_digits.py" in r.stderr
+
+
+def train_net_with_bug(error, *args):
+    """tools/train_net.py whose build_model raises ``error`` (Python source): a bug in our code,
+    not a mistake of the user's."""
+    code = (
+        "import runpy, hqod.engine\n"
+        f"def build_model(cfg):\n    raise {error}\n"
+        "hqod.engine.build_model = build_model\n"
+        "runpy.run_path('tools/train_net.py', run_name='__main__')\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+@pytest.mark.parametrize(
+    "error, last_line",
+    [
+        ("KeyError('head.num_anchors')", "KeyError: 'head.num_anchors'"),
+        ("FileNotFoundError(2, 'No such file or directory', '/tmp/hqod-cache.json')",
+         "FileNotFoundError: [Errno 2] No such file or directory: '/tmp/hqod-cache.json'"),
+    ],
+)  # fmt: skip
+def test_internal_key_and_file_errors_keep_their_traceback(error, last_line, tmp_path):
+    r = train_net_with_bug(error, "--config-file", "configs/retina_r18_fp32.py", f"train.output_dir={tmp_path}")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback (most recent call last)" in r.stderr and "in build_model" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == last_line
+    assert "error: " not in r.stderr
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    args = ["--config-file", "configs/nope.py", f"train.output_dir={tmp_path}"]
+    r = train_net("--debug", *args, timeout=120)
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "hqod.engine.defaults.UserError: Config file configs/nope.py does not exist (see configs/ for the list)."
+    )
+    r = train_net(*args, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [x for x in r.stderr.splitlines() if x.startswith("error: ")] == [
+        "error: Config file configs/nope.py does not exist (see configs/ for the list)."
+    ]

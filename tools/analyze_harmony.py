@@ -24,7 +24,6 @@ import os
 import sys
 
 import torch
-from omegaconf.errors import OmegaConfBaseException
 
 import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 
@@ -34,8 +33,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
 from detectron2.utils.logger import setup_logger
 
-from hqod.data import DatasetError
-from hqod.engine import Checkpointer, UserError, build_model, do_test, load_config
+from hqod.engine import USER_ERRORS, Checkpointer, UserError, build_model, do_test, load_config, user_error_message
 from hqod.evaluation.harmony_plots import (
     draw_detections,
     load_tp_records,
@@ -144,8 +142,8 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         main(args)
-    except (UserError, DatasetError, FileNotFoundError, OmegaConfBaseException) as e:
+    except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {user_error_message(e)}", file=sys.stderr)
         sys.exit(2)

@@ -22,15 +22,14 @@ import os
 import sys
 
 import torch
-from omegaconf.errors import OmegaConfBaseException
 
 import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 
 from detectron2.config import instantiate
 from detectron2.utils.logger import setup_logger
 
-from hqod.data import DatasetError, ensure_datasets
-from hqod.engine import Checkpointer, UserError, build_model, load_config
+from hqod.data import ensure_datasets
+from hqod.engine import USER_ERRORS, Checkpointer, UserError, build_model, load_config, user_error_message
 from hqod.quantization import (
     IntegerConversionError,
     compare_integer_model,
@@ -143,14 +142,10 @@ def main(args):
 def run(args):
     try:
         return main(args)
-    except (UserError, DatasetError, FileNotFoundError, KeyError, OmegaConfBaseException) as e:
+    except USER_ERRORS as e:
         if args.debug:
             raise
-        if isinstance(e, OmegaConfBaseException):
-            msg = str(e).splitlines()[0]
-        else:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {user_error_message(e)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -8,9 +8,9 @@ tools/lazyconfig_train_net.py):
         train.init_checkpoint=output/retina_r18_fp32/model_final.pth
 
 Datasets, checkpoints and config keys are checked first; a mistake gives one error line that says
-what to change and exit code 2 (add --debug for the traceback). A loss or weights that become
-infinite or NaN stop training with one line naming the iteration, the loss values and the last
-good checkpoint, and exit code 3.
+what to change and exit code 2 (--debug shows its traceback too); any other exception is a bug
+and keeps its traceback. A loss or weights that become infinite or NaN stop training with one
+line naming the iteration, the loss values and the last good checkpoint, and exit code 3.
 
 Several processes (detectron2's flags): ``--num-gpus N`` starts N processes on this machine, one
 per GPU, or N CPU processes (gloo) on a machine without GPUs; ``--num-machines M --machine-rank R
@@ -21,7 +21,6 @@ import logging
 import sys
 
 import torch.multiprocessing as mp
-from omegaconf.errors import OmegaConfBaseException
 
 import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 
@@ -29,11 +28,10 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from hqod.data import DatasetError
 from hqod.engine import (
+    USER_ERRORS,
     Checkpointer,
     TrainingDiverged,
-    UserError,
     build_model,
     check_output_dir,
     do_test,
@@ -41,12 +39,10 @@ from hqod.engine import (
     launch,
     load_config,
     setup_determinism,
+    user_error_message,
 )
 
 logger = logging.getLogger("hqod")
-
-
-USER_ERRORS = (UserError, DatasetError, FileNotFoundError, KeyError, OmegaConfBaseException)
 
 
 class _QuietUserErrors(logging.Filter):
@@ -95,11 +91,7 @@ def run(args):
     except USER_ERRORS as e:
         if args.debug:
             raise
-        if isinstance(e, OmegaConfBaseException):  # keep the first line, drop OmegaConf's key dump
-            msg = str(e).splitlines()[0]
-        else:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        _report(msg, 2)
+        _report(user_error_message(e), 2)
     except TrainingDiverged as e:
         if args.debug:
             raise
@@ -108,7 +100,9 @@ def run(args):
 
 def parse_args(argv=None):
     parser = default_argument_parser()
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of every error (user errors and divergence too)"
+    )
     return parser.parse_args(argv)
 
 

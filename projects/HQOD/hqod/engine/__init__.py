@@ -1,5 +1,6 @@
 from .checkpoint import Checkpointer, ExtraTrainingState, read_checkpoint, torchvision_resnet_to_d2
 from .defaults import (
+    USER_ERRORS,
     TrainingDiverged,
     UserError,
     check_output_dir,
@@ -7,12 +8,14 @@ from .defaults import (
     load_config,
     resolve_device,
     setup_determinism,
+    user_error_message,
 )
 from .distributed import convert_sync_batchnorm, sync_loss_normalizers
 from .launch import launch
 from .train_loop import build_model, build_trainer, do_test, do_train
 
 __all__ = [
+    "USER_ERRORS",
     "Checkpointer",
     "ExtraTrainingState",
     "TrainingDiverged",
@@ -31,4 +34,5 @@ __all__ = [
     "setup_determinism",
     "sync_loss_normalizers",
     "torchvision_resnet_to_d2",
+    "user_error_message",
 ]

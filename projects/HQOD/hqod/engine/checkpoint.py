@@ -167,7 +167,7 @@ class Checkpointer(DetectionCheckpointer):
 
     def load(self, path, *args, **kwargs):
         if path and "://" not in path and not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise UserError(
                 f"Checkpoint {path} does not exist. Set train.init_checkpoint to an existing "
                 'file (or to "" to train from scratch).'
             )

@@ -1,7 +1,7 @@
 """
 Set-up for tools/train_net.py: loading a LazyConfig with checked overrides, the output directory
 guard, the device. Every user mistake becomes one :class:`UserError` whose message says what to
-change; tools/train_net.py prints it without a traceback.
+change; tools/train_net.py prints it without a traceback (:data:`USER_ERRORS`).
 """
 import difflib
 import logging
@@ -11,12 +11,30 @@ import tempfile
 import torch
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from detectron2.config import LazyConfig
+
+from hqod.data import DatasetError
 
 
 class UserError(RuntimeError):
     """A mistake in the command line, config or files; the message says what to change."""
+
+
+# What the tools report in one line (exit code 2): the mistakes in what the user gave, raised as
+# UserError / DatasetError where they are recognized, and a config value that OmegaConf cannot
+# resolve (a ${...} to a missing key, a resolver refusing the value: an unknown dataset preset).
+# Anything else, a KeyError or FileNotFoundError included, is a bug and keeps its traceback.
+USER_ERRORS = (UserError, DatasetError, InterpolationResolutionError)
+
+
+def user_error_message(error):
+    """The line a user error is reported with; OmegaConf's own lines after it (full key, object
+    type) are left out."""
+    if isinstance(error, InterpolationResolutionError):
+        return str(error).splitlines()[0]
+    return str(error)
 
 
 class TrainingDiverged(RuntimeError):
