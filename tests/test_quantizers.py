@@ -412,3 +412,31 @@ def test_auto_backend_falls_back_when_kernels_cannot_be_built(monkeypatch, caplo
         torch.testing.assert_close(y.detach(), expected, atol=1e-6, rtol=0)
     assert functional._inductor_failed
     assert sum("unavailable" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    "backend, device, dtype, numel, contiguous, expected",
+    [
+        ("auto", "cpu", torch.float32, 40000, True, "native"),
+        ("auto", "cpu", torch.float32, 40000, False, "fused"),  # the C kernels walk memory linearly
+        ("auto", "cpu", torch.float32, 1000, False, "aten"),  # too small for a compiled call
+        ("auto", "cpu", torch.float64, 40000, True, "exact"),
+        ("auto", "meta", torch.float32, 40000, True, "fused"),  # a GPU tensor: Triton, never the C kernels
+        ("auto", "meta", torch.float32, 1000, True, "aten"),
+        ("auto", "meta", torch.float16, 40000, True, "fused"),
+        ("native", "meta", torch.float32, 40000, True, "aten"),  # native is for CPU tensors only
+        ("eager", "cpu", torch.float32, 40000, True, "aten"),
+        ("inductor", "cpu", torch.float32, 1000, True, "fused"),
+    ],
+)
+def test_kernel_chosen_by_device(backend, device, dtype, numel, contiguous, expected, monkeypatch):
+    """Which implementation runs for a tensor of each device, dtype, size and layout ("meta"
+    tensors stand for GPU tensors: neither is a CPU tensor)."""
+    if expected == "native" and functional._native.load() is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    monkeypatch.setattr(functional, "_backend", backend)
+    monkeypatch.setattr(functional, "_inductor_failed", False)
+    x = torch.empty(numel * 2 if not contiguous else numel, dtype=dtype, device=device)
+    if not contiguous:
+        x = x[::2]
+    assert functional.kernel_for(x) == expected

@@ -8,7 +8,7 @@ train = dict(
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=5000,
     log_period=20,
-    device="cpu",
+    device="auto",  # a CUDA GPU when PyTorch sees one, else the CPU; or "cpu", "cuda", "cuda:1"
     seed=0,
     cudnn_benchmark=False,
     # True: deterministic algorithms, so that a run and a run resumed from any of its checkpoints

@@ -57,6 +57,7 @@ __all__ = [
     "ceil_ste",
     "set_backend",
     "get_backend",
+    "kernel_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,17 @@ def _use_inductor(x: Tensor) -> bool:
     if _backend == "inductor":
         return True
     return _backend == "auto" and not _inductor_failed and x.numel() >= _FUSED_MIN_NUMEL
+
+
+def kernel_for(x: Tensor) -> str:
+    """Which implementation fake-quantizes ``x`` under the current backend: ``"exact"``
+    (float64: eager composite), ``"native"`` (contiguous float32 on CPU), ``"fused"``
+    (torch.compile: Triton on a GPU, C++ on a CPU) or ``"aten"`` (PyTorch's fused kernel)."""
+    if x.dtype == torch.float64:
+        return "exact"
+    if _native_lib(x) is not None:
+        return "native"
+    return "fused" if _use_inductor(x) else "aten"
 
 
 def _run(fn, *args, **kwargs):
@@ -257,24 +269,21 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def forward(ctx, x, param, kind, k, qmin, qmax, offset, grad_factor, rounded_mask, save_output):
         step, slope = _step_and_slope(param, kind, k)
         mask = out_saved = None
-        lib = _native_lib(x)
-        if x.dtype == torch.float64:
+        mode = kernel_for(x)
+        if mode == "exact":
             out = _grid(x, _as_tensor(step, x), _consts(qmin, qmax, offset, x))
-            mode = "exact"
-        elif lib is not None:
+        elif mode == "native":
             out = torch.empty_like(x)
-            lib.hqod_fq_forward_f32(
+            _native.load().hqod_fq_forward_f32(
                 x.data_ptr(), out.data_ptr(), x.numel(), step, qmin, qmax, offset, torch.get_num_threads()
             )
-            mode = "native"
-        elif _use_inductor(x):
+        elif mode == "fused":
             # detach(): a plain tensor, not a view (guards on a view's base would recompile)
             out = _run(_grid, x.detach(), _as_tensor(step, x), _consts(qmin, qmax, offset, x))
             # "exact" (eager composite) only for the one call during which compiling failed
             mode = "exact" if _inductor_failed else "fused"
         else:
             out, mask = _aten_forward(x, step, qmin, qmax, offset, rounded_mask)
-            mode = "aten"
             if save_output:
                 out_saved = out
         ctx.qparams = (qmin, qmax, offset, grad_factor, rounded_mask, mode, step, slope)

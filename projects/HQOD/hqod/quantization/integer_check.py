@@ -283,7 +283,7 @@ def compare_integer_model(
             for name, per_level_ref, per_level_int in zip(names, preds, int_q):
                 for r, q in zip(per_level_ref, per_level_int):
                     r = r.detach().cpu()  # in its own dtype (the ulp below is that format's)
-                    diff = (r.double() / steps[name] - q.double()).abs()
+                    diff = (r.double() / steps[name] - q.cpu().double()).abs()
                     if diff.numel():
                         m = float(diff.max())
                         agreement.per_output_max[name] = max(agreement.per_output_max[name], m)
