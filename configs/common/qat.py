@@ -13,9 +13,10 @@ import copy
 
 from hqod.modeling import HQODATSS, HQODFCOS, HQODRetinaNet
 from hqod.solver import ClippedSGD
+from hqod.solver.schedules import clip_max_norm
 
 from .quant import qat_optimizer_params, quant
-from .schedules import multistep
+from .schedules import preset_schedule
 
 # name in the config file -> fields of the quant node (configs/common/quant.py documents them).
 # Every method uses multi-level BN in the head (one BN per FPN level, indexed by level).
@@ -26,29 +27,15 @@ QAT_METHODS = {
     "aqd": dict(method="lq", scope="aqd"),  # AQD: also BN outputs, residual and FPN adds
 }
 
-# The papers' fine-tuning recipes (../shared/notes/method-facts.md), by the quantizer's family
-# and bit width: learning rate as a factor of the FP32 one (0.01 in the papers and here),
-# LR steps as fractions of the QAT schedule, and gradient clipping.
-#   HQOD (its LSQ/TQT baselines and HQOD itself): W4 lr 1e-3, 16 epochs, steps at 8 and 14;
-#   W2 lr 1e-2, 18 epochs, steps at 9, 14 and 17; gradient clipping (max norm 35). W3, which
+# Whose fine-tuning recipe a quantizer follows (hqod/solver/schedules.py has the recipes, by
+# dataset preset, from ../shared/notes/method-facts.md):
+#   "hqod" (HQOD, and its LSQ/TQT baselines): W4 lr 1e-3, 16 epochs, steps at 8 and 14; W2 lr
+#   1e-2, 18 epochs, steps at 9, 14 and 17; warm-up; gradient clipping (max norm 35). W3, which
 #   HQOD does not report, takes the W4 recipe.
-#   AQD (its LQ quantizer): lr 1e-3, 2e-3 for 2 bits; detectron2's 1x steps (2/3, 8/9).
-QAT_RECIPES = {
-    "hqod": {
-        4: dict(lr_factor=0.1, milestones=(8 / 16, 14 / 16), clip=True),
-        3: dict(lr_factor=0.1, milestones=(8 / 16, 14 / 16), clip=True),
-        2: dict(lr_factor=1.0, milestones=(9 / 18, 14 / 18, 17 / 18), clip=True),
-    },
-    "aqd": {
-        4: dict(lr_factor=0.1, milestones=(2 / 3, 8 / 9), clip=False),
-        3: dict(lr_factor=0.1, milestones=(2 / 3, 8 / 9), clip=False),
-        2: dict(lr_factor=0.2, milestones=(2 / 3, 8 / 9), clip=False),
-    },
-}
+#   "aqd" (AQD's LQ quantizer): the FP32 schedule (COCO: detectron2's 1x) at lr 1e-3, 2e-3 for W2.
+# On the embedded dataset a QAT run is a fifth of the FP32 one (280 iterations) with the
+# recipe's learning rate and the shape of its COCO schedule.
 RECIPE_FAMILY = {"lsq": "hqod", "tqt": "hqod", "lsq_torch": "hqod", "lq": "aqd"}
-# The embedded dataset's QAT schedule: a fifth of the FP32 schedule's iterations (280 of
-# 1,400), so that make demo's two stages fit its 15 minutes.
-QAT_ITER_FRACTION = 1 / 5
 
 HQOD_CLASSES = {"RetinaNet": HQODRetinaNet, "FCOS": HQODFCOS, "ATSS": HQODATSS}
 
@@ -63,22 +50,19 @@ def quant_config(method: str, bits: int):
 def to_qat(train, optimizer, lr_multiplier, quant, *, fp32: str, name: str):
     """Turn the FP32 config's ``train``/``optimizer``/``lr_multiplier`` into QAT fine-tuning
     with ``quant`` from ``output/<fp32>/model_final.pth`` (what ``configs/<fp32>.py`` writes),
-    output to ``output/<name>``, in float32: the recipe of :data:`QAT_RECIPES` for the
-    quantizer's family and weight bits, a warm-up over 5% of the schedule, zero weight decay on
-    quantizer steps."""
-    recipe = QAT_RECIPES[RECIPE_FAMILY[quant.method]][quant.weight_bits]
+    output to ``output/<name>``, in float32: the schedule of the recipe
+    ``<family>_w<weight bits>`` (:data:`RECIPE_FAMILY`) on the config's dataset preset, with its
+    gradient clipping; zero weight decay on quantizer steps."""
+    recipe = f"{RECIPE_FAMILY[quant.method]}_w{quant.weight_bits}"
     train.init_checkpoint = f"output/{fp32}/model_final.pth"
     train.amp.enabled = False  # fake quantization trains in float32 (hqod.engine.amp)
     train.output_dir = f"./output/{name}"
-    train.max_iter = int(train.max_iter * QAT_ITER_FRACTION)
-    train.eval_period = train.max_iter
-    train.checkpointer.period = max(train.max_iter // 3, 1)
-    optimizer.lr = optimizer.lr * recipe["lr_factor"]
+    preset_schedule(train, optimizer, recipe, lr_multiplier)
     optimizer.params = copy.deepcopy(qat_optimizer_params)
-    if recipe["clip"]:
+    max_norm = clip_max_norm(recipe)
+    if max_norm is not None:
         optimizer._target_ = ClippedSGD
-        optimizer.max_norm = 35.0
-    lr_multiplier.update(multistep(recipe["milestones"], warmup=0.05))
+        optimizer.max_norm = max_norm
 
 
 def with_hqod(model, train):

@@ -1,24 +1,41 @@
-"""LR multipliers. ``multistep(max_iter, steps, warmup)`` is scale-free: milestones are fractions."""
+"""
+The schedule of a config by recipe name ("fp32", "hqod_w4", "aqd_w2", ...), for the config's
+dataset preset and total batch: :func:`preset_schedule` points ``train.max_iter``,
+``train.eval_period``, ``train.checkpointer.period``, ``optimizer.lr`` and the LR multiplier at
+``${hqod_schedule:${dataloader.dataset},<recipe>,${dataloader.train.total_batch_size},<key>}``
+(tables and rules: ``hqod/solver/schedules.py``). So ``dataloader.dataset=coco`` trains the
+recipe's COCO schedule, and ``dataloader.train.total_batch_size=8`` rescales it (linear scaling:
+lr x 8/16, iterations, LR steps, warm-up and periods x 16/8).
+"""
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 
+import hqod.solver.schedules  # noqa: F401  registers the hqod_schedule resolver
 
-def multistep(milestones=(2 / 3, 8 / 9), warmup=0.02, gamma=0.1):
-    """Step decay at the given fractions of training, linear warmup over the first fraction."""
-    values = [gamma**i for i in range(len(milestones) + 1)]
-    return L(WarmupParamScheduler)(
-        scheduler=L(MultiStepParamScheduler)(
-            values=values, milestones=[int(m * 1000) for m in milestones], num_updates=1000
-        ),
-        warmup_length=warmup,
-        warmup_method="linear",
-        warmup_factor=0.001,
+
+def _value(recipe: str, key: str) -> str:
+    return f"${{hqod_schedule:${{dataloader.dataset}},{recipe},${{dataloader.train.total_batch_size}},{key}}}"
+
+
+def preset_schedule(train, optimizer, recipe: str, lr_multiplier=None):
+    """Point ``train``'s iterations and periods, ``optimizer.lr`` and the LR multiplier at
+    ``recipe``'s schedule on the config's dataset preset and batch, and return the LR multiplier
+    (x0.1 at each step, linear warm-up from x0.001): ``lr_multiplier`` updated in place, or a new
+    one."""
+    train.max_iter = _value(recipe, "max_iter")
+    train.eval_period = _value(recipe, "eval_period")
+    train.checkpointer.period = _value(recipe, "checkpoint_period")
+    optimizer.lr = _value(recipe, "lr")
+    if lr_multiplier is None:
+        lr_multiplier = L(WarmupParamScheduler)(scheduler=L(MultiStepParamScheduler)())
+    lr_multiplier.scheduler.update(
+        values=_value(recipe, "values"),
+        milestones=_value(recipe, "milestones"),
+        num_updates=_value(recipe, "num_updates"),
     )
-
-
-# COCO 1x (90k iterations at batch 16; decay at 60k and 80k), as detectron2.
-lr_multiplier_1x = multistep((60 / 90, 80 / 90), warmup=1000 / 90000)
-# Short schedules for the embedded dataset (decay at 75% and 90%).
-lr_multiplier_short = multistep((0.75, 0.9), warmup=0.05)
+    lr_multiplier.update(
+        warmup_length=_value(recipe, "warmup_length"), warmup_method="linear", warmup_factor=0.001
+    )
+    return lr_multiplier

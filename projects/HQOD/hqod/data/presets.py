@@ -7,15 +7,21 @@ Data configs set ``dataloader.dataset = "digits"`` and read the rest through the
 
 Besides names, class count and image sizes, a preset sets the batch size and the FPN/head width
 (``fpn_channels``): the papers' 256 for COCO and VOC, and 64 for the embedded dataset, whose 10
-classes and small images train 3x faster that way on a 2-core CPU. The schedule (``train.max_iter``,
-``optimizer.lr``) stays in the configs.
+classes and small images train 3x faster that way on a 2-core CPU. It also sets the schedule:
+``batch_size`` is the reference batch of the preset's schedules and ``train_images`` turns the
+papers' epochs into iterations; the schedules themselves (FP32 and each QAT recipe) are in
+:mod:`hqod.solver.schedules`, read by the configs through ``${hqod_schedule:...}``.
 
 ``backbone_checkpoint`` is where the FP32 configs' ``train.init_checkpoint`` points, through the
 resolver ``${hqod_backbone:<preset>,<ResNet depth>}``: for digits, the backbone that
 ``tools/pretrain_backbone.py --depth <depth>`` trains on the embedded data (the stand-in for
-ImageNet pretraining); "" (from scratch) for COCO and VOC until an ImageNet checkpoint is set.
+ImageNet pretraining); for COCO and VOC, torchvision's ImageNet ResNet converted by
+``tools/convert_torchvision_backbone.py --depth <depth> --input <torchvision .pth>``.
 """
 from omegaconf import OmegaConf
+
+# torchvision's ImageNet ResNet in detectron2's names (tools/convert_torchvision_backbone.py)
+IMAGENET_BACKBONE = "output/pretrained/imagenet_r{depth}.pth"
 
 PRESETS = {
     # The embedded dataset. No flips: a mirrored digit is another shape (or another digit).
@@ -29,6 +35,7 @@ PRESETS = {
         max_size=512,
         flip_prob=0.0,
         batch_size=4,
+        train_images=2000,  # tools/generate_digits.py's default (the digits schedules are in iterations)
         fpn_channels=64,
         backbone_checkpoint="output/pretrained/digits_r{depth}.pth",
     ),
@@ -41,8 +48,9 @@ PRESETS = {
         max_size=1333,
         flip_prob=0.5,
         batch_size=16,
+        train_images=117266,  # train2017 images with annotations (detectron2 drops the others)
         fpn_channels=256,
-        backbone_checkpoint="",
+        backbone_checkpoint=IMAGENET_BACKBONE,
     ),
     "voc": dict(
         train="voc_0712_trainval_coco",
@@ -53,8 +61,9 @@ PRESETS = {
         max_size=1000,
         flip_prob=0.5,
         batch_size=16,
+        train_images=16551,  # VOC2007 trainval 5,011 + VOC2012 trainval 11,540
         fpn_channels=256,
-        backbone_checkpoint="",
+        backbone_checkpoint=IMAGENET_BACKBONE,
     ),
 }
 
