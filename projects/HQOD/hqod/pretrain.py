@@ -27,11 +27,17 @@ from .modeling.backbone import resnet_stages
 
 __all__ = [
     "BackboneClassifier",
+    "convert_command",
+    "convert_torchvision_backbone",
     "crop_set",
+    "imagenet_backbone_path",
+    "IMAGENET_DEPTHS",
+    "TORCHVISION_FILES",
     "pretrain_backbone",
     "pretrain_command",
     "pretrained_backbone_path",
     "PRETRAIN_DEPTHS",
+    "save_converted_backbone",
 ]
 
 logger = logging.getLogger("hqod")
@@ -55,6 +61,91 @@ def pretrained_backbone_path(depth) -> str:
 def pretrain_command(depth) -> str:
     """The command that makes :func:`pretrained_backbone_path` (``depth``)."""
     return f"python tools/pretrain_backbone.py --depth {int(depth)}"
+
+
+# ImageNet backbones for COCO and VOC: torchvision's ImageNet ResNets (the V1 weights, which
+# MMDetection's "torchvision://resnet50" and the papers' detectors start from), renamed to
+# detectron2's ResNet keys by tools/convert_torchvision_backbone.py. The file names torchvision
+# gives them (torch.hub's checkpoints folder keeps them under these names):
+TORCHVISION_FILES = {18: "resnet18-f37072fd.pth", 34: "resnet34-b627a593.pth", 50: "resnet50-0676ba61.pth"}
+IMAGENET_DEPTHS = tuple(TORCHVISION_FILES)
+
+
+def imagenet_backbone_path(depth) -> str:
+    """Where ``tools/convert_torchvision_backbone.py --depth D`` writes its checkpoint and the COCO
+    and VOC configs look for it (their preset's ``backbone_checkpoint``):
+    ``output/pretrained/imagenet_r<D>.pth``."""
+    return backbone_checkpoint("coco", depth)
+
+
+def convert_command(depth) -> str:
+    """The command that makes :func:`imagenet_backbone_path` (``depth``)."""
+    depth = int(depth)
+    return f"python tools/convert_torchvision_backbone.py --depth {depth} --input {TORCHVISION_FILES.get(depth, f'resnet{depth}.pth')}"
+
+
+def convert_torchvision_backbone(state_dict, depth: int) -> dict:
+    """
+    torchvision's ResNet-``depth`` state dict (``torchvision.models.resnet*().state_dict()``, or
+    a checkpoint holding it under ``state_dict`` / ``model``, ``module.`` prefixes allowed) ->
+    a backbone checkpoint in detectron2's ResNet names (``stem.conv1.weight``,
+    ``res2.0.conv1.norm.running_mean``, ...; the renaming of
+    :func:`hqod.engine.checkpoint.torchvision_resnet_to_d2`), which ``train.init_checkpoint``
+    loads into ``backbone.bottom_up`` by name matching. Checked entry by entry against
+    detectron2's ResNet-``depth`` as the configs build it: every entry present with its shape
+    (``num_batches_tracked`` may be absent, as in old torchvision files), nothing left over
+    but the classifier ``fc``. A mismatch raises ValueError naming it.
+    """
+    from .engine.checkpoint import torchvision_resnet_to_d2
+
+    for key in ("state_dict", "model"):
+        if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise ValueError("not a state dict (a dict of tensors)")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    if "conv1.weight" not in state or not any(k.startswith("layer1.") for k in state):
+        raise ValueError(
+            f"not a torchvision ResNet state dict (no conv1.weight / layer1.*; keys such as "
+            f"{', '.join(sorted(state)[:3])})"
+        )
+    converted = torchvision_resnet_to_d2(state)
+    reference = ResNet(
+        BasicStem(in_channels=3, out_channels=64, norm="BN"), resnet_stages(depth), out_features=["res5"]
+    ).state_dict()
+    missing = [k for k in reference if k not in converted and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in converted if k not in reference]
+    shapes = [k for k in reference if k in converted and converted[k].shape != reference[k].shape]
+    if missing or unexpected or shapes:
+        from .modeling.backbone import resnet_depth
+
+        found = resnet_depth(converted.keys())
+        what = f"a ResNet-{found}" if found else "not a standard ResNet"
+        first = (
+            f"missing {missing[0]}" if missing
+            else f"unexpected {unexpected[0]}" if unexpected
+            else f"{shapes[0]}: {tuple(converted[shapes[0]].shape)} vs {tuple(reference[shapes[0]].shape)}"
+        )
+        raise ValueError(
+            f"does not match detectron2's ResNet-{depth} ({what}; {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(shapes)} of another shape, e.g. {first})"
+        )
+    model = {k: converted[k].detach().clone() for k in reference if k in converted}
+    return {
+        "model": model,  # detectron2 ResNet names: stem.*, res2.*, ...
+        "__author__": "torchvision",
+        "matching_heuristics": True,
+        "conversion": {"depth": int(depth), "entries": len(model)},
+    }
+
+
+def save_converted_backbone(checkpoint: dict, path: str) -> str:
+    """Write :func:`convert_torchvision_backbone`'s checkpoint atomically (complete or absent)."""
+    from .engine.checkpoint import _atomic_write
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _atomic_write(path, lambda f: torch.save(checkpoint, f))
+    return path
 
 
 class BackboneClassifier(nn.Module):

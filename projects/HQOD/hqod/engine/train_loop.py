@@ -14,7 +14,14 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from hqod.data import ensure_datasets
-from hqod.pretrain import PRETRAIN_DEPTHS, pretrain_command, pretrained_backbone_path
+from hqod.pretrain import (
+    IMAGENET_DEPTHS,
+    PRETRAIN_DEPTHS,
+    convert_command,
+    imagenet_backbone_path,
+    pretrain_command,
+    pretrained_backbone_path,
+)
 from hqod.quantization import QuantConfig, calibrate, load_fp32_checkpoint, quantize_model
 
 from .amp import trainer_class
@@ -111,7 +118,7 @@ def init_qat(cfg, model, data_loader):
 
 def check_init_checkpoint(cfg):
     """A missing ``train.init_checkpoint`` of an FP32 run: one message; for a digits-pretrained
-    backbone, the command that makes it."""
+    or a converted ImageNet backbone, the command that makes it."""
     path = cfg.train.init_checkpoint
     if not path or "://" in path or os.path.isfile(path) or cfg.get("quant") is not None:
         return
@@ -121,6 +128,13 @@ def check_init_checkpoint(cfg):
                 f"Pretrained backbone {path} (train.init_checkpoint) does not exist: make it with "
                 f"`{pretrain_command(depth)}` (about 3 minutes on 2 cores), or set "
                 'train.init_checkpoint="" to train from scratch.'
+            )
+    for depth in IMAGENET_DEPTHS:
+        if os.path.normpath(path) == os.path.normpath(imagenet_backbone_path(depth)):
+            raise UserError(
+                f"ImageNet backbone {path} (train.init_checkpoint) does not exist: convert "
+                f"torchvision's ImageNet ResNet-{depth} weights with `{convert_command(depth)}`, or "
+                'set train.init_checkpoint="" to train from scratch.'
             )
     raise UserError(
         f"Checkpoint {path} does not exist. Set train.init_checkpoint to an existing file (or to "
