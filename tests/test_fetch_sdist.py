@@ -4,12 +4,15 @@ import hashlib
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from helpers import ROOT
 
-spec = importlib.util.spec_from_file_location("fetch_sdist", os.path.join(ROOT, "tools/fetch_sdist.py"))
+TOOL = os.path.join(ROOT, "tools/fetch_sdist.py")
+spec = importlib.util.spec_from_file_location("fetch_sdist", TOOL)
 fetch_sdist = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fetch_sdist)
 
@@ -48,18 +51,24 @@ def test_json_page_files_by_their_filename():
     }
 
 
-def test_indexes_are_pips_own(monkeypatch):
-    from pip._internal.models.index import PyPI
+def _in_a_fresh_process(code, **env):
+    """What ``code`` prints, run with ``env`` and no pip.conf: importing pip in the test process
+    would turn setuptools' distutils shim off for every later test (torch's inductor needs it)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX")}
+    clean.update(env, PIP_CONFIG_FILE=os.devnull)
+    return subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True).stdout
 
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no pip.conf of this machine
-    for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"):
-        monkeypatch.delenv(var, raising=False)
-    assert fetch_sdist.pip_settings()[0] == [PyPI.simple_url]
-    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple")
-    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "file:///srv/a file:///srv/b")
-    assert fetch_sdist.pip_settings()[0] == ["https://mirror.example/simple", "file:///srv/a", "file:///srv/b"]
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    assert fetch_sdist.pip_settings()[0] == []
+
+def test_indexes_are_pips_own():
+    def indexes(**env):
+        code = f"import json, runpy; print(json.dumps(runpy.run_path({TOOL!r})['pip_settings']()[0]))"
+        return json.loads(_in_a_fresh_process(code, **env))
+
+    default = _in_a_fresh_process("from pip._internal.models.index import PyPI; print(PyPI.simple_url)").strip()
+    assert indexes() == [default]
+    extra = {"PIP_INDEX_URL": "https://mirror.example/simple", "PIP_EXTRA_INDEX_URL": "file:///srv/a file:///srv/b"}
+    assert indexes(**extra) == ["https://mirror.example/simple", "file:///srv/a", "file:///srv/b"]
+    assert indexes(**extra, PIP_NO_INDEX="1") == []
 
 
 @pytest.fixture
