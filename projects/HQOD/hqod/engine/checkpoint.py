@@ -18,6 +18,7 @@ from detectron2.utils import comm
 
 from hqod.modeling.backbone import resnet_depth
 from hqod.pretrain import pretrain_command
+from hqod.quantization.checkpoint import UntrustedCheckpointError, checkpoint_globals, load_torch_file
 
 from .defaults import UserError
 
@@ -47,10 +48,15 @@ def torchvision_resnet_to_d2(state_dict):
 
 
 def read_checkpoint(path):
-    """``torch.load`` of a checkpoint file, on CPU; a truncated or corrupt file is one
-    :class:`UserError` naming it (instead of a zip/pickle traceback)."""
+    """A checkpoint file, on CPU, read as data (:func:`hqod.quantization.checkpoint.load_torch_file`
+    with the types our checkpoints hold). One :class:`UserError` naming the file when it holds
+    other objects (unpickling them could run code; ``HQOD_TRUST_CHECKPOINTS=1`` loads it from a
+    source you trust, with a warning) or is truncated or corrupt (instead of a zip/pickle
+    traceback)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_torch_file(path, checkpoint_globals())
+    except UntrustedCheckpointError as e:
+        raise UserError(str(e)) from None
     except Exception as e:  # zipfile / pickle / EOF / "PytorchStreamReader failed ..."
         size = os.path.getsize(path) if os.path.isfile(path) else 0
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -831,8 +831,16 @@ def save_integer_model(int_model: nn.Module, path: str, **metadata) -> None:
 
 def load_integer_model(path: str, map_location="cpu") -> nn.Module:
     """Load a model saved by :func:`save_integer_model` (pickled module: needs hqod and
-    detectron2 importable); returns it in eval mode with ``.metadata``."""
-    obj = torch.load(path, map_location=map_location, weights_only=False)
+    detectron2 importable); returns it in eval mode with ``.metadata``.
+
+    The file is read as data (``torch.load(weights_only=True)``) allowing only nn.Module classes
+    of torch.nn, detectron2 and hqod and the plain objects detectors hold
+    (:func:`~hqod.quantization.checkpoint.integer_model_globals`): a file holding anything else
+    is refused with a ValueError naming it, unless the environment variable
+    ``HQOD_TRUST_CHECKPOINTS=1`` (full unpickling, with a warning)."""
+    from .checkpoint import integer_model_globals, load_torch_file
+
+    obj = load_torch_file(path, integer_model_globals(), map_location=map_location)
     if not isinstance(obj, dict) or obj.get("format") != INTEGER_FORMAT:
         raise ValueError(f"{path} is not an integer model saved by save_integer_model().")
     if obj.get("version") != INTEGER_FORMAT_VERSION:
