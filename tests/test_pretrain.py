@@ -133,7 +133,9 @@ def test_tool_keeps_an_existing_checkpoint_and_refuses_bad_arguments(pretrained,
 
 @pytest.mark.parametrize("config", DIGITS_CONFIGS)
 def test_real_data_presets_do_not_use_the_digits_backbone(config):
+    """COCO and VOC start from the converted ImageNet ResNet (tools/convert_torchvision_backbone.py)."""
     cfg = LazyConfig.load(os.path.join(ROOT, config))
+    depth = cfg.model.backbone.bottom_up.stages.depth
     for preset in ("coco", "voc"):
         cfg.dataloader.dataset = preset
-        assert cfg.train.init_checkpoint == ""
+        assert cfg.train.init_checkpoint == f"output/pretrained/imagenet_r{depth}.pth"
