@@ -397,8 +397,6 @@ def main(argv=None) -> int:
     parser.add_argument("--val-images", type=int, default=48)
     parser.add_argument("--checks", default=",".join(n for n, _ in CHECKS), help="comma-separated subset")
     args = parser.parse_args(argv)
-    setup_logger(name="hqod")
-    setup_logger(name="detectron2", abbrev_name="d2")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -426,4 +424,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logger(name="hqod")  # here, not in main(): the tests call main() under pytest's capture
+    setup_logger(name="detectron2", abbrev_name="d2")
     sys.exit(main())

@@ -29,9 +29,11 @@ Exactness. Integers are held in int64 tensors. Convolutions run as float convolu
 integer-valued tensors (PyTorch has no integer convolution on CPU): float32 where every partial
 sum is provably below 2^24 (the static bound ``sum |W| * max|q_in|`` per output channel),
 float64 otherwise (below 2^53); both are exact, as every product and partial sum is an integer
-representable in the format. The same static bounds (plus the BN shift) prove that every
-accumulator fits int32; :func:`integer_summary` reports the largest one. Requantization
-products are checked below 2^63 when the multipliers are chosen.
+representable in the format. On a GPU (whose libraries may use TF32, FFT or Winograd
+algorithms) they run in float64 and are rounded: exact as long as the library's error stays
+below 1/2, which ``tools/gpu_check.py`` checks against the CPU. The same static bounds (plus the
+BN shift) prove that every accumulator fits int32; :func:`integer_summary` reports the largest
+one. Requantization products are checked below 2^63 when the multipliers are chosen.
 
 The fake-quant model of scope "aqd" computes the same arithmetic in float (its BN shifts, biases
 and add alignments are the same integers, :mod:`.integer_layers`), so the two agree up to float
@@ -202,14 +204,18 @@ class IntConv(nn.Module):
 
     def forward(self, q: Tensor, extra_bias: Optional[Tensor] = None) -> Tensor:
         """``extra_bias``: an int64 (C,) tensor added to the accumulator (the BN shift)."""
-        if self._wf is None or self._wf.device != q.device:
-            self._wf = self.weight.to(self.compute_dtype)
+        on_cpu = q.device.type == "cpu"
+        # Off the CPU, GPU libraries may pick TF32, FFT or Winograd algorithms, exact for none
+        # of them: float64 keeps their error far below 1/2, and the result is rounded.
+        dtype = self.compute_dtype if on_cpu else torch.float64
+        if self._wf is None or self._wf.device != q.device or self._wf.dtype != dtype:
+            self._wf = self.weight.to(q.device, dtype)
         bias = self.bias
         if extra_bias is not None:
             bias = extra_bias if bias is None else bias + extra_bias
-        fbias = None if bias is None else bias.to(self.compute_dtype)  # exact: |bias| < 2^24 / 2^53
-        y = F.conv2d(q.to(self.compute_dtype), self._wf, fbias, self.stride, self.padding, self.dilation, self.groups)
-        return y.to(torch.int64)
+        fbias = None if bias is None else bias.to(dtype)  # exact: |bias| < 2^24 / 2^53
+        y = F.conv2d(q.to(dtype), self._wf, fbias, self.stride, self.padding, self.dilation, self.groups)
+        return (y if on_cpu else y.round_()).to(torch.int64)
 
     def _apply(self, fn, *args, **kwargs):
         self._wf = None
@@ -758,7 +764,8 @@ def to_integer(model: nn.Module, *, multiplier_bits: int = 31) -> nn.Module:
     Convert a trained AQD detector (fake-quant, ``quant.scope="aqd"``, quantizers initialized)
     into the integer-only model: a copy of ``model`` (same meta-architecture, same detectron2
     post-processing) whose ``backbone`` and ``head`` compute with integers
-    (:class:`IntegerBackbone`, :class:`IntegerHead`), on the CPU; ``model`` is left as it is.
+    (:class:`IntegerBackbone`, :class:`IntegerHead`), on the CPU (it can be moved to a GPU);
+    ``model`` is left as it is.
 
     Args:
         model: the fake-quant detector (RetinaNet, FCOS, ATSS or their HQOD subclasses).
@@ -786,7 +793,7 @@ def to_integer(model: nn.Module, *, multiplier_bits: int = 31) -> nn.Module:
     int_model.eval()
     int_model.requires_grad_(False)
     int_model.integer_bounds = dict(ex.bounds)
-    # CPU: its convolutions are exact there (GPU libraries may pick TF32 or FFT/Winograd algorithms)
+    # built on the CPU; ``.to("cuda")`` moves it (:meth:`IntConv.forward` stays exact there)
     int_model.to("cpu")
     logger.info(f"to_integer: {len(ex.units)} integer conv units; {integer_summary(int_model)['int32']}")
     return int_model
