@@ -159,17 +159,17 @@ def register_datasets(root: str):
         )
 
 
-def _train(cfg, model=None, history=True):
+def _train(cfg):
     """Train ``cfg`` (no evaluation) with the trainer of tools/train_net.py; returns the model,
-    the trainer and the total loss of every iteration (``history``; the main process of several
-    has them)."""
-    model = build_model(cfg) if model is None else model
+    the trainer and the total loss of every iteration (empty but in the main process: detectron2
+    writes the metrics there only)."""
+    model = build_model(cfg)
     cfg = copy.deepcopy(cfg)
     del cfg.dataloader["evaluator"]
     trainer, start_iter, _ = build_trainer(cfg, model)
     trainer.train(start_iter, cfg.train.max_iter)
-    losses = [v for v, _ in trainer.storage.history("total_loss").values()] if history else []
-    return model, trainer, losses
+    history = trainer.storage.histories().get("total_loss")
+    return model, trainer, [v for v, _ in history.values()] if history else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def check_qat(ctx: Context) -> str:
     torch.manual_seed(0)
     cfg = ctx.config(QAT_CONFIG, "qat")
     start = time.perf_counter()
-    model, trainer, losses = _train(cfg)
+    model, _, losses = _train(cfg)
     seconds = (time.perf_counter() - start) / max(1, len(losses))
     ctx.qat_model = model
     devices = {p.device.type for p in model.parameters()}
@@ -358,12 +358,11 @@ DISTRIBUTED_ITERATIONS = 4
 def _distributed_worker(ctx: Context):
     register_datasets(os.path.join(ctx.workdir, "digits"))
     cfg = ctx.config(QAT_CONFIG, "distributed", **{"train.max_iter": DISTRIBUTED_ITERATIONS})
-    model, trainer, _ = _train(cfg, history=False)
+    model, _, losses = _train(cfg)
     synchronized = sum("SyncBatchNorm" in type(m).__name__ for m in model.modules())
     if not synchronized:
         raise CheckFailed("no synchronized BatchNorm in the model")
-    if comm.is_main_process():  # detectron2 writes the metrics there only
-        losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+    if comm.is_main_process():
         if len(losses) != DISTRIBUTED_ITERATIONS or not all(math.isfinite(v) for v in losses):
             raise CheckFailed(f"losses {losses}")
 
