@@ -56,7 +56,6 @@ from hqod.engine.amp import trainer_class
 from hqod.engine.defaults import UserError
 from hqod.quantization import QUANTIZERS, to_integer
 from hqod.quantization.functional import get_backend, kernel_for, set_backend
-from hqod.quantization.integer import IntegerHead
 from hqod.quantization.integer_check import compare_integer_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -309,7 +308,7 @@ def check_evaluation(ctx: Context) -> str:
     model.eval()
     ap_dev, harmony_dev = _evaluate(cfg, model, "device")
     ap_cpu, harmony_cpu = _evaluate(cfg, copy.deepcopy(model).to("cpu"), "cpu")
-    key = "mean_abs_gap" if "mean_abs_gap" in harmony_dev else sorted(harmony_dev)[0]
+    key = "mean_abs_gap" if "mean_abs_gap" in harmony_dev else min(harmony_dev)
     detail = (
         f"AP {ap_dev:.2f} ({ctx.device.type}) vs {ap_cpu:.2f} (cpu); harmony {key} "
         f"{harmony_dev[key]:.4f} vs {harmony_cpu[key]:.4f}"
@@ -362,9 +361,9 @@ def _distributed_worker(ctx: Context):
     synchronized = sum("SyncBatchNorm" in type(m).__name__ for m in model.modules())
     if not synchronized:
         raise CheckFailed("no synchronized BatchNorm in the model")
-    if comm.is_main_process():
-        if len(losses) != DISTRIBUTED_ITERATIONS or not all(math.isfinite(v) for v in losses):
-            raise CheckFailed(f"losses {losses}")
+    finite = len(losses) == DISTRIBUTED_ITERATIONS and all(math.isfinite(v) for v in losses)
+    if comm.is_main_process() and not finite:
+        raise CheckFailed(f"losses {losses}")
 
 
 def check_distributed(ctx: Context) -> str:
