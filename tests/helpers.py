@@ -1,8 +1,17 @@
 """Shared by the tests that run tools/train_net.py or build detectors: the overrides of a tiny,
 fast RetinaNet/FCOS (FPN width 32, 128 px images, no data-loading workers)."""
+import importlib.util
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name):
+    """``tools/<name>.py`` imported as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_overrides(batch_size=2):

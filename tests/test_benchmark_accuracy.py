@@ -1,21 +1,17 @@
 """tools/benchmark_accuracy.py without training: its plan and commands, and its report (tables,
 paired differences, target verdicts) on hand-made records whose answers are written out here."""
-import importlib.util
 import json
 import os
 import re
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("benchmark_accuracy", os.path.join(ROOT, "tools/benchmark_accuracy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("benchmark_accuracy")
 
 
 def record(name, seed, ap=5.0, ap75=4.0, corr=0.3, gap01=1.0, wall_s=300.0):

@@ -2,7 +2,6 @@
 hqod.pretrain.convert_torchvision_backbone), without downloading anything: torchvision ResNets with
 random weights (BN statistics randomized too, so that no layer is an identity) are saved, converted,
 loaded into the COCO configs' backbone, and must compute what torchvision computes."""
-import importlib.util
 import logging
 import os
 
@@ -16,7 +15,7 @@ from hqod.engine.defaults import UserError
 from hqod.engine.train_loop import check_init_checkpoint
 from hqod.pretrain import convert_command, imagenet_backbone_path
 
-from helpers import ROOT
+from helpers import ROOT, load_tool
 
 # float32, the same convolutions in the same order: the outputs agree to rounding. Stated bound:
 # |d2 - torchvision| <= 1e-5 + 1e-5 * |torchvision| elementwise.
@@ -24,12 +23,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_tool", os.path.join(ROOT, "tools", "convert_torchvision_backbone.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("convert_torchvision_backbone")
 
 
 def _torchvision_resnet(depth, seed=0):

@@ -1,7 +1,6 @@
 """tools/fetch_sdist.py, which tools/install.sh uses for detectron2's sdist: simple pages in both
 formats, pip's index settings, and a download from local (file://) indexes."""
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,12 +8,10 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, load_tool
 
 TOOL = os.path.join(ROOT, "tools/fetch_sdist.py")
-spec = importlib.util.spec_from_file_location("fetch_sdist", TOOL)
-fetch_sdist = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fetch_sdist)
+fetch_sdist = load_tool("fetch_sdist")
 
 PAGE_URL = "https://mirror.example/simple/pb1-detectron2/"
 HTML_PAGE = b"""<!DOCTYPE html>

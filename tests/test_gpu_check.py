@@ -1,22 +1,16 @@
 """tools/gpu_check.py on a machine without a GPU: its bookkeeping on hand-made cases, its inputs,
 its refusal without CUDA, and a dry run of its checks on the CPU (--device cpu)."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from hqod.quantization import QUANTIZERS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_tool
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "tools/gpu_check.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("gpu_check")
 
 
 def test_run_checks_reports_pass_fail_skip_and_table(gpu_check):

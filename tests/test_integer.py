@@ -6,7 +6,6 @@ one output step, the same detections after NMS, the same COCO AP; saving and loa
 models that are not fully quantized; tools/export_integer.py.
 """
 import copy
-import importlib.util
 import itertools
 import os
 import random
@@ -45,7 +44,7 @@ from hqod.quantization import (
 from hqod.quantization import functional
 from hqod.quantization.integer_layers import INT32_MAX, add_max_shift, integer_batch_norm
 
-from helpers import ROOT, tiny_config
+from helpers import ROOT, load_tool, tiny_config
 AQD = {"method": "lq", "scope": "aqd", "weight_bits": 4, "act_bits": 4}
 
 
@@ -492,10 +491,7 @@ def test_engine_refuses_uncalibrated_model():
 # tools/export_integer.py
 # ------------------------------------------------------------------------------------------
 def export_tool():
-    spec = importlib.util.spec_from_file_location("export_integer", os.path.join(ROOT, "tools/export_integer.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("export_integer")
 
 
 TOOL_TINY = [

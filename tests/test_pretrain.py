@@ -17,7 +17,7 @@ from hqod.engine.train_loop import check_init_checkpoint
 from hqod.modeling import resnet_depth
 from hqod.pretrain import BackboneClassifier, pretrain_backbone, pretrained_backbone_path, save_backbone_checkpoint
 
-from helpers import ROOT
+from helpers import ROOT, load_tool
 
 DIGITS_CONFIGS = [f"configs/{det}_{bb}_fp32.py" for det in ("retina", "fcos", "atss") for bb in ("r18", "r50")]
 
@@ -119,11 +119,7 @@ def test_missing_pretrained_backbone_names_the_command():
 
 
 def test_tool_keeps_an_existing_checkpoint_and_refuses_bad_arguments(pretrained, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pretrain_tool", os.path.join(ROOT, "tools", "pretrain_backbone.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("pretrain_backbone")
     before = os.path.getmtime(pretrained[18])
     assert tool.main(["--depth", "18", "--output", pretrained[18]]) == 0
     assert "exists; keeping it" in capsys.readouterr().out and os.path.getmtime(pretrained[18]) == before

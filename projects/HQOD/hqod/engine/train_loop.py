@@ -122,20 +122,19 @@ def check_init_checkpoint(cfg):
     path = cfg.train.init_checkpoint
     if not path or "://" in path or os.path.isfile(path) or cfg.get("quant") is not None:
         return
-    for depth in PRETRAIN_DEPTHS:
-        if os.path.normpath(path) == os.path.normpath(pretrained_backbone_path(depth)):
-            raise UserError(
-                f"Pretrained backbone {path} (train.init_checkpoint) does not exist: make it with "
-                f"`{pretrain_command(depth)}` (about 3 minutes on 2 cores), or set "
-                'train.init_checkpoint="" to train from scratch.'
-            )
-    for depth in IMAGENET_DEPTHS:
-        if os.path.normpath(path) == os.path.normpath(imagenet_backbone_path(depth)):
-            raise UserError(
-                f"ImageNet backbone {path} (train.init_checkpoint) does not exist: convert "
-                f"torchvision's ImageNet ResNet-{depth} weights with `{convert_command(depth)}`, or "
-                'set train.init_checkpoint="" to train from scratch.'
-            )
+    # the backbones a command of ours makes: (where it writes, what to run)
+    made_here = [
+        (pretrained_backbone_path(d), f"Pretrained backbone {path} (train.init_checkpoint) does not "
+         f"exist: make it with `{pretrain_command(d)}` (about 3 minutes on 2 cores)")
+        for d in PRETRAIN_DEPTHS
+    ] + [
+        (imagenet_backbone_path(d), f"ImageNet backbone {path} (train.init_checkpoint) does not exist: "
+         f"convert torchvision's ImageNet ResNet-{d} weights with `{convert_command(d)}`")
+        for d in IMAGENET_DEPTHS
+    ]  # fmt: skip
+    for target, how in made_here:
+        if os.path.normpath(path) == os.path.normpath(target):
+            raise UserError(f'{how}, or set train.init_checkpoint="" to train from scratch.')
     raise UserError(
         f"Checkpoint {path} does not exist. Set train.init_checkpoint to an existing file (or to "
         '"" to train from scratch).'
