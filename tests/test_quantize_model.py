@@ -138,10 +138,15 @@ def test_aqd_scope_quantizes_bn_and_adds_and_trains(fp32_models, arch, backend):
     num_bn = sum(isinstance(m, nn.BatchNorm2d) for m in fp32.backbone.modules())
     model = quantized(fp32_models, arch, method="lq", scope="aqd", weight_bits=2, act_bits=2)
     qbn = [m for m in model.modules() if isinstance(m, QBatchNorm2d)]
-    assert len(qbn) == num_bn == 26 and all(m.output_quant.bits == 2 for m in qbn)
-    assert all(m.output_quant is not None for m in model.modules() if isinstance(m, MultiLevelBatchNorm))
+    # W2A2: conv weights and inputs at 2 bits, BN outputs and adds at output_bits (default 8)
+    assert len(qbn) == num_bn == 26 and all(m.output_quant.bits == 8 for m in qbn)
+    mlbn = [m for m in model.modules() if isinstance(m, MultiLevelBatchNorm)]
+    assert mlbn and all(m.output_quant.bits == 8 for m in mlbn)
     blocks = [m for m in model.modules() if isinstance(m, QBasicBlock)]
-    assert len(blocks) == 8 and all(b.add_quant.signed for b in blocks)
+    assert len(blocks) == 8 and all(b.add_quant.signed and b.add_quant.bits == 8 for b in blocks)
+    assert all(q.bits == 8 for q in model.backbone.fuse_quants)
+    convs = [m for m in model.modules() if isinstance(m, QConv2d) and m.weight_quant.bits == 2]
+    assert convs and all(c.input_quant.bits == 2 for c in convs)
     assert isinstance(model.backbone, QFPN) and len(model.backbone.fuse_quants) == 2
     # forward + backward: finite losses, every quantizer parameter gets a gradient
     model.train()
@@ -285,9 +290,9 @@ def test_fp32_checkpoint_loads_and_matches_without_fake_quant(fp32_models, arch,
     batch = make_batch(7)
     with torch.no_grad():
         torch.testing.assert_close(flat(head_outputs(model, batch)), flat(head_outputs(fp32, batch)), atol=1e-5, rtol=1e-5)
-    set_fake_quant(model, True)
+    set_fake_quant(model, True)  # measured: max difference 0.9e-3 to 1.2e-3 (outputs' std 2.2)
     with torch.no_grad():
-        assert not torch.allclose(flat(head_outputs(model, batch)), flat(head_outputs(fp32, batch)), atol=1e-3)
+        assert not torch.allclose(flat(head_outputs(model, batch)), flat(head_outputs(fp32, batch)), atol=1e-4, rtol=0)
 
 
 def test_shared_bn_checkpoint_maps_to_every_level(fp32_models):
@@ -440,7 +445,7 @@ def test_bottleneck_block_aqd():
     holder.eval()
     with torch.no_grad():
         ref = holder(x)
-    quantize_model(holder, {"scope": "aqd", "method": "lsq", "act_bits": 3})
+    quantize_model(holder, {"scope": "aqd", "method": "lsq", "act_bits": 3, "output_bits": 3})
     assert all(isinstance(b, QBottleneckBlock) and b.add_quant.bits == 3 for b in holder)
     convs = [m for m in holder.modules() if isinstance(m, QConv2d)]
     assert len(convs) == 7 and not any(c.input_quant.signed for c in convs)

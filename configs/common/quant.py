@@ -16,7 +16,9 @@ Fields (validated by ``hqod.quantization.QuantConfig``, which documents them in 
   method            "lsq" (HQOD Eq. 2-3) | "tqt" (power-of-two steps) | "lq" (AQD Eq. 2-3)
                     | "lsq_torch" (PyTorch's fused LSQ op, the speed/behaviour peer)
   weight_bits       2..8, weights of every quantized conv / linear layer
-  act_bits          2..8, their input activations (and, under "aqd", BN outputs and adds)
+  act_bits          2..8, their input activations
+  output_bits       2..8, under "aqd": the BN outputs and adds (default 8; AQD keeps them in
+                    accumulator units, only the next conv's input is brought to act_bits)
   scope             "aqd_star": convs only (+ multi-level BN in the head);
                     "aqd": also BN outputs, ResNet residual adds and FPN top-down adds,
                     integer-aware (AQD Eq. 4-8) so that hqod.quantization.to_integer /

@@ -5,7 +5,16 @@ Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
 
 * ``method``: quantizer name in ``QUANTIZERS`` — ``"lsq"``, ``"tqt"``, ``"lq"`` (or the peer
   ``"lsq_torch"``).
-* ``weight_bits`` / ``act_bits``: 2..8, weights and activations of every quantized layer.
+* ``weight_bits`` / ``act_bits``: 2..8, weights and input activations of every quantized conv /
+  linear layer (the "W" and "A" of WxAy).
+* ``output_bits``: 2..8, the grid of the BN outputs and adds of scope ``"aqd"`` (default 8).
+  AQD does not round these to the low bit width: a BN output is ``(eta_conv + round(s)) *
+  alpha_z`` in accumulator units (Eq. 6) and an add sums two such integers (Eq. 7); only the
+  next conv's input quantizer brings them down to ``act_bits``. Our integer engine stores them
+  as integers of ``output_bits`` bits, so 8 keeps the model integer-only while the residual
+  and FPN streams stay fine-grained; ``output_bits = act_bits`` is the stricter scheme that
+  also rounds them to the low bit width (at W2A2 it loses almost the whole detector:
+  BENCHMARKS.md, the design-card command).
 * ``scope``: ``"aqd_star"`` = convs (and linear layers) only, plus multi-level BN in the head;
   ``"aqd"`` = also BN outputs, the residual adds of ResNet blocks and the FPN top-down adds
   (AQD's full quantization), integer-aware as AQD Eq. 4-8 (integer conv biases, BN shifts
@@ -18,7 +27,8 @@ Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
   (RetinaNet ``cls_score``, ``bbox_pred``; FCOS also ``ctrness``).
 * ``overrides``: ``{glob pattern on module names: bits}`` applied last; bits is an int (weights
   and activations), a dict ``{weight_bits, act_bits}`` (either may be left out), or None to keep
-  that layer FP32. For BN / add quantizers only ``act_bits`` counts.
+  that layer FP32. For BN / add quantizers an int or ``act_bits`` sets their bits (in place of
+  ``output_bits``).
 * ``keep_unknown_fp32``: a layer type with parameters that ``QUANT_MODULES`` does not know is an
   error (listed by name) unless this is True; then it stays FP32 with a warning.
 * ``multi_level_bn``: replace the head towers' BN (shared BN or CycleBatchNormList) with one BN
@@ -64,6 +74,7 @@ class QuantConfig:
     method: str = "lsq"
     weight_bits: int = 4
     act_bits: int = 4
+    output_bits: int = 8
     scope: str = "aqd_star"
     first_last_bits: Optional[int] = 8
     input_layers: Optional[Tuple[str, ...]] = None
@@ -93,7 +104,7 @@ class QuantConfig:
         if method not in QUANTIZERS:
             allowed = sorted(name for name, _ in QUANTIZERS)
             raise ValueError(f"quant.method must be one of {allowed}; got {method!r}.")
-        for key in ("weight_bits", "act_bits"):
+        for key in ("weight_bits", "act_bits", "output_bits"):
             if key in kw:
                 check_bits(kw[key], f"quant.{key}")
         if kw.get("first_last_bits", 8) is not None:

@@ -17,6 +17,8 @@ Supporting a new layer type = registering one class. Where quantizers sit:
 * residual add of ResNet blocks and FPN top-down add (scope ``aqd``): the sum (signed), before
   the following ReLU, AQD Sec. 3.2.3.
 
+BN and add quantizers use ``quant.output_bits`` (default 8), conv inputs ``act_bits``.
+
 Scope ``aqd`` is also integer-aware (AQD Eq. 4-8, :mod:`.integer_layers`): the fake-quant model
 computes what the integer-only engine (:mod:`hqod.quantization.integer`) computes.
 

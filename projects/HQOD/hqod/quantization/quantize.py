@@ -202,7 +202,7 @@ class ConversionContext:
 
     def output_bits(self, name: str) -> Optional[int]:
         """Bits of the output quantizer of a BN / add at ``name`` (scope aqd), or None."""
-        bits = self.qcfg.act_bits
+        bits = self.qcfg.output_bits
         for pattern, ov in self.qcfg.overrides.items():
             if fnmatchcase(name, pattern):
                 if ov is None or isinstance(ov, int):
@@ -312,7 +312,9 @@ def quantize_model(model: nn.Module, cfg_quant) -> nn.Module:
             q.to(param.device)
     logger.info(
         f"quantize_model: method={qcfg.method} W{qcfg.weight_bits}A{qcfg.act_bits} "
-        f"scope={qcfg.scope}; input layers {first}, output layers {last} at "
+        f"scope={qcfg.scope}"
+        + (f" (BN outputs and adds {qcfg.output_bits}-bit)" if qcfg.scope == "aqd" else "")
+        + f"; input layers {first}, output layers {last} at "
         f"{qcfg.first_last_bits or 'FP32'}; converted {dict(converted)}; quantizers "
         f"{dict(ctx.num_quantizers)}; kept FP32: {ctx.fp32_layers or 'none'}."
     )
