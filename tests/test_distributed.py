@@ -171,6 +171,11 @@ def test_two_cpu_processes_train_like_one_with_the_same_total_batch(square_digit
     check what a bug would change by far more: BN statistics over all processes (forward of
     iteration 0), loss normalizers over all processes, the gradient average and the first
     updates (iteration 1 and the weights).
+
+    Steps by the quantizers' own rule (``quant.step_init=paper``): with the MSE-searched steps
+    the two runs calibrate the same (iteration-0 losses within 3e-8, measured) but the chaos
+    starts one iteration earlier (iteration-1 losses 0.3-4 % apart); the search's equivalence
+    over batch splits is tested in test_quantizers.py.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", DETECTRON2_DATASETS=str(square_digits))
 
@@ -189,7 +194,7 @@ def test_two_cpu_processes_train_like_one_with_the_same_total_batch(square_digit
     init = os.path.join(init_dir, "model_final.pth")
 
     common = ["--config-file", "configs/retina_r18_aqd_w4.py", *TINY, f"train.init_checkpoint={init}",
-              "quant.calib_images=4", "train.max_iter=2", "train.eval_period=0", "train.log_period=1",
+              "quant.calib_images=4", "quant.step_init=paper", "train.max_iter=2", "train.eval_period=0", "train.log_period=1",
               "train.metrics_window=1", "train.checkpointer.period=100", "train.deterministic=True"]  # fmt: skip
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     runs = [

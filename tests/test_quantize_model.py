@@ -5,6 +5,7 @@ checkpoint loading, calibration, state-dict round trip, optimizer groups, config
 Small inputs (2 images of 128x128) keep the file fast.
 """
 import copy
+import math
 import os
 
 import pytest
@@ -334,16 +335,24 @@ def test_checkpoint_of_other_architecture_rejected(fp32_models, tmp_path):
 
 # ------------------------------------------------------------------------------------------
 def test_calibration_initializes_steps_and_state_dict_round_trip(fp32_models):
-    model = quantized(fp32_models, "fcos", method="lsq", scope="aqd")
+    loader = [make_batch(10, n=1), make_batch(11, n=1), make_batch(12, n=1)]
+    # step_init="mse": the weight step is 2^(k/8) times LSQ's rule, k in -24..16, of least error
+    searched = quantized(fp32_models, "fcos", method="lsq", scope="aqd")
+    assert calibrate(searched, loader, num_images=2) == 2
+    model = quantized(fp32_models, "fcos", method="lsq", scope="aqd", step_init="paper")
     quant = quantizers_of(model)
     assert not any(q.is_initialized for q in quant.values())
-    loader = [make_batch(10, n=1), make_batch(11, n=1), make_batch(12, n=1)]
     seen = calibrate(model, loader, num_images=2)
     assert seen == 2
     assert all(q.is_initialized and q.fake_quant_enabled and not q.observer_enabled for q in quant.values())
     w = model.head.cls_subnet[0].weight.detach()
     expected = 2 * w.abs().mean() / (7**0.5)
     torch.testing.assert_close(model.head.cls_subnet[0].weight_quant.step, expected)
+    k = 8 * math.log2(searched.head.cls_subnet[0].weight_quant.step.item() / expected.item())
+    assert abs(k - round(k)) < 1e-3 and -24 <= round(k) <= 16
+    with torch.no_grad():
+        err = [(m.head.cls_subnet[0].weight_quant(w) - w).pow(2).sum() for m in (searched, model)]
+    assert err[0] <= err[1]
     # one QAT step, then a fresh model restores everything from the state dict
     model.train()
     opt = torch.optim.SGD(get_qat_optimizer_params(model, weight_decay_norm=0.0), lr=1e-3, weight_decay=1e-4)
@@ -456,3 +465,17 @@ def test_bottleneck_block_aqd():
     holder.train()
     holder(x).sum().backward()
     assert all(p.grad is not None for p in holder.parameters())
+
+
+def test_step_init_reaches_every_quantizer_and_is_checked():
+    from detectron2.modeling.backbone.resnet import BasicBlock
+
+    from hqod.quantization.quantizers import Quantizer
+
+    for given, expected in (({}, "mse"), ({"step_init": "paper"}, "paper")):
+        block = BasicBlock(8, 8, norm="BN")
+        quantize_model(block, {"scope": "aqd", "method": "lq", **given})
+        inits = [m.step_init for m in block.modules() if isinstance(m, Quantizer)]
+        assert len(inits) == 7 and set(inits) == {expected}  # 2 weights, 2 inputs, 2 BN outputs, 1 add
+    with pytest.raises(ValueError, match=r"quant.step_init must be one of \['mse', 'paper'\]; got 'minmax'"):
+        quantize_model(BasicBlock(8, 8, norm="BN"), {"step_init": "minmax"})

@@ -33,13 +33,18 @@ Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
   error (listed by name) unless this is True; then it stays FP32 with a warning.
 * ``multi_level_bn``: replace the head towers' BN (shared BN or CycleBatchNormList) with one BN
   per FPN level, indexed by level (AQD). False keeps the float head norms.
+* ``step_init``: how the calibration pass (or the first batch) sets each quantizer's step:
+  ``"mse"`` (default) the step of least squared quantization error on the observed data,
+  searched from 1/8 to 4 times the quantizer's own rule in steps of 2^(1/8) (the HQOD authors'
+  code initializes activation steps by MSE); ``"paper"`` the quantizer's own rule (LSQ and
+  LQ: LSQ's ``2 * mean|x| / sqrt(Qp)``; TQT: its 3-sigma threshold).
 * ``calib_images``: images of the calibration pass before QAT (observers on, fake-quant off);
   0 = initialize every quantizer from its first training batch instead. Used by train_net.
 """
 from dataclasses import dataclass, field, fields
 from typing import Dict, Optional, Tuple, Union
 
-from .quantizers import QUANTIZERS, check_bits
+from .quantizers import QUANTIZERS, STEP_INITS, check_bits
 
 __all__ = ["QuantConfig", "SCOPES"]
 
@@ -82,6 +87,7 @@ class QuantConfig:
     overrides: Dict[str, BitsOverride] = field(default_factory=dict)
     keep_unknown_fp32: bool = False
     multi_level_bn: bool = True
+    step_init: str = "mse"
     calib_images: int = 256
 
     @classmethod
@@ -133,6 +139,8 @@ class QuantConfig:
         for key in ("keep_unknown_fp32", "multi_level_bn"):
             if key in kw and not isinstance(kw[key], bool):
                 raise ValueError(f"quant.{key} must be a bool; got {kw[key]!r}.")
+        if kw.get("step_init", cls.step_init) not in STEP_INITS:
+            raise ValueError(f"quant.step_init must be one of {list(STEP_INITS)}; got {kw['step_init']!r}.")
         calib = kw.get("calib_images", cls.calib_images)
         if isinstance(calib, bool) or not isinstance(calib, int) or calib < 0:
             raise ValueError(f"quant.calib_images must be an int >= 0; got {calib!r}.")

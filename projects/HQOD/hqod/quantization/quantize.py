@@ -177,6 +177,7 @@ class ConversionContext:
         outputs, which a later op may modify in place (the output is then not saved)."""
         q = QUANTIZERS.get(self.qcfg.method)(bits=bits, signed=signed)
         q.save_output = not output
+        q.step_init = self.qcfg.step_init
         self.num_quantizers[(bits, "signed" if signed else "unsigned")] += 1
         return q
 

@@ -41,6 +41,7 @@ __all__ = [
     "NamedRegistry",
     "ALLOWED_BITS",
     "check_bits",
+    "STEP_INITS",
     "Quantizer",
     "LSQQuantizer",
     "TQTQuantizer",
@@ -105,6 +106,13 @@ def _all_reduce_mean(t: Tensor) -> Tensor:
     return t
 
 
+STEP_INITS = ("mse", "paper")
+# The search of step_init="mse": steps 2^(k/8) times the quantizer's own initial step, from 1/8
+# to 4 times it, on evenly strided elements of each row (at most MSE_SAMPLES_PER_ROW).
+MSE_FACTORS = tuple(2.0 ** (k / 8) for k in range(-24, 17))
+MSE_SAMPLES_PER_ROW = 1024
+
+
 class Quantizer(nn.Module):
     """
     Base class: bit width, sign, integer range, modes and the observer logic. Subclasses define
@@ -132,6 +140,8 @@ class Quantizer(nn.Module):
         self.save_output = True
         self._num_observed = 0
         self._known_initialized = False  # cache of ``initialized`` (avoids a device sync per call)
+        self.step_init = "paper"  # one of STEP_INITS (quant.step_init): read by calibrate()
+        self._search_base = self._search_errors = None  # the step search, while it runs
 
     # ---- modes ----
     def enable_fake_quant(self, enabled: bool = True):
@@ -193,9 +203,15 @@ class Quantizer(nn.Module):
         """LSQ's initial step ``2 * mean|x| / sqrt(Qp)`` (Esser et al., Sec. 2.1)."""
         return (2.0 * x.abs().mean() / math.sqrt(self.qmax)).clamp_min(self.eps)
 
+    def _scaled(self, value: Tensor, factor: float) -> Tensor:
+        """The learned parameter of a step ``factor`` times that of ``value``."""
+        return value * factor
+
     @torch.no_grad()
     def observe(self, x: Tensor):
-        """Update the learned parameter from ``x`` and mark the quantizer initialized."""
+        """Update the learned parameter from ``x`` by the quantizer's own rule
+        (:meth:`_initial_value`, averaged over the calls since the observer was enabled and over
+        processes) and mark the quantizer initialized."""
         value = _all_reduce_mean(self._initial_value(x.detach().float()))
         param = self._param()
         n = self._num_observed if self.observer_enabled else 0
@@ -204,8 +220,50 @@ class Quantizer(nn.Module):
         self.initialized.fill_(1)
         self._known_initialized = True
 
+    # ---- the step search of step_init="mse" (a second calibration pass) ----
+    def start_step_search(self):
+        """From now on every input adds, for each step in :data:`MSE_FACTORS` times the
+        current one, its squared quantization error (:meth:`finish_step_search` picks)."""
+        self._search_base = self._param().detach().clone()
+        self._search_errors = None
+
+    @torch.no_grad()
+    def _accumulate_search(self, x: Tensor):
+        # the same elements of each row (image, or output channel) whatever the batching, so
+        # that N processes sum the errors of one process with N times their batch
+        rows = x.detach().float().reshape(x.shape[0] if x.dim() > 1 else 1, -1)
+        rows = rows[:, :: -(-rows.shape[1] // MSE_SAMPLES_PER_ROW)]
+        param = self._param()
+        errors = []
+        try:
+            for factor in MSE_FACTORS:
+                param.copy_(self._scaled(self._search_base, factor).reshape(param.shape))
+                errors.append((self._fake_quantize(rows) - rows).pow(2).sum())
+        finally:
+            param.copy_(self._search_base)
+        errors = torch.stack(errors).double()
+        self._search_errors = errors if self._search_errors is None else self._search_errors + errors
+
+    @torch.no_grad()
+    def finish_step_search(self):
+        """Set the step of least summed squared error (over processes too); a quantizer that
+        saw no input keeps its step. Every process must call it (a collective)."""
+        param = self._param()
+        errors = self._search_errors
+        seen = torch.zeros(len(MSE_FACTORS) + 1, dtype=torch.float64, device=param.device)
+        if errors is not None:
+            seen[:-1] = errors
+            seen[-1] = 1
+        seen = _all_reduce_mean(seen)
+        if seen[-1] > 0:
+            best = MSE_FACTORS[int(seen[:-1].argmin())]
+            param.copy_(self._scaled(self._search_base, best).reshape(param.shape))
+        self._search_base = self._search_errors = None
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.observer_enabled or (self.fake_quant_enabled and not self.is_initialized):
+        if self._search_base is not None:
+            self._accumulate_search(x)
+        elif self.observer_enabled or (self.fake_quant_enabled and not self.is_initialized):
             self.observe(x)
         if not self.fake_quant_enabled:
             return x
@@ -275,6 +333,9 @@ class TQTQuantizer(Quantizer):
     def _initial_value(self, x):
         t = torch.minimum(x.abs().max(), 3.0 * x.pow(2).mean().sqrt())
         return torch.log2(t.clamp_min(self.eps))
+
+    def _scaled(self, value, factor):
+        return value + math.log2(factor)
 
     def _step(self):
         return step_from_param(self.log2_threshold, "pow2", self._log2_levels)
