@@ -348,6 +348,21 @@ def test_mse_step_init_hand_computed():
     assert calibrated("lq", 2, True, x, "paper").interval.item() == pytest.approx(6.0, rel=1e-6)
 
 
+def test_step_search_counts_a_weight_once():
+    """Calibration runs every batch through the same weights: a Parameter's errors are added
+    once (same choice, a fraction of the work); activations add per call."""
+    w = torch.nn.Parameter(torch.randn(16, 72, generator=torch.Generator().manual_seed(0)))
+    q = calibrated("lsq", 2, True, w.detach(), "paper")
+    q.disable_fake_quant().start_step_search()
+    q(w)
+    once = q._search_errors.clone()
+    q(w)
+    assert torch.equal(q._search_errors, once)
+    q(w.detach() * 1)  # not a Parameter: counted again
+    torch.testing.assert_close(q._search_errors, 2 * once)
+    q.finish_step_search()
+
+
 @pytest.mark.parametrize("name", ["lsq", "tqt", "lq", "lsq_torch"])
 def test_mse_step_init_never_worse_than_own_rule(name):
     """On Gaussian data the MSE step's error is at most the own rule's (whose step is a

@@ -229,6 +229,8 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def _accumulate_search(self, x: Tensor):
+        if isinstance(x, nn.Parameter) and self._search_errors is not None:
+            return  # a weight, which calibration does not change: its errors are counted
         # the same elements of each row (image, or output channel) whatever the batching, so
         # that N processes sum the errors of one process with N times their batch
         rows = x.detach().float().reshape(x.shape[0] if x.dim() > 1 else 1, -1)
@@ -249,14 +251,13 @@ class Quantizer(nn.Module):
         """Set the step of least summed squared error (over processes too); a quantizer that
         saw no input keeps its step. Every process must call it (a collective)."""
         param = self._param()
-        errors = self._search_errors
-        seen = torch.zeros(len(MSE_FACTORS) + 1, dtype=torch.float64, device=param.device)
-        if errors is not None:
-            seen[:-1] = errors
-            seen[-1] = 1
-        seen = _all_reduce_mean(seen)
-        if seen[-1] > 0:
-            best = MSE_FACTORS[int(seen[:-1].argmin())]
+        totals = torch.zeros(len(MSE_FACTORS) + 1, dtype=torch.float64, device=param.device)
+        if self._search_errors is not None:
+            totals[:-1] = self._search_errors
+            totals[-1] = 1  # this process saw input
+        totals = _all_reduce_mean(totals)
+        if totals[-1] > 0:
+            best = MSE_FACTORS[int(totals[:-1].argmin())]
             param.copy_(self._scaled(self._search_base, best).reshape(param.shape))
         self._search_base = self._search_errors = None
 
