@@ -33,11 +33,12 @@ Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
   error (listed by name) unless this is True; then it stays FP32 with a warning.
 * ``multi_level_bn``: replace the head towers' BN (shared BN or CycleBatchNormList) with one BN
   per FPN level, indexed by level (AQD). False keeps the float head norms.
-* ``step_init``: how the calibration pass (or the first batch) sets each quantizer's step:
-  ``"mse"`` (default) the step of least squared quantization error on the observed data,
-  searched from 1/8 to 4 times the quantizer's own rule in steps of 2^(1/8) (the HQOD authors'
-  code initializes activation steps by MSE); ``"paper"`` the quantizer's own rule (LSQ and
-  LQ: LSQ's ``2 * mean|x| / sqrt(Qp)``; TQT: its 3-sigma threshold).
+* ``step_init``: how the calibration pass sets each quantizer's step: ``"mse"`` (default) the
+  step of least squared quantization error, searched in a second pass over as many images from
+  1/8 to 4 times the quantizer's own rule in steps of 2^(1/8) (the HQOD authors' code
+  initializes activation steps by MSE); ``"paper"`` the quantizer's own rule (LSQ and LQ:
+  LSQ's ``2 * mean|x| / sqrt(Qp)``; TQT: its 3-sigma threshold). Without calibration
+  (``calib_images = 0``) the first batch initializes by the own rule.
 * ``calib_images``: images of the calibration pass before QAT (observers on, fake-quant off);
   0 = initialize every quantizer from its first training batch instead. Used by train_net.
 """
