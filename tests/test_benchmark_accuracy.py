@@ -3,6 +3,7 @@ paired differences, target verdicts) on hand-made records whose answers are writ
 import json
 import os
 import re
+import shutil
 
 import pytest
 
@@ -15,7 +16,7 @@ def tool():
 
 
 def record(name, seed, ap=5.0, ap75=4.0, corr=0.3, gap01=1.0, wall_s=300.0):
-    """A ``benchmark.json`` record with the given metrics (the others fixed)."""
+    """A run's record with the given metrics (the others fixed)."""
     return {
         "name": name,
         "seed": seed,
@@ -25,7 +26,15 @@ def record(name, seed, ap=5.0, ap75=4.0, corr=0.3, gap01=1.0, wall_s=300.0):
             "bbox": {"AP": ap, "AP50": 2 * ap, "AP75": ap75},
             "harmony": {"mean_gap": 0.4, "gap_0.0-0.1": gap01, "ideal": 0.0, "corr": corr, "num_tp": 100},
         },
+        "tp": {"score": [0.9, 0.5], "iou": [0.95, 0.65]},
     }
+
+
+def write_record(tool, records_dir, rec):
+    path = tool.record_path(records_dir, rec["name"], rec["seed"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rec, f)
 
 
 def w2_pair(method, ap_gains, ap75_gains):
@@ -79,7 +88,7 @@ def test_fp32_and_atss_commands(tool, tmp_path):
 def test_list_runs_nothing(tool, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # main() moves to the repository root; restored afterwards
     monkeypatch.setattr(tool.subprocess, "run", lambda *a, **k: pytest.fail("--list ran a command"))
-    tool.main(["--list", "--output-dir", str(tmp_path)])
+    tool.main(["--list", "--output-dir", str(tmp_path / "out"), "--records-dir", str(tmp_path / "records")])
     lines = capsys.readouterr().out.splitlines()
     entries = tool.plan(list(tool.RUNS))
     assert len(lines) == len(entries) + 2
@@ -91,35 +100,86 @@ def test_list_runs_nothing(tool, tmp_path, monkeypatch, capsys):
 
 def test_list_done_and_partial(tool, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    out = str(tmp_path)
-    os.makedirs(tool.run_dir(out, "fp32", 0))
-    with open(tool.record_path(out, "fp32", 0), "w") as f:
-        json.dump(record("fp32", 0, wall_s=600.0), f)
+    out, records = str(tmp_path / "out"), str(tmp_path / "records")
+    write_record(tool, records, record("fp32", 0, wall_s=600.0))  # done: its record, no output needed
     os.makedirs(tool.run_dir(out, "lsq_w4", 1))
-    tool.main(["--list", "--output-dir", out, "--runs", "lsq_w4"])
+    tool.main(["--list", "--output-dir", out, "--records-dir", records, "--runs", "lsq_w4"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split() for line in lines[1:-1]] == [["fp32", "0", "done", "10.0"], ["lsq_w4", "0", "todo"], ["lsq_w4", "1", "partial"]]
     assert lines[-1] == "1 done, 2 remaining"
+    assert tool.record_path(records, "lsq_w4", 1) == os.path.join(records, "seed1", "lsq_w4.json")
 
 
-def test_report_only_reads_finished_runs(tool, tmp_path, monkeypatch):
+def test_report_only_reads_records(tool, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    out = str(tmp_path)
+    out, records = str(tmp_path / "out"), str(tmp_path / "records")
     for rec in (record("lsq_w3", 0, ap=4.0), record("lsq_w3", 1, ap=6.0), record("lsq_w3_hqod", 1, ap=7.0)):
-        inference = os.path.join(tool.run_dir(out, rec["name"], rec["seed"]), "inference")
-        os.makedirs(inference)
-        with open(os.path.join(inference, "harmony_tp.json"), "w") as f:
-            json.dump({"score": [0.9, 0.5], "iou": [0.95, 0.65]}, f)
-        with open(tool.record_path(out, rec["name"], rec["seed"]), "w") as f:
-            json.dump(rec, f)
+        write_record(tool, records, rec)
     os.makedirs(tool.run_dir(out, "lsq_w3_hqod", 0))  # interrupted: not in the report
-    tool.main(["--report-only", "--output-dir", out])
+    tool.main(["--report-only", "--output-dir", out, "--records-dir", records])
     with open(os.path.join(out, "results.md")) as f:
         text = f.read()
     assert "| lsq_w3 | 0, 1 | 4.00 / 6.00 | 5.00 ± 1.41 |" in text
     assert "| lsq_w3_hqod | 1 | 7.00 | 7.00 ± — |" in text
     assert "| lsq_w3_hqod - lsq_w3 | 1 | +1.00 (+1.00) |" in text
-    assert "gap<0.1 %" in text and "| 50.00 / 50.00 |" in text  # harmony recomputed from the TPs
+    # harmony recomputed from the records' TPs (gaps 0.05 and 0.15: half below 0.1), not the stored 1.0
+    assert "gap<0.1 %" in text and "| 50.00 / 50.00 |" in text
+    assert "differ from their record" not in text
+
+
+def fake_train(tool, monkeypatch, model_bytes):
+    """subprocess.run standing in for train_net.py: writes a run's inference files and, for an
+    FP32 run, ``model_final.pth`` holding ``model_bytes[0]``; records each command."""
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        out = next(opt.split("=", 1)[1] for opt in cmd if opt.startswith("train.output_dir="))
+        os.makedirs(os.path.join(out, "inference"), exist_ok=True)
+        with open(os.path.join(out, "inference", "results.json"), "w") as f:
+            json.dump({"bbox": {"AP": 12.5, "AP50": 20.0, "AP75": 10.0}}, f)
+        with open(os.path.join(out, "inference", "harmony_tp.json"), "w") as f:
+            json.dump({"score": [0.1234567, 0.8], "iou": [0.9, 0.7654321]}, f)
+        if "/fp32" in out:
+            with open(os.path.join(out, "model_final.pth"), "wb") as f:
+                f.write(model_bytes[0])
+        return tool.subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(tool.subprocess, "run", run)
+    monkeypatch.setattr(tool, "git_commit", lambda: "abc1234")
+    return calls
+
+
+def test_run_writes_records_and_retrains_a_missing_fp32_model(tool, tmp_path, monkeypatch, capsys):
+    out, records = str(tmp_path / "out"), str(tmp_path / "records")
+    model = [b"fp32 weights"]
+    calls = fake_train(tool, monkeypatch, model)
+    tool.run("fp32", 0, out, records, None)
+    tool.run("lsq_w2", 0, out, records, None)
+    fp32, qat = (tool.read_record(tool.record_path(records, n, 0)) for n in ("fp32", "lsq_w2"))
+    sha = tool.hashlib.sha256(b"fp32 weights").hexdigest()
+    assert fp32["model_sha256"] == sha and qat["init_sha256"] == sha
+    assert qat["results"]["bbox"]["AP"] == 12.5 and qat["commit"] == "abc1234"
+    assert qat["tp"] == {"score": [0.123457, 0.8], "iou": [0.9, 0.765432]}  # 6 decimals
+    assert len(calls) == 2
+    tool.run("lsq_w2", 0, out, records, None)  # recorded: not run again
+    assert len(calls) == 2
+    # a fresh machine: records, no checkpoints; the FP32 run is trained again for the next QAT run
+    shutil.rmtree(out)
+    model[0] = b"other weights"
+    tool.run("lsq_w2", 1, out, records, None)
+    assert [c[c.index("--config-file") + 1] for c in calls[2:]] == ["configs/retina_r18_fp32.py", "configs/retina_r18_lsq_w2.py"]
+    assert "differs from its record" in capsys.readouterr().out
+    lines = tool.fp32_model_lines(tool.finished_records(records))
+    other = tool.hashlib.sha256(b"other weights").hexdigest()
+    assert lines == [f"- lsq_w2 seed 1 fine-tuned FP32 model {other[:12]}, not the recorded {sha[:12]}"]
+
+
+def test_failed_run_leaves_no_record(tool, tmp_path, monkeypatch):
+    monkeypatch.setattr(tool.subprocess, "run", lambda cmd, **k: tool.subprocess.CompletedProcess(cmd, 3))
+    with pytest.raises(SystemExit, match=r"fp32 \(seed 0\) failed with exit code 3; see .*/fp32/stdout.txt"):
+        tool.run("fp32", 0, str(tmp_path / "out"), str(tmp_path / "records"), None)
+    assert not os.path.exists(tmp_path / "records")
 
 
 # ------------------------------------------------------------------------------------------

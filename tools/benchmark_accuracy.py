@@ -13,16 +13,24 @@ detectors are trained once (seed 0); every QAT run fine-tunes its FP32 detector 
     python tools/benchmark_accuracy.py --list                           # the plan and its status
     python tools/benchmark_accuracy.py --report-only                    # the report of finished runs
 
-Everything goes to ``--output-dir`` (default ``output/benchmark_accuracy``): ``<run>/`` per FP32
-run and ``seed<S>/<run>/`` per QAT run (a finished run is never repeated, an interrupted one
-resumes), ``results.md`` over every finished run (per-seed values with mean ± std, HQOD - baseline
-differences per seed, the targets, the commands) and Fig. 2/4/5-style PNGs of seed 0.
+Training goes to ``--output-dir`` (default ``output/benchmark_accuracy``): ``<run>/`` per FP32
+run and ``seed<S>/<run>/`` per QAT run (an interrupted run resumes there). A finished run leaves
+its record in ``--records-dir`` (default ``benchmarks/accuracy``, tracked in git, so the
+benchmark can be finished over several sittings on fresh machines): its command, commit, wall
+time, COCO and harmony results, every true positive's score and IoU, and the SHA-256 of the FP32
+model it fine-tuned (of its final model for an FP32 run). A run with a record is never repeated;
+when a QAT run needs an FP32 model whose record exists but whose checkpoint this machine lacks,
+the FP32 run is trained again (same command and seed) and the report names any QAT record whose
+FP32 model differs from the recorded one. The report, ``results.md`` in the output directory
+(per-seed values with mean ± std, HQOD - baseline differences per seed, the targets, the
+commands), and Fig. 2/4/5-style PNGs of seed 0 are made from the records.
 ``--fp32-checkpoint`` evaluates that RetinaNet FP32 detector instead of training one, and the
 RetinaNet QAT runs fine-tune it.
 """
 import argparse
 import datetime
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -116,9 +124,10 @@ def run_dir(output_dir, name, seed):
     return os.path.join(output_dir, name) if is_fp32(name) else os.path.join(output_dir, f"seed{seed}", name)
 
 
-def record_path(output_dir, name, seed):
-    """The record a finished run leaves."""
-    return os.path.join(run_dir(output_dir, name, seed), "benchmark.json")
+def record_path(records_dir, name, seed):
+    """The record a finished run leaves: ``<records>/<name>.json`` for an FP32 run,
+    ``<records>/seed<S>/<name>.json`` otherwise."""
+    return run_dir(records_dir, name, seed) + ".json"
 
 
 def run_seeds(name, seeds=None):
@@ -134,9 +143,9 @@ def plan(names, seeds=None):
     return sorted(entries, key=lambda e: (not is_fp32(e[0]), e[1], ordered.index(e[0])))
 
 
-def run_status(output_dir, name, seed):
-    """done (its record exists), partial (its directory exists) or todo."""
-    if os.path.isfile(record_path(output_dir, name, seed)):
+def run_status(output_dir, records_dir, name, seed):
+    """done (its record exists), partial (its output directory exists) or todo."""
+    if os.path.isfile(record_path(records_dir, name, seed)):
         return "done"
     return "partial" if os.path.isdir(run_dir(output_dir, name, seed)) else "todo"
 
@@ -148,8 +157,13 @@ def init_checkpoint(name, output_dir, fp32_checkpoint):
     if fp32_checkpoint and "fp32" in (name, parent):
         return fp32_checkpoint
     if parent:
-        return os.path.join(run_dir(output_dir, parent, FP32_SEED), "model_final.pth")
+        return final_model(output_dir, parent)
     return None
+
+
+def final_model(output_dir, name):
+    """The final model an FP32 run writes."""
+    return os.path.join(run_dir(output_dir, name, FP32_SEED), "model_final.pth")
 
 
 def command(name, seed, output_dir, fp32_checkpoint=None):
@@ -168,10 +182,26 @@ def command(name, seed, output_dir, fp32_checkpoint=None):
     return cmd + opts
 
 
-def run(name, seed, output_dir, fp32_checkpoint):
-    """Run one benchmark entry unless it is finished; write its record."""
-    if run_status(output_dir, name, seed) == "done":
-        return
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit():
+    """The checkout's commit (with ``+changes`` when the tree differs from it); None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if dirty.strip() else "")
+
+
+def train(name, seed, output_dir, fp32_checkpoint):
+    """Run one entry's command (resuming an interrupted one); its wall seconds."""
     out = run_dir(output_dir, name, seed)
     cmd = command(name, seed, output_dir, fp32_checkpoint)
     print(f"[{datetime.datetime.now():%H:%M:%S}] {name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
@@ -179,14 +209,57 @@ def run(name, seed, output_dir, fp32_checkpoint):
     start = time.perf_counter()
     with open(os.path.join(out, "stdout.txt"), "a") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"error: {name} (seed {seed}) failed with exit code {proc.returncode}; see {out}/stdout.txt")
-    with open(os.path.join(out, "inference", "results.json")) as f:
+    return cmd, time.perf_counter() - start
+
+
+def ensure_fp32_model(name, output_dir, records_dir, fp32_checkpoint):
+    """Make sure the FP32 model a QAT run of ``name`` fine-tunes exists on this machine: a
+    recorded FP32 run whose checkpoint is missing (a fresh machine) is trained again, and a
+    different result is reported (its QAT runs keep their own record of what they fine-tuned)."""
+    init = init_checkpoint(name, output_dir, fp32_checkpoint)
+    if init is None or os.path.isfile(init):
+        return
+    parent = RUNS[name].fp32
+    train(parent, FP32_SEED, output_dir, fp32_checkpoint)
+    recorded = read_record(record_path(records_dir, parent, FP32_SEED)).get("model_sha256")
+    if recorded and sha256(init) != recorded:
+        print(f"warning: {parent} trained again differs from its record (SHA-256 {sha256(init)[:12]} vs {recorded[:12]}); "
+              "the report names the QAT runs of each model.", flush=True)
+
+
+def run(name, seed, output_dir, records_dir, fp32_checkpoint):
+    """Run one benchmark entry unless it has a record; write its record."""
+    if run_status(output_dir, records_dir, name, seed) == "done":
+        return
+    ensure_fp32_model(name, output_dir, records_dir, fp32_checkpoint)
+    cmd, wall = train(name, seed, output_dir, fp32_checkpoint)
+    inference = os.path.join(run_dir(output_dir, name, seed), "inference")
+    with open(os.path.join(inference, "results.json")) as f:
         results = json.load(f)
-    record = {"name": name, "seed": seed, "command": " ".join(["python", *cmd[1:]]), "wall_s": wall, "results": results}
-    with open(record_path(output_dir, name, seed), "w") as f:
-        json.dump(record, f, indent=2)
+    scores, ious = load_tp_records(inference)
+    init = init_checkpoint(name, output_dir, fp32_checkpoint)
+    record = {
+        "name": name,
+        "seed": seed,
+        "command": " ".join(["python", *cmd[1:]]),
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "wall_s": wall,
+        "results": results,
+        # 6 decimals: the harmony metrics' bins and correlation are unchanged at the reported digits
+        "tp": {"score": np.round(scores, 6).tolist(), "iou": np.round(ious, 6).tolist()},
+    }
+    if is_fp32(name):
+        record["model_sha256"] = sha256(init if name == "fp32" and fp32_checkpoint else final_model(output_dir, name))
+    else:
+        record["init_sha256"] = sha256(init)
+    path = record_path(records_dir, name, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
 
 
 def read_record(path):
@@ -194,29 +267,34 @@ def read_record(path):
         return json.load(f)
 
 
-def plan_table(entries, output_dir):
+def plan_table(entries, output_dir, records_dir):
     """One line per (run, seed) with its status and the wall minutes of a finished one; totals."""
     lines = [f"{'run':<18} {'seed':>4}  {'status':<8} {'wall (min)':>10}"]
     done = 0
     for name, seed in entries:
-        status = run_status(output_dir, name, seed)
+        status = run_status(output_dir, records_dir, name, seed)
         wall = ""
         if status == "done":
             done += 1
-            wall = f"{read_record(record_path(output_dir, name, seed))['wall_s'] / 60:.1f}"
+            wall = f"{read_record(record_path(records_dir, name, seed))['wall_s'] / 60:.1f}"
         lines.append(f"{name:<18} {seed:>4}  {status:<8} {wall:>10}".rstrip())
     lines.append(f"{done} done, {len(entries) - done} remaining")
     return "\n".join(lines)
 
 
-def finished_records(output_dir):
-    """The records of every finished run under ``output_dir`` (RUNS order, then seed), with the
-    harmony metrics of this version recomputed from the runs' TP records."""
+def tp_arrays(record):
+    """(scores, ious) of a record's true positives."""
+    return np.asarray(record["tp"]["score"], dtype=np.float64), np.asarray(record["tp"]["iou"], dtype=np.float64)
+
+
+def finished_records(records_dir):
+    """The records under ``records_dir`` (RUNS order, then seed), with the harmony metrics of
+    this version recomputed from their true positives."""
     records = []
     for name in RUNS:
-        for path in glob.glob(record_path(glob.escape(output_dir), name, "*")):
+        for path in glob.glob(record_path(glob.escape(records_dir), name, "*")):
             record = read_record(path)
-            record["results"]["harmony"] = harmony_metrics(*load_tp_records(os.path.join(os.path.dirname(path), "inference")))
+            record["results"]["harmony"] = harmony_metrics(*tp_arrays(record))
             records.append(record)
     return sorted(records, key=lambda r: (list(RUNS).index(r["name"]), r["seed"]))
 
@@ -378,13 +456,9 @@ def targets(records):
     ]
 
 
-def figures(output_dir, seed=0):
-    """Fig. 2/4/5-style PNGs of the runs of ``seed`` (and the FP32 run) that exist."""
-    tps = {}
-    for name in ("fp32", "lsq_w4", "lsq_w2", "lsq_w2_hqod", "lsq_w2_tcorr"):
-        path = os.path.join(run_dir(output_dir, name, seed), "inference", "harmony_tp.json")
-        if os.path.isfile(path):
-            tps[name] = load_tp_records(path)
+def figures(records, output_dir, seed=0):
+    """Fig. 2/4/5-style PNGs of the records of ``seed`` (and the FP32 run) that exist."""
+    tps = {r["name"]: tp_arrays(r) for r in records if r["seed"] == seed or is_fp32(r["name"])}
     made = []
     pick = lambda names: {n: tps[n] for n in names if n in tps}  # noqa: E731
     if pick(["fp32", "lsq_w4", "lsq_w2"]):
@@ -397,11 +471,24 @@ def figures(output_dir, seed=0):
     return made
 
 
-def report(output_dir):
-    """results.md over every finished run under ``output_dir`` (written there and returned)."""
-    records = finished_records(output_dir)
+def fp32_model_lines(records):
+    """One line per QAT record that fine-tuned another FP32 model than its FP32 record's (a
+    retrained FP32 run that came out different); none when all agree."""
+    models = {r["name"]: r.get("model_sha256") for r in records if is_fp32(r["name"])}
+    lines = []
+    for r in records:
+        recorded = models.get(RUNS[r["name"]].fp32) if not is_fp32(r["name"]) else None
+        if recorded and r.get("init_sha256") not in (None, recorded):
+            lines.append(f"- {r['name']} seed {r['seed']} fine-tuned FP32 model {r['init_sha256'][:12]}, not the recorded {recorded[:12]}")
+    return lines
+
+
+def report(records_dir, output_dir):
+    """results.md over every record in ``records_dir``, written to ``output_dir`` and returned."""
+    records = finished_records(records_dir)
     os.makedirs(output_dir, exist_ok=True)
-    made = figures(output_dir)
+    made = figures(records, output_dir)
+    mismatches = fp32_model_lines(records)
     text = "\n".join(
         [
             f"Machine: {platform.machine()}, {os.cpu_count()} cores; {datetime.date.today().isoformat()}",
@@ -415,10 +502,11 @@ def report(output_dir):
             "Targets:",
             *targets(records),
             "",
+            *(["FP32 models that differ from their record:", *mismatches, ""] if mismatches else []),
             "Figures: " + ", ".join(os.path.relpath(p, output_dir) for p in made),
             "",
             "Commands:",
-            *[f"- `{r['command']}`" for r in records],
+            *[f"- `{r['command']}` ({r.get('commit') or 'commit unknown'}, {r.get('date', 'date unknown')})" for r in records],
         ]
     )
     with open(os.path.join(output_dir, "results.md"), "w") as f:
@@ -439,7 +527,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--fp32-checkpoint", help="evaluate this RetinaNet FP32 detector instead of training one; its QAT runs fine-tune it"
     )
-    parser.add_argument("--output-dir", default="output/benchmark_accuracy")
+    parser.add_argument("--output-dir", default="output/benchmark_accuracy", help="training runs, report and figures")
+    parser.add_argument("--records-dir", default="benchmarks/accuracy", help="finished runs' records (tracked in git)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--list", action="store_true", help="print the plan (status of every run and seed) and exit")
     mode.add_argument("--report-only", action="store_true", help="write the report of the finished runs without running any")
@@ -450,16 +539,17 @@ def main(argv=None):
     args = parse_args(argv)
     if args.fp32_checkpoint and not os.path.isfile(args.fp32_checkpoint):
         sys.exit(f"error: --fp32-checkpoint {args.fp32_checkpoint} does not exist.")
-    output_dir, fp32 = _from_root(args.output_dir), args.fp32_checkpoint and _from_root(args.fp32_checkpoint)
+    output_dir, records_dir = _from_root(args.output_dir), _from_root(args.records_dir)
+    fp32 = args.fp32_checkpoint and _from_root(args.fp32_checkpoint)
     os.chdir(ROOT)  # the commands (and the paths above) are relative to the repository root
     entries = plan(args.runs, args.seeds)
     if args.list:
-        print(plan_table(entries, output_dir))
+        print(plan_table(entries, output_dir, records_dir))
         return
     if not args.report_only:
         for name, seed in entries:
-            run(name, seed, output_dir, fp32)
-    print(report(output_dir))
+            run(name, seed, output_dir, records_dir, fp32)
+    print(report(records_dir, output_dir))
 
 
 if __name__ == "__main__":
