@@ -204,6 +204,11 @@ def test_paired_differences(tool):
     d_ap = tool.paired_differences(records, "lsq_w2", "lsq_w2_hqod", "AP")
     assert d_ap == pytest.approx({0: 2.0, 1: -0.5, 2: 3.0})
     assert tool.differences_cell(d_ap) == "+1.50 (+2.00 / -0.50 / +3.00)"
+    for rec in records:  # seed 1's pair fine-tuned two different FP32 models: not a pair
+        rec["init_sha256"] = "b" if (rec["name"], rec["seed"]) == ("lsq_w2_hqod", 1) else "a"
+    assert tool.paired_differences(records, "lsq_w2", "lsq_w2_hqod", "AP") == pytest.approx({0: 2.0, 2: 3.0})
+    for rec in records:
+        rec["init_sha256"] = "a"
     assert "| lsq_w2_hqod - lsq_w2 | 0, 1, 2 | +1.50 (+2.00 / -0.50 / +3.00) | +1.50 (+1.00 / +1.50 / +2.00) |" in tool.differences_table(records)
 
 

@@ -346,9 +346,12 @@ def results_table(records):
 
 
 def paired_differences(records, baseline, variant, key):
-    """{seed: variant - baseline} of bbox ``key`` over the seeds both runs finished."""
+    """{seed: variant - baseline} of bbox ``key`` over the seeds both runs finished from the same
+    FP32 model (a pair split by a retrained FP32 model that came out different is left out)."""
     base, var = values(records, baseline, key), values(records, variant, key)
-    return {seed: var[seed] - base[seed] for seed in sorted(base.keys() & var.keys())}
+    init = {(r["name"], r["seed"]): r.get("init_sha256") for r in records}
+    same = lambda seed: init[baseline, seed] == init[variant, seed]  # noqa: E731
+    return {seed: var[seed] - base[seed] for seed in sorted(base.keys() & var.keys()) if same(seed)}
 
 
 def differences_cell(diffs):
