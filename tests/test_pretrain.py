@@ -102,7 +102,9 @@ def test_pretrained_backbone_loads_into_every_digits_config(config, pretrained, 
 def test_checkpoint_of_another_depth_is_one_clear_error(pretrained):
     cfg = LazyConfig.load(os.path.join(ROOT, "configs/retina_r50_fp32.py"))
     cfg.model.backbone.out_channels = 16
-    with pytest.raises(UserError, match=r"ResNet-18 backbone but the model's backbone is ResNet-50.*--depth 50"):
+    with pytest.raises(UserError, match=r"ResNet-18 backbone but the model's backbone is ResNet-50.*"
+                       r"pretrain_backbone.py --depth 50; COCO/VOC: .*convert_torchvision_backbone.py --depth 50 "
+                       r"--input resnet50-0676ba61.pth\), or set the depth to 18\."):
         Checkpointer(instantiate(cfg.model)).load(pretrained[18])
 
 

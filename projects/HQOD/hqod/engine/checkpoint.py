@@ -17,7 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
 from hqod.modeling.backbone import resnet_depth
-from hqod.pretrain import pretrain_command
+from hqod.pretrain import convert_command, pretrain_command
 from hqod.quantization.checkpoint import UntrustedCheckpointError, checkpoint_globals, load_torch_file
 
 from .defaults import UserError
@@ -205,7 +205,8 @@ class Checkpointer(DetectionCheckpointer):
             raise UserError(
                 f"Checkpoint {path} holds a ResNet-{theirs} backbone but the model's backbone is "
                 f"ResNet-{ours} (model.backbone.bottom_up.stages.depth={ours}): use a ResNet-{ours} "
-                f"checkpoint (e.g. {pretrain_command(ours)}), or set the depth to {theirs}."
+                f"checkpoint (embedded dataset: {pretrain_command(ours)}; COCO/VOC: "
+                f"{convert_command(ours)}), or set the depth to {theirs}."
             )
         incompatible = super()._load_model(checkpoint)
         if self.strict and incompatible is not None:
