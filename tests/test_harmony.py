@@ -174,7 +174,10 @@ def test_metrics_in_training_events_and_analyze_harmony_cli(tiny_digits, tmp_pat
     assert {"score_iou_density.png", "gap_histogram.png", "iou_bin_difference.png", "vis"} <= files
     assert len(os.listdir(os.path.join(ana, "vis"))) == 4
 
-    r = subprocess.run([sys.executable, "tools/analyze_harmony.py", "--config-file", "configs/retina_r18_lsq_w2.py"],
+    missing = str(tmp_path / "missing")
+    r = subprocess.run([sys.executable, "tools/analyze_harmony.py", "--config-file", "configs/retina_r18_lsq_w2.py",
+                        "--checkpoint", f"{missing}/model_final.pth", "--output-dir", f"{missing}/analysis"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "train it first" in r.stderr and "--checkpoint" in r.stderr
+    assert not os.path.exists(missing)  # nothing written for a command that cannot run

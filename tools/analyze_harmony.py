@@ -51,8 +51,8 @@ def run_name(config_file):
     return os.path.splitext(os.path.basename(config_file))[0]
 
 
-def load_run(config_file, checkpoint, opts):
-    """(cfg, model) with the trained weights loaded, in eval mode."""
+def resolve_run(config_file, checkpoint, opts):
+    """(cfg, checkpoint): the config and the checkpoint to evaluate, which must exist."""
     cfg = load_config(config_file, opts)
     checkpoint = checkpoint or os.path.join(cfg.train.output_dir, "model_final.pth")
     if not os.path.isfile(checkpoint):
@@ -60,10 +60,14 @@ def load_run(config_file, checkpoint, opts):
             f"No checkpoint {checkpoint}: train it first (python tools/train_net.py --config-file "
             f"{config_file}) or name one with --checkpoint / --baseline-checkpoint."
         )
+    return cfg, checkpoint
+
+
+def load_model(cfg, checkpoint):
+    """The config's model with the trained weights loaded, in eval mode."""
     model = build_model(cfg)
     Checkpointer(model).load(checkpoint)
-    model.eval()
-    return cfg, model
+    return model.eval()
 
 
 @torch.no_grad()
@@ -100,13 +104,14 @@ def main(args):
     names = [run_name(c) for c, _ in runs]
     if len(names) == 2 and names[0] == names[1]:
         names = [names[0], names[1] + "_baseline"]
+    resolved = [resolve_run(config_file, checkpoint, args.opts) for config_file, checkpoint in runs]
     output_dir = args.output_dir or os.path.join("output", "harmony", "_vs_".join(names))
     os.makedirs(output_dir, exist_ok=True)
     setup_logger(output_dir, name="hqod")
 
     results, tps = {}, {}
-    for (config_file, checkpoint), name in zip(runs, names):
-        cfg, model = load_run(config_file, checkpoint, args.opts)
+    for (cfg, checkpoint), name in zip(resolved, names):
+        model = load_model(cfg, checkpoint)
         logger.info(f"Evaluating {name} ...")
         results[name] = do_test(cfg, model, os.path.join(output_dir, name))
         tps[name] = load_tp_records(os.path.join(output_dir, name))
