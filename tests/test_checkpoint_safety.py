@@ -205,7 +205,7 @@ def test_integer_model_loads_as_data(detectors, tmp_path, weights_only_calls):
     path = str(tmp_path / "model_integer.pth")
     save_integer_model(int_model, path, config_file="configs/fcos_r18_aqd_w2.py", overrides=["a=1"])
     pickled = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    assert {"hqod.quantization.integer.IntConv", "omegaconf.listconfig.ListConfig"} <= set(pickled)
+    assert {"hqod.quantization.integer.ops.IntConv", "omegaconf.listconfig.ListConfig"} <= set(pickled)
 
     loaded = load_integer_model(path)
     assert weights_only_calls == [True]
@@ -220,6 +220,29 @@ def test_integer_model_loads_as_data(detectors, tmp_path, weights_only_calls):
         ours, theirs = int_model(batch)[0]["instances"], loaded(batch)[0]["instances"]
     assert len(ours) > 0 and torch.equal(ours.pred_boxes.tensor, theirs.pred_boxes.tensor)
     assert torch.equal(ours.scores, theirs.scores)
+
+
+def test_integer_model_saved_before_the_engine_was_split_loads(detectors, tmp_path):
+    """A file whose pickle names the engine's classes as they were named when it was one module
+    (hqod.quantization.integer.IntConv, ..._IntReLU) loads as data into the same classes."""
+    import zipfile
+
+    *_, int_model = detectors
+    path, legacy = str(tmp_path / "new.pth"), str(tmp_path / "legacy.pth")
+    save_integer_model(int_model, path)
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(legacy, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("data.pkl"):  # GLOBAL opcodes: "c<module>\n<name>\n"
+                data = data.replace(b"hqod.quantization.integer.network\nIntReLU\n", b"hqod.quantization.integer\n_IntReLU\n")
+                data = data.replace(b"hqod.quantization.integer.ops\n", b"hqod.quantization.integer\n")
+                data = data.replace(b"hqod.quantization.integer.network\n", b"hqod.quantization.integer\n")
+            dst.writestr(item, data)
+    pickled = set(torch.serialization.get_unsafe_globals_in_checkpoint(legacy))
+    assert {"hqod.quantization.integer.IntConv", "hqod.quantization.integer._IntReLU"} <= pickled
+    assert not any(name.startswith(("hqod.quantization.integer.ops", "hqod.quantization.integer.network")) for name in pickled)
+    loaded = load_integer_model(legacy)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in int_model.modules()]
 
 
 def test_refusal_names_a_type_the_pickle_builds_without_a_global(tmp_path):
