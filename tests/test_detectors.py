@@ -347,3 +347,26 @@ def test_registered_and_yacs_from_config():
     cfg.MODEL.META_ARCHITECTURE = "HQODRetinaNet"
     model = build_model(cfg)
     assert isinstance(model, HQODRetinaNet) and not model.tcorr and model.sigma == 2.0
+
+
+def test_hqod_variant_comes_from_the_classes():
+    """with_hqod's lookup: each detector's HQOD subclass, found from the class definitions alone
+    (a new one needs no list edited); a detector without one is named with those that have one."""
+    from hqod.modeling import FCOS as HQODsFCOS
+    from hqod.modeling import hqod_variant
+    from hqod.modeling.meta_arch.hqod_mixin import HQODLossMixin
+
+    assert hqod_variant(RetinaNet) is HQODRetinaNet
+    assert hqod_variant(HQODsFCOS) is HQODFCOS and hqod_variant(ATSS) is HQODATSS
+
+    class ToyDetector(RetinaNet):
+        pass
+
+    class HQODToyDetector(HQODLossMixin, ToyDetector):
+        pass
+
+    assert hqod_variant(ToyDetector) is HQODToyDetector
+    with pytest.raises(ValueError) as e:
+        hqod_variant(FCOS)  # detectron2's own FCOS: the configs use hqod's
+    assert str(e.value).startswith("detectron2.modeling.meta_arch.fcos.FCOS has no HQOD variant; the detectors with one: ")
+    assert "hqod.modeling.meta_arch.fcos.FCOS" in str(e.value) and "detectron2.modeling.meta_arch.retinanet.RetinaNet" in str(e.value)

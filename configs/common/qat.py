@@ -11,7 +11,7 @@ HQOD switch (:func:`with_hqod`). A matrix file is a few lines over these, e.g.::
 """
 import copy
 
-from hqod.modeling import HQODATSS, HQODFCOS, HQODRetinaNet
+from hqod.modeling import hqod_variant
 from hqod.solver import ClippedSGD
 from hqod.solver.schedules import clip_max_norm
 
@@ -36,8 +36,6 @@ QAT_METHODS = {
 # On the embedded dataset a QAT run is a fifth of the FP32 one (280 iterations) with the
 # recipe's learning rate and the shape of its COCO schedule.
 RECIPE_FAMILY = {"lsq": "hqod", "tqt": "hqod", "lsq_torch": "hqod", "lq": "aqd"}
-
-HQOD_CLASSES = {"RetinaNet": HQODRetinaNet, "FCOS": HQODFCOS, "ATSS": HQODATSS}
 
 
 def quant_config(method: str, bits: int):
@@ -68,7 +66,6 @@ def to_qat(train, optimizer, lr_multiplier, quant, *, fp32: str, name: str):
 def with_hqod(model, train):
     """Add the HQOD losses (TCorr + HIoU, sigma 1.5, gamma 0.8) to the detector: its HQOD
     subclass. Ablations are overrides: ``model.tcorr=False`` (HIoU only), ``model.hiou=False``."""
-    base = model._target_.__name__
-    model._target_ = HQOD_CLASSES[base]
+    model._target_ = hqod_variant(model._target_)
     model.update(tcorr=True, hiou=True, sigma=1.5, gamma=0.8)
     train.output_dir = train.output_dir + "_hqod"

@@ -14,6 +14,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from hqod.data import ensure_datasets
+from hqod.modeling import dense_detectors
 from hqod.pretrain import (
     IMAGENET_DEPTHS,
     PRETRAIN_DEPTHS,
@@ -38,12 +39,6 @@ def _dataset_names(loader_cfg):
     return [names] if isinstance(names, str) else list(names)
 
 
-KNOWN_DETECTORS = (
-    "RetinaNet (detectron2.modeling.meta_arch), FCOS, ATSS, HQODRetinaNet, HQODFCOS, HQODATSS "
-    "(hqod.modeling)"
-)
-
-
 def build_model(cfg):
     """``cfg.model``, quantized by ``cfg.quant`` when the config has that node, on its device.
     In several processes: synchronized BN everywhere and loss normalizers over all processes
@@ -56,7 +51,7 @@ def build_model(cfg):
         what = f"{m.group(1)!r} cannot be imported" if m else str(e).strip().splitlines()[0]
         raise UserError(
             f"Cannot build the model: {what} (a model._target_ or a module name in the config). "
-            f"Known detectors: {KNOWN_DETECTORS}."
+            f"Known detectors: {', '.join(dense_detectors())}."
         ) from e
     if cfg.get("quant") is not None:
         try:

@@ -1,5 +1,5 @@
 from .backbone import level_shapes, resnet_depth, resnet_stages
-from .meta_arch import ATSS, FCOS, HQODATSS, HQODFCOS, ATSSHead, HQODRetinaNet, atss_match
+from .meta_arch import ATSS, FCOS, HQODATSS, HQODFCOS, ATSSHead, HQODRetinaNet, atss_match, dense_detectors, hqod_variant
 
 __all__ = [
     "ATSS",
@@ -9,6 +9,8 @@ __all__ = [
     "HQODFCOS",
     "HQODRetinaNet",
     "atss_match",
+    "dense_detectors",
+    "hqod_variant",
     "level_shapes",
     "resnet_depth",
     "resnet_stages",

@@ -2,7 +2,7 @@
 What the three HQOD detectors share: the four switches and the computation of ``p`` and ``u``
 for the positives of a dense detector (HQOD Eq. 5-9).
 """
-from typing import Dict, List
+from typing import Dict, List, Type
 
 import torch
 from torch import Tensor
@@ -13,7 +13,7 @@ from detectron2.utils.events import get_event_storage
 
 from ...losses import aligned_box_iou, gt_class_scores, hqod_losses
 
-__all__ = ["HQODLossMixin", "hqod_args_from_cfg"]
+__all__ = ["HQODLossMixin", "hqod_args_from_cfg", "hqod_variant", "dense_detectors"]
 
 
 def hqod_args_from_cfg(cfg) -> Dict:
@@ -89,6 +89,37 @@ class HQODLossMixin:
 
     def extra_repr(self) -> str:
         return f"tcorr={self.tcorr}, hiou={self.hiou}, sigma={self.sigma}, gamma={self.gamma}"
+
+
+def _subclasses(cls) -> List[type]:
+    found, todo = [], [cls]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found.append(sub)
+                todo.append(sub)
+    return found
+
+
+def hqod_variant(detector_class: Type) -> Type:
+    """The HQOD subclass of a dense detector class: the class defined as
+    ``class HQODX(HQODLossMixin, detector_class)`` (the HQOD classes are the only list)."""
+    for cls in _subclasses(HQODLossMixin):
+        if detector_class in cls.__bases__:
+            return cls
+    path = lambda c: f"{c.__module__}.{c.__name__}"  # noqa: E731
+    known = sorted(path(b) for c in _subclasses(HQODLossMixin) for b in c.__bases__ if b is not HQODLossMixin)
+    raise ValueError(f"{path(detector_class)} has no HQOD variant; the detectors with one: {', '.join(known)}.")
+
+
+def dense_detectors() -> List[str]:
+    """Import paths of the dense detectors defined by detectron2 and hqod (what a config's
+    ``model._target_`` can name), from the class hierarchy."""
+    from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+
+    import hqod.modeling  # noqa: F401  (defines hqod's detectors)
+
+    return sorted(f"{c.__module__}.{c.__name__}" for c in _subclasses(DenseDetector) if c.__module__.startswith(("detectron2.", "hqod.")))
 
 
 def stack_boxes(gt_boxes) -> Tensor:
