@@ -160,6 +160,7 @@ def test_run_writes_records_and_retrains_a_missing_fp32_model(tool, tmp_path, mo
     sha = tool.hashlib.sha256(b"fp32 weights").hexdigest()
     assert fp32["model_sha256"] == sha and qat["init_sha256"] == sha
     assert qat["results"]["bbox"]["AP"] == 12.5 and qat["commit"] == "abc1234"
+    assert qat["fp32_bbox"] == {"AP": 12.5, "AP50": 20.0, "AP75": 10.0}  # its FP32 model's (the fake's)
     assert qat["tp"] == {"score": [0.123457, 0.8], "iou": [0.9, 0.765432]}  # 6 decimals
     assert len(calls) == 2
     tool.run("lsq_w2", 0, out, records, None)  # recorded: not run again
@@ -236,8 +237,20 @@ def test_targets_bit_separation_and_w4(tool):
     assert tool.target_bit_separation(records) == "- the benchmark separates bit widths: LSQ W2 AP <= FP32 AP - 5: met (LSQ W2 5.00 vs FP32 10.00)"
     records[2] = record("lsq_w2", 1, ap=6.5)
     assert tool.target_bit_separation(records).endswith(": missed (LSQ W2 5.25 vs FP32 10.00)")
-    assert tool.target_hqod_w4(records, "lsq") == "- LSQ+HQOD W4 AP >= FP32 AP: met (10.25 vs 10.00)"
+    assert tool.target_hqod_w4(records, "lsq") == "- LSQ+HQOD W4 AP >= FP32 AP: met (LSQ+HQOD W4 10.25 vs FP32 10.00)"
     assert tool.target_hqod_w4(records, "aqd") == "- AQD+HQOD W4 AP >= FP32 AP: not measured (missing aqd_w4_hqod)"
+    assert tool.target_bit_separation(records[1:]).endswith(": not measured (missing fp32)")
+
+
+def test_targets_use_the_fp32_model_each_run_fine_tuned(tool):
+    """A QAT record keeps the AP of its own FP32 model (a later sitting may train another one):
+    the targets compare with that, run by run, not with the FP32 record."""
+    records = [record("fp32", 0, ap=10.0), record("lsq_w4_hqod", 0, ap=9.0), record("lsq_w4_hqod", 1, ap=11.5)]
+    records[2]["fp32_bbox"] = {"AP": 12.0}  # seed 1 fine-tuned a retrained FP32 model of 12 AP
+    assert tool.fp32_reference(records, "lsq_w4_hqod") == pytest.approx(11.0)  # (10 + 12) / 2
+    assert tool.target_hqod_w4(records, "lsq") == "- LSQ+HQOD W4 AP >= FP32 AP: missed (LSQ+HQOD W4 10.25 vs FP32 11.00)"
+    records[1]["fp32_bbox"] = {"AP": 8.0}
+    assert tool.target_hqod_w4(records[1:], "lsq").endswith(": met (LSQ+HQOD W4 10.25 vs FP32 10.00)")
 
 
 def harmony_records(corr, gap01):
