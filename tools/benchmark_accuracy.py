@@ -225,8 +225,9 @@ def ensure_fp32_model(name, output_dir, records_dir, fp32_checkpoint):
     parent = RUNS[name].fp32
     train(parent, FP32_SEED, output_dir, fp32_checkpoint)
     recorded = read_record(record_path(records_dir, parent, FP32_SEED)).get("model_sha256")
-    if recorded and sha256(init) != recorded:
-        print(f"warning: {parent} trained again differs from its record (SHA-256 {sha256(init)[:12]} vs {recorded[:12]}); "
+    trained = sha256(init)
+    if recorded and trained != recorded:
+        print(f"warning: {parent} trained again differs from its record (SHA-256 {trained[:12]} vs {recorded[:12]}); "
               "the report names the QAT runs of each model.", flush=True)
 
 

@@ -33,6 +33,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform, Box2BoxTransformLinear
 from detectron2.modeling.matcher import Matcher
 
+from ..utils import all_subclasses
 from .multilevel import MultiLevelBatchNorm
 from .quantizers import Quantizer
 
@@ -69,15 +70,6 @@ def checkpoint_globals() -> List[Any]:
     return [rebuild, (rebuild, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, type(keys.dtype)]
 
 
-def _subclasses(cls) -> set:
-    found, todo = set(), [cls]
-    while todo:
-        new = [c for c in todo.pop().__subclasses__() if c not in found]
-        found.update(new)
-        todo += new
-    return found
-
-
 def integer_model_globals() -> List[Any]:
     """
     The types a model file of ``save_integer_model`` (a pickled detector) holds beside tensors:
@@ -90,7 +82,7 @@ def integer_model_globals() -> List[Any]:
     """
     import hqod.modeling  # noqa: F401  (defines hqod's detectors: they are subclasses from now on)
 
-    modules = [c for c in _subclasses(nn.Module) if c.__module__.startswith(_MODULE_NAMESPACES)]
+    modules = [c for c in all_subclasses(nn.Module) if c.__module__.startswith(_MODULE_NAMESPACES)]
     detectron2_helpers = [ShapeSpec, Box2BoxTransform, Box2BoxTransformLinear, Matcher]
     omegaconf_helpers = [ListConfig, ContainerMetadata, Metadata, AnyNode, defaultdict]
     type_tags = [(Any, "typing.Any"), list, dict, int]

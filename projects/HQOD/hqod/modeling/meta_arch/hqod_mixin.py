@@ -12,6 +12,7 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
 from ...losses import aligned_box_iou, gt_class_scores, hqod_losses
+from ...utils import all_subclasses
 
 __all__ = ["HQODLossMixin", "hqod_args_from_cfg", "hqod_variant", "dense_detectors"]
 
@@ -91,24 +92,14 @@ class HQODLossMixin:
         return f"tcorr={self.tcorr}, hiou={self.hiou}, sigma={self.sigma}, gamma={self.gamma}"
 
 
-def _subclasses(cls) -> List[type]:
-    found, todo = [], [cls]
-    while todo:
-        for sub in todo.pop().__subclasses__():
-            if sub not in found:
-                found.append(sub)
-                todo.append(sub)
-    return found
-
-
 def hqod_variant(detector_class: Type) -> Type:
     """The HQOD subclass of a dense detector class: the class defined as
     ``class HQODX(HQODLossMixin, detector_class)`` (the HQOD classes are the only list)."""
-    for cls in _subclasses(HQODLossMixin):
+    for cls in all_subclasses(HQODLossMixin):
         if detector_class in cls.__bases__:
             return cls
     path = lambda c: f"{c.__module__}.{c.__name__}"  # noqa: E731
-    known = sorted(path(b) for c in _subclasses(HQODLossMixin) for b in c.__bases__ if b is not HQODLossMixin)
+    known = sorted(path(b) for c in all_subclasses(HQODLossMixin) for b in c.__bases__ if b is not HQODLossMixin)
     raise ValueError(f"{path(detector_class)} has no HQOD variant; the detectors with one: {', '.join(known)}.")
 
 
@@ -119,7 +110,7 @@ def dense_detectors() -> List[str]:
 
     import hqod.modeling  # noqa: F401  (defines hqod's detectors)
 
-    return sorted(f"{c.__module__}.{c.__name__}" for c in _subclasses(DenseDetector) if c.__module__.startswith(("detectron2.", "hqod.")))
+    return sorted(f"{c.__module__}.{c.__name__}" for c in all_subclasses(DenseDetector) if c.__module__.startswith(("detectron2.", "hqod.")))
 
 
 def stack_boxes(gt_boxes) -> Tensor:
