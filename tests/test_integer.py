@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.backbone.resnet import BasicBlock
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -243,9 +244,8 @@ def test_multi_level_bn_is_eq6_per_level():
     """The head's towers: level l's BN, with the accumulator step of the conv before it."""
     head = RetinaNetHead(input_shape=[ShapeSpec(channels=8)] * 3, num_classes=2, num_anchors=1,
                          conv_dims=[8, 8], norm="BN")
-    holder = nn.Module()
-    holder.head = head
-    quantize_model(holder, dict(AQD))
+    holder = DenseDetector(nn.Identity(), head, ["p3", "p4", "p5"], pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3)
+    quantize_model(holder, dict(AQD))  # a head is quantized with its detector (its levels)
     mlbn = holder.head.cls_subnet[1]
     assert isinstance(mlbn, MultiLevelBatchNorm) and mlbn.integer_aware
     assert not holder.head.cls_subnet[0].round_output  # the BN rounds its accumulator

@@ -19,6 +19,7 @@ from detectron2.utils.events import EventStorage
 
 from hqod.quantization import functional
 from hqod.quantization import (
+    MultiLevelHead,
     MultiLevelBatchNorm,
     QBasicBlock,
     QBatchNorm2d,
@@ -111,7 +112,9 @@ def test_every_conv_quantized_first_last_8bit(fp32_models, arch):
     model = quantized(fp32_models, arch, method="lsq", weight_bits=4, act_bits=4)
     qconvs = {n: m for n, m in model.named_modules() if isinstance(m, QConv2d)}
     assert set(qconvs) == convs and len(convs) == (38 if arch == "retina" else 39)
-    assert type(model.head).__name__ == {"retina": "QRetinaNetHead", "fcos": "QFCOSHead", "atss": "QATSSHead"}[arch]
+    assert isinstance(model.head, MultiLevelHead) and model.head.float_type is type(fp32.head)
+    assert [n for n, _ in model.head.named_children()] == [n for n, _ in fp32.head.named_children()]
+
     eight = {"backbone.bottom_up.stem.conv1", *PREDICTORS[arch]}
     for name, m in qconvs.items():
         bits = 8 if name in eight else 4
@@ -404,40 +407,72 @@ def test_multi_level_bn_is_sync_bn_with_several_processes(monkeypatch):
     assert all(type(bn) is nn.BatchNorm2d for bn in MultiLevelBatchNorm(5, 8).levels)
 
 
-def test_new_head_is_one_registered_class():
-    """A future ATSS head (RetinaNetHead + a centerness branch) needs one registered class:
-    multi-level BN, 8-bit predictors and signs then follow."""
+def test_new_head_is_one_declaration(fp32_models):
+    """A head that adds a predictor (RetinaNetHead + centerness) needs one declaration of its
+    towers and predictors: multi-level BN, 8-bit predictors and signs then follow. Without it
+    (its BN would be shared over the levels) quantize_model refuses and says what to declare."""
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
-    from hqod.quantization import QUANT_MODULES, MultiLevelHead
+    from hqod.modeling import dense_head
 
-    class ToyATSSHead(RetinaNetHead):
+    class CenternessHead(RetinaNetHead):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.centerness = nn.Conv2d(32, 1, 3, padding=1)
+            self.centerness = nn.Conv2d(16, 1, 3, padding=1)
 
-    @QUANT_MODULES.register()
-    class QToyATSSHead(MultiLevelHead, ToyATSSHead):
-        float_types = (ToyATSSHead,)
-        predictor_inputs = {"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet", "centerness": "bbox_subnet"}
+        def forward(self, features):
+            logits, deltas = super().forward(features)
+            return logits, deltas, [self.centerness(self.bbox_subnet(f)) for f in features]
 
-        def forward_level(self, feature, level):
-            bbox_feature = self.bbox_subnet(feature, level)
-            return (self.cls_score(self.cls_subnet(feature, level)), self.bbox_pred(bbox_feature),
-                    self.centerness(bbox_feature))
+    model = copy.deepcopy(fp32_models["retina"])
+    channels = model.head.cls_subnet[0].in_channels
+    model.head = CenternessHead(input_shape=[ShapeSpec(channels=channels)] * 5, num_classes=3,
+                                num_anchors=1, conv_dims=[16, 16], norm="BN")
+    with pytest.raises(ValueError, match=(
+        r"the head 'head' \(.*CenternessHead\) has BN layers \(cls_subnet.1, cls_subnet.4, bbox_subnet.1, "
+        r"bbox_subnet.4\) shared over the detector's 5 levels but declares no towers and predictors. "
+        r"Declare them with @hqod.modeling.dense_head\(predictors=")):
+        quantize_model(copy.deepcopy(model), {"method": "lsq"})
 
-    head = ToyATSSHead(input_shape=[ShapeSpec(channels=32)] * 3, num_classes=2, num_anchors=1,
-                       conv_dims=[32, 32], norm="BN")
-    holder = nn.Module()
-    holder.head = head
-    quantize_model(holder, {"method": "lsq"})
-    assert isinstance(holder.head, QToyATSSHead)
-    assert holder.head.centerness.weight_quant.bits == 8 and not holder.head.centerness.input_quant.signed
-    assert sum(isinstance(m, MultiLevelBatchNorm) for m in holder.head.modules()) == 4
-    outs = holder.head([torch.randn(2, 32, s, s) for s in (8, 4, 2)])
-    assert len(outs) == 3 and all(len(o) == 3 for o in outs)
-    assert outs[2][1].shape == (2, 1, 4, 4)
+    dense_head(predictors={"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet", "centerness": "bbox_subnet"})(CenternessHead)
+    float_head = copy.deepcopy(model.head).eval()
+    quantize_model(model, {"method": "lsq"})
+    head = model.head
+    assert isinstance(head, MultiLevelHead) and head.num_levels == 5
+    assert head.centerness.weight_quant.bits == 8 and not head.centerness.input_quant.signed
+    assert sum(isinstance(m, MultiLevelBatchNorm) for m in head.modules()) == 4
+    feats = [torch.randn(2, channels, s, s) for s in (16, 8, 4, 2, 1)]
+    head.eval()
+    set_fake_quant(head, False)  # no fake quantization: exactly the float head, every level
+    with torch.no_grad():
+        for ours, ref in zip(head(feats), float_head(feats)):
+            assert len(ours) == 5
+            for a, b in zip(ours, ref):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_head_declaration_is_checked(fp32_models):
+    from hqod.modeling import dense_head
+
+    class ScaledHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tower = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.pred = nn.Conv2d(8, 4, 1)
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, features):
+            return ([self.pred(self.tower(f)) * self.scale for f in features],)
+
+    model = copy.deepcopy(fp32_models["retina"])
+    model.head = ScaledHead()
+    dense_head(predictors={"pred": "towr"})(ScaledHead)
+    with pytest.raises(ValueError, match=r"ScaledHead declares the tower 'towr', which is not an nn.Sequential child of the head \(children: \['pred', 'tower'\]\)"):
+        quantize_model(copy.deepcopy(model), {"method": "lsq"})
+    dense_head(predictors={"pred": "tower"})(ScaledHead)
+    with pytest.raises(ValueError, match=r"ScaledHead has parameters outside its declared towers and predictors: \['scale'\]"):
+        quantize_model(model, {"method": "lsq"})
 
 
 def test_bottleneck_block_aqd():

@@ -11,7 +11,8 @@ Use, in this order (tools/train_net.py does)::
     ...  # DDP, train; checkpoints hold all quantizer state and resume exactly
 
 Quantizers: ``QUANTIZERS`` (``lsq``, ``tqt``, ``lq``, peer ``lsq_torch``). Quantized layers:
-``QUANT_MODULES``. Multi-level BN: :class:`MultiLevelBatchNorm`.
+``QUANT_MODULES``. Dense heads declared with :func:`hqod.modeling.dense_head` become
+:class:`MultiLevelHead` (multi-level BN: :class:`MultiLevelBatchNorm`).
 
 AQD's integer arithmetic (Eq. 4-8: ``shift_approx``, integer BN, aligned adds) lives in
 :mod:`.integer_layers`; scope ``"aqd"`` trains with it. The integer-only engine::
@@ -58,9 +59,6 @@ from .multilevel import (
     LevelSequential,
     MultiLevelBatchNorm,
     MultiLevelHead,
-    QATSSHead,
-    QFCOSHead,
-    QRetinaNetHead,
 )
 from .optim import get_qat_optimizer_params, quantizer_parameters
 from .quantize import quantize_model, quantizers_of, register_relu_input_rule, relu_fed_layers
@@ -118,9 +116,6 @@ __all__ = [
     "MultiLevelBatchNorm",
     "LevelSequential",
     "MultiLevelHead",
-    "QRetinaNetHead",
-    "QFCOSHead",
-    "QATSSHead",
     "link_block_inputs",
     "set_integer_aware",
     # AQD integer arithmetic and the integer-only engine

@@ -6,40 +6,33 @@ is passed explicitly: the quantized head's ``forward`` loops over the levels and
 ``forward_level(feature, level)``; the towers are :class:`LevelSequential` and hand ``level``
 to every :class:`MultiLevelBatchNorm`, whose ``forward(x, level)`` refuses to run without it.
 Unlike detectron2's ``CycleBatchNormList`` (and AQD's official code), nothing depends on the
-order or the number of calls.
+order or the number of calls. :class:`MultiLevelHead` is the quantized form of every head that
+declares its towers and predictors (:mod:`hqod.modeling.dense_head`).
 
 Checkpoints: an FP32 head with one shared BN, or detectron2's ``CycleBatchNormList`` (per-level
 statistics + shared affine), loads into every level — the keys are expanded when the state dict
 is loaded (:meth:`MultiLevelBatchNorm.expand_state_dict`), so ``load_state_dict`` and
 detectron2's checkpointer both work.
-
-Registered heads: detectron2's RetinaNetHead and FCOSHead, hqod's ATSSHead. A new head = a
-subclass of its float class and :class:`MultiLevelHead` with ``forward_level`` and
-``predictor_inputs``, registered in ``QUANT_MODULES`` (QATSSHead below is the example).
 """
+from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from detectron2.layers import CycleBatchNormList, NaiveSyncBatchNorm
-from detectron2.modeling.meta_arch.fcos import FCOSHead
-from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils import comm
 
-from hqod.modeling.meta_arch.atss import ATSSHead
+from hqod.modeling.dense_head import DenseHeadSpec, dense_head_spec
 
 from .integer_layers import integer_batch_norm
-from .modules import QUANT_MODULES, QConv2d, QuantizedModule, cached_quantized_weights
+from .modules import QConv2d, QuantizedModule, cached_quantized_weights
 
 __all__ = [
     "MultiLevelBatchNorm",
     "LevelSequential",
     "MultiLevelHead",
     "link_tower_convs",
-    "QRetinaNetHead",
-    "QFCOSHead",
-    "QATSSHead",
 ]
 
 _BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -180,88 +173,60 @@ class LevelSequential(nn.Sequential):
         return x
 
 
-class MultiLevelHead(QuantizedModule):
+class MultiLevelHead(nn.Module, QuantizedModule):
     """
-    Mixin of quantized shared heads. ``forward(features)`` loops over the levels and calls
-    ``forward_level(feature, level)``, which returns this level's outputs as a tuple; the results
-    are regrouped as the float head returns them (one list per output). Weights are quantized
-    once per forward pass, not once per level.
-
-    Class attribute ``predictor_inputs``: output conv name -> the tower feeding it; these are
-    the "output layers" (8-bit by default), and their input is a ReLU output when the tower
-    ends with a ReLU.
+    The quantized form of any declared dense head (:mod:`hqod.modeling.dense_head`), built by
+    :meth:`from_float` from the float head and its declaration: the same children under the same
+    names (state-dict keys unchanged), each declared tower a :class:`LevelSequential` with one BN
+    per level (``quant.multi_level_bn``). ``forward(features)`` returns, like the float head, one
+    list per predictor of ``predictor(tower(feature, level))`` over the levels; weights are
+    quantized once per forward pass, not once per level.
     """
 
-    predictor_inputs: Dict[str, str] = {}
+    def __init__(self, spec: DenseHeadSpec, num_levels: int, children: Dict[str, nn.Module], float_type: type):
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+        self.spec = spec
+        self.num_levels = num_levels
+        self.float_type = float_type
 
     @classmethod
     def from_float(cls, module, *, name, ctx):
-        cls._reclass(module)
-        num_levels = module._num_features
-        for tower_name, tower in list(module.named_children()):
-            if not isinstance(tower, nn.Sequential):
-                continue
-            tower.__class__ = LevelSequential
-            if not ctx.multi_level_bn:
-                continue
-            for idx, layer in list(tower.named_children()):
-                if isinstance(layer, (CycleBatchNormList, nn.modules.batchnorm._BatchNorm)):
-                    mlbn = MultiLevelBatchNorm.from_norm(layer, num_levels)
+        spec = dense_head_spec(type(module))  # checked against the head by quantize_model
+        num_levels = ctx.head_levels.get(name)
+        if num_levels is None:
+            raise ValueError(
+                f"{type(module).__qualname__} at {name or 'the root'} is not the head of a "
+                "detectron2 DenseDetector, which gives its number of levels "
+                "(len(head_in_features)): quantize the detector."
+            )
+        children = dict(module.named_children())
+        for tower_name in spec.towers:
+            layers = []
+            for idx, layer in children[tower_name].named_children():
+                if ctx.multi_level_bn and isinstance(layer, (CycleBatchNormList, nn.modules.batchnorm._BatchNorm)):
+                    layer = MultiLevelBatchNorm.from_norm(layer, num_levels)
                     if ctx.scope == "aqd":
                         bits = ctx.output_bits(f"{name}.{tower_name}.{idx}")
                         if bits is not None:
-                            mlbn.output_quant = ctx.quantizer(bits, signed=True, output=True)
-                            mlbn.integer_aware = True
-                    setattr(tower, idx, mlbn)
-        return module
+                            layer.output_quant = ctx.quantizer(bits, signed=True, output=True)
+                            layer.integer_aware = True
+                layers.append((idx, layer))
+            children[tower_name] = LevelSequential(OrderedDict(layers))
+        return cls(spec, num_levels, children, type(module))
 
     def forward(self, features: List[torch.Tensor]):
-        assert len(features) == self._num_features
+        if len(features) != self.num_levels:
+            raise ValueError(f"The head was quantized for {self.num_levels} levels; got {len(features)} feature maps.")
         with cached_quantized_weights(self.modules()):
             outputs = [self.forward_level(f, level) for level, f in enumerate(features)]
         return tuple(list(o) for o in zip(*outputs))
 
     def forward_level(self, feature: torch.Tensor, level: int):
-        raise NotImplementedError
+        """This level's outputs, one per predictor in the declared order."""
+        towers = {name: self._modules[name](feature, level) for name in self.spec.towers}
+        return tuple(self._modules[pred](towers[tower]) for pred, tower in self.spec.predictors.items())
 
-
-@QUANT_MODULES.register()
-class QRetinaNetHead(MultiLevelHead, RetinaNetHead):
-    float_types = (RetinaNetHead,)
-    predictor_inputs = {"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet"}
-
-    def forward_level(self, feature, level):
-        return (
-            self.cls_score(self.cls_subnet(feature, level)),
-            self.bbox_pred(self.bbox_subnet(feature, level)),
-        )
-
-
-@QUANT_MODULES.register()
-class QFCOSHead(MultiLevelHead, FCOSHead):
-    float_types = (FCOSHead,)
-    predictor_inputs = {"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet", "ctrness": "bbox_subnet"}
-
-    def forward_level(self, feature, level):
-        bbox_feature = self.bbox_subnet(feature, level)
-        return (
-            self.cls_score(self.cls_subnet(feature, level)),
-            self.bbox_pred(bbox_feature),
-            self.ctrness(bbox_feature),
-        )
-
-
-@QUANT_MODULES.register()
-class QATSSHead(MultiLevelHead, ATSSHead):
-    """hqod's ATSS head: RetinaNetHead towers + a centerness predictor on the box tower."""
-
-    float_types = (ATSSHead,)
-    predictor_inputs = {"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet", "ctrness": "bbox_subnet"}
-
-    def forward_level(self, feature, level):
-        bbox_feature = self.bbox_subnet(feature, level)
-        return (
-            self.cls_score(self.cls_subnet(feature, level)),
-            self.bbox_pred(bbox_feature),
-            self.ctrness(bbox_feature),
-        )
+    def extra_repr(self):
+        return f"quantized {self.float_type.__qualname__}, {self.num_levels} levels, predictors={self.spec.predictors}"

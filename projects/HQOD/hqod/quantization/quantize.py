@@ -17,6 +17,9 @@ from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+
+from hqod.modeling.dense_head import DenseHeadSpec, check_dense_head, dense_head_spec, head_norms
 
 from .config import QuantConfig
 from .modules import QuantizedModule, find_quant_module_class, link_block_inputs
@@ -88,22 +91,16 @@ def _p6p7_rule(block):
     return ["p7"] + ([] if block.in_feature.startswith("p") else ["p6"])
 
 
-def _head_class(module: nn.Module):
-    cls = find_quant_module_class(type(module))
-    if cls is None and isinstance(module, MultiLevelHead):
-        cls = type(module)
-    return cls if cls is not None and issubclass(cls, MultiLevelHead) else None
+def _head_spec(module: nn.Module) -> Optional[DenseHeadSpec]:
+    """The declaration of a dense head, float or quantized (None for other modules)."""
+    if isinstance(module, MultiLevelHead):
+        return module.spec
+    return dense_head_spec(type(module))
 
 
 def _head_rule(head):
-    cls = _head_class(head)
-    if cls is None:
-        return []
-    return [
-        pred
-        for pred, tower in cls.predictor_inputs.items()
-        if hasattr(head, pred) and _ends_with_relu(getattr(head, tower))
-    ]
+    spec = _head_spec(head)
+    return [pred for pred, tower in spec.predictors.items() if _ends_with_relu(getattr(head, tower))]
 
 
 def relu_fed_layers(model: nn.Module) -> Set[str]:
@@ -112,7 +109,7 @@ def relu_fed_layers(model: nn.Module) -> Set[str]:
     for name, module in model.named_modules():
         prefix = name + "." if name else ""
         fns = [fn for t, fn in _RELU_INPUT_RULES.items() if isinstance(module, t)]
-        if _head_class(module) is not None:
+        if _head_spec(module) is not None:
             fns.append(_head_rule)
         for fn in fns:
             out.update(prefix + child for child in fn(module))
@@ -131,7 +128,7 @@ def _match(name: str, patterns: Iterable[str]) -> bool:
 
 def find_first_last_layers(model: nn.Module, qcfg: QuantConfig) -> Tuple[List[str], List[str]]:
     """The input layers (detectron2 stem convs, or ``quant.input_layers``) and output layers
-    (registered heads' predictors, or ``quant.output_layers``) of ``model``."""
+    (declared dense heads' predictors, or ``quant.output_layers``) of ``model``."""
     weighted = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
     if qcfg.input_layers is not None:
         first = [n for n in weighted if _match(n, qcfg.input_layers)]
@@ -145,9 +142,9 @@ def find_first_last_layers(model: nn.Module, qcfg: QuantConfig) -> Tuple[List[st
     else:
         last = []
         for name, m in model.named_modules():
-            cls = _head_class(m)
-            if cls is not None:
-                last += [f"{name}.{p}" for p in cls.predictor_inputs if hasattr(m, p)]
+            spec = _head_spec(m)
+            if spec is not None:
+                last += [f"{name}.{p}" for p in spec.predictors]
     for what, names, given in (("input", first, qcfg.input_layers), ("output", last, qcfg.output_layers)):
         if not names:
             logger.warning(
@@ -161,10 +158,12 @@ def find_first_last_layers(model: nn.Module, qcfg: QuantConfig) -> Tuple[List[st
 # Conversion.
 # ---------------------------------------------------------------------------------------------
 class ConversionContext:
-    """What a ``from_float`` needs to know: scope, bits per layer, input sign, quantizers."""
+    """What a ``from_float`` needs to know: scope, bits per layer, input sign, quantizers, the
+    number of levels of each dense head (by module name)."""
 
-    def __init__(self, qcfg: QuantConfig, relu_fed: Set[str], first_last: Set[str]):
+    def __init__(self, qcfg: QuantConfig, relu_fed: Set[str], first_last: Set[str], head_levels: Dict[str, int]):
         self.qcfg = qcfg
+        self.head_levels = head_levels
         self.scope = qcfg.scope
         self.multi_level_bn = qcfg.multi_level_bn
         self._relu_fed = relu_fed
@@ -220,6 +219,41 @@ def _is_layer(module: nn.Module) -> bool:
     return next(module.parameters(recurse=False), None) is not None
 
 
+def _quant_module_class(module: nn.Module):
+    """The class that converts ``module``: the quantized dense head for a declared head, else the
+    ``QUANT_MODULES`` entry of its exact type (None if there is none)."""
+    if dense_head_spec(type(module)) is not None:
+        return MultiLevelHead
+    return find_quant_module_class(type(module))
+
+
+def dense_head_levels(model: nn.Module) -> Dict[str, int]:
+    """Name -> number of levels of the head of every detectron2 ``DenseDetector`` in ``model``
+    (``len(head_in_features)``). Checks every declared head against its declaration; a
+    detector's head with BN layers and no declaration is an error: quantized
+    as is, its BN would see every level in turn and its predictors would take the low bit width."""
+    levels = {}
+    for name, m in model.named_modules():
+        spec = dense_head_spec(type(m))
+        if spec is not None:
+            check_dense_head(m, spec)
+        if not isinstance(m, DenseDetector):
+            continue
+        head_name = f"{name}.head" if name else "head"
+        head = m.head
+        if _head_spec(head) is None and head_norms(head):
+            cls = type(head)
+            raise ValueError(
+                f"quantize_model: the head {head_name!r} ({cls.__module__}.{cls.__qualname__}) has "
+                f"BN layers ({', '.join(head_norms(head)[:4])}) shared over the detector's "
+                f"{len(m.head_in_features)} levels but declares no towers and predictors. Declare "
+                f"them with @hqod.modeling.dense_head(predictors={{'<predictor conv>': '<tower "
+                f"Sequential it reads>', ...}}) on {cls.__qualname__} (see README, 'Adding a detector')."
+            )
+        levels[head_name] = len(m.head_in_features)
+    return levels
+
+
 def _find_unknown(module: nn.Module, prefix: str = "") -> List[Tuple[str, str]]:
     unknown = []
     for name, child in module.named_children():
@@ -227,7 +261,7 @@ def _find_unknown(module: nn.Module, prefix: str = "") -> List[Tuple[str, str]]:
         if isinstance(child, (Quantizer, QuantizedModule)):
             continue
         if (
-            find_quant_module_class(type(child)) is None
+            _quant_module_class(child) is None
             and not isinstance(child, KNOWN_FP32_TYPES)
             and _is_layer(child)
         ):
@@ -246,7 +280,7 @@ def _convert(module: nn.Module, prefix: str, ctx: ConversionContext, converted: 
             if child.convert_children:
                 _convert(child, full + ".", ctx, converted)
             continue
-        qcls = find_quant_module_class(type(child))
+        qcls = _quant_module_class(child)
         if qcls is not None:
             new = qcls.from_float(child, name=full, ctx=ctx)
             if new is not None:
@@ -277,7 +311,7 @@ def quantize_model(model: nn.Module, cfg_quant) -> nn.Module:
     outputs and residual / FPN adds, and makes them integer-aware (AQD Eq. 4-8: integer conv
     biases, BN shifts rounded in accumulator units, adds aligned with c/2^d), so that the
     integer-only engine (``hqod.quantization.to_integer``) computes what QAT trained.
-    Registered heads get multi-level BN indexed by level.
+    Declared dense heads (:mod:`hqod.modeling.dense_head`) get multi-level BN indexed by level.
     A layer type with parameters that no registered class converts is an error naming the
     layers, unless ``keep_unknown_fp32``.
     """
@@ -295,10 +329,11 @@ def quantize_model(model: nn.Module, cfg_quant) -> nn.Module:
             )
         logger.warning(f"quantize_model: keeping unknown layers FP32: {listing}")
 
+    head_levels = dense_head_levels(model)
     first, last = find_first_last_layers(model, qcfg)
-    ctx = ConversionContext(qcfg, relu_fed_layers(model), set(first) | set(last))
+    ctx = ConversionContext(qcfg, relu_fed_layers(model), set(first) | set(last), head_levels)
     converted = Counter()
-    root_cls = find_quant_module_class(type(model))
+    root_cls = _quant_module_class(model)
     if root_cls is not None:  # a bare layer or head given as the model
         new = root_cls.from_float(model, name="", ctx=ctx)
         if new is not None and new is not model:

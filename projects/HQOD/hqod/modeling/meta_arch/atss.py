@@ -31,7 +31,8 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from .hqod_mixin import HQODLossMixin, hqod_args_from_cfg
+from ..dense_head import dense_head
+from .hqod_mixin import HQODLossMixin
 
 __all__ = ["atss_match", "ATSSHead", "ATSS", "HQODATSS"]
 
@@ -112,6 +113,7 @@ def atss_match(
     return matched_idxs
 
 
+@dense_head(predictors={"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet", "ctrness": "bbox_subnet"})
 class ATSSHead(RetinaNetHead):
     """
     The ATSS head: :class:`RetinaNetHead` (``cls_subnet``, ``bbox_subnet``, ``cls_score``,
@@ -448,61 +450,10 @@ class ATSS(DenseDetector):
 @META_ARCH_REGISTRY.register()
 class HQODATSS(HQODLossMixin, ATSS):
     """
-    :class:`ATSS` trained with the HQOD losses: ``loss_tcorr`` (Eq. 5-7) and ``loss_hiou``
-    (Eq. 8, times sigma) are added to its losses.
-
-    p is the sigmoid score of the ground-truth class of each positive anchor, u the IoU of its
-    decoded predicted box with the matched ground-truth box. The terms are summed over the
-    positives and divided by ATSS's box-loss normalizer, the centerness-target sum; unlike the
+    :class:`ATSS` with ``loss_tcorr`` and ``loss_hiou`` (:class:`HQODLossMixin`): p and u for each
+    positive anchor, divided by ATSS's box-loss normalizer, the centerness-target sum; unlike the
     GIoU loss they are NOT weighted by the centerness targets (as the official HQOD code).
-    With ``tcorr=False, hiou=False`` the model is exactly :class:`ATSS`.
     """
 
-    @configurable
-    def __init__(
-        self,
-        *,
-        tcorr: bool = True,
-        hiou: bool = True,
-        sigma: float = 1.5,
-        gamma: float = 0.8,
-        **kwargs,
-    ):
-        """
-        Args:
-            tcorr (bool): add the Task-Correlated loss (Eq. 7), logged as ``loss_tcorr``.
-            hiou (bool): add the Harmonious IoU loss (Eq. 8), logged as ``loss_hiou``.
-            sigma (float): weight of the HIoU loss (Eq. 9).
-            gamma (float): exponent of the HIoU adaptive weight (Eq. 8).
-            kwargs: arguments of :class:`ATSS`.
-        """
-        super().__init__(**kwargs)
-        self._init_hqod(tcorr=tcorr, hiou=hiou, sigma=sigma, gamma=gamma)
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret.update(hqod_args_from_cfg(cfg))
-        return ret
-
-    def losses(
-        self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
-    ):
-        """Same as :meth:`ATSS.losses`, plus ``loss_tcorr`` / ``loss_hiou`` when enabled."""
-        losses = super().losses(
-            anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
-        )
-        if not self.hqod_enabled:
-            return losses
-        # ATSS.losses has just set its box-loss normalizer (centerness-target sum): Eq. 9's 1/P.
-        losses.update(
-            self.hqod_loss_terms(
-                anchors,
-                pred_logits,
-                pred_anchor_deltas,
-                torch.stack(gt_labels),
-                torch.stack(gt_boxes),
-                self.box_loss_normalizer,
-            )
-        )
-        return losses
+    def harmony_normalizer(self) -> float:
+        return self.box_loss_normalizer

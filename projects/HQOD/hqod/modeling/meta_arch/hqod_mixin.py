@@ -1,12 +1,13 @@
 """
-What the three HQOD detectors share: the four switches and the computation of ``p`` and ``u``
-for the positives of a dense detector (HQOD Eq. 5-9).
+The HQOD losses for any dense detector (HQOD Eq. 5-9): one mixin on one hook, the HQOD variants
+of the detectors, the list of dense detectors.
 """
-from typing import Dict, List, Type
+from typing import Dict, List, Tuple, Type
 
 import torch
 from torch import Tensor
 
+from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
@@ -31,62 +32,100 @@ def hqod_args_from_cfg(cfg) -> Dict:
 
 class HQODLossMixin:
     """
-    Mixin for a dense detector (``self.num_classes`` and ``self.box2box_transform`` set; sigmoid
-    classification) that computes the HQOD terms of Eq. 9 from the same anchors, predictions and
-    anchor labels as the detector's own losses.
+    The HQOD losses (Eq. 9) for a dense detector: ``class HQODX(HQODLossMixin, X)`` is detector
+    ``X`` trained with ``loss_tcorr`` (Eq. 5-7) and ``loss_hiou`` (Eq. 8, times sigma) added to
+    its losses. With ``tcorr=False, hiou=False`` it is exactly ``X``.
+
+    What ``X`` provides, for its positives, through one hook:
+
+    * ``X.losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, ...)``, the
+      signature of detectron2's dense detectors, with sigmoid classification,
+      ``num_classes`` as the background label and ``box2box_transform`` decoding the deltas;
+      :meth:`harmony_pairs` computes p and u from these arguments;
+    * its box-loss normalizer after ``losses`` has run (:meth:`harmony_normalizer`:
+      ``loss_normalizer``, the EMA of the number of positives of RetinaNet and FCOS; a detector
+      with another one overrides it). Eq. 9's 1/P.
+
+    The keyword arguments (``tcorr``, ``hiou``, ``sigma``, ``gamma``) come before ``X``'s; from a
+    yacs config they are ``MODEL.HQOD.*`` (:func:`hqod_args_from_cfg`).
     """
 
-    def _init_hqod(self, *, tcorr: bool, hiou: bool, sigma: float, gamma: float):
+    @configurable
+    def __init__(self, *, tcorr: bool = True, hiou: bool = True, sigma: float = 1.5, gamma: float = 0.8, **kwargs):
+        """
+        Args:
+            tcorr (bool): add the Task-Correlated loss (Eq. 7), logged as ``loss_tcorr``.
+            hiou (bool): add the Harmonious IoU loss (Eq. 8), logged as ``loss_hiou``.
+            sigma (float): weight of the HIoU loss (Eq. 9).
+            gamma (float): exponent of the HIoU adaptive weight (Eq. 8).
+            kwargs: arguments of the detector.
+        """
+        super().__init__(**kwargs)
         self.tcorr = bool(tcorr)
         self.hiou = bool(hiou)
         self.sigma = float(sigma)
         self.gamma = float(gamma)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret.update(hqod_args_from_cfg(cfg))
+        return ret
 
     @property
     def hqod_enabled(self) -> bool:
         """Whether any HQOD term is added; if not, the losses are exactly the parent's."""
         return self.tcorr or self.hiou
 
-    def hqod_loss_terms(
+    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, *args):
+        """The detector's losses plus ``loss_tcorr`` and ``loss_hiou`` for the enabled switches."""
+        losses = super().losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, *args)
+        if not self.hqod_enabled:
+            return losses
+        p, u = self.harmony_pairs(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
+        if p.numel() > 0:
+            storage = get_event_storage()
+            storage.put_scalar("hqod/pos_score", p.detach().mean().item())
+            storage.put_scalar("hqod/pos_iou", u.detach().mean().item())
+        losses.update(
+            hqod_losses(p, u, self.harmony_normalizer(), tcorr=self.tcorr, hiou=self.hiou, sigma=self.sigma, gamma=self.gamma)
+        )
+        return losses
+
+    def harmony_normalizer(self) -> float:
+        """The detector's box-loss normalizer, as set by its ``losses`` just before."""
+        return self.loss_normalizer
+
+    def harmony_pairs(
         self,
         anchors: List[Boxes],
         pred_logits: List[Tensor],
+        gt_labels: List[Tensor],
         pred_anchor_deltas: List[Tensor],
-        gt_labels: Tensor,
-        gt_boxes: Tensor,
-        normalizer,
-    ) -> Dict[str, Tensor]:
+        gt_boxes: List,
+    ) -> Tuple[Tensor, Tensor]:
         """
         Args:
             anchors (list[Boxes]): #level anchors, R in total.
             pred_logits, pred_anchor_deltas (list[Tensor]): #level tensors of shape
                 (N, Hi * Wi * A, K or 4), as given to the detector's ``losses``.
-            gt_labels (Tensor): (N, R) anchor labels: -1 ignore, K background, else the class.
-            gt_boxes (Tensor): (N, R, 4) matched ground-truth boxes (XYXY).
-            normalizer (float): the detector's box-loss normalizer.
+            gt_labels (list[Tensor]): #image (R,) anchor labels: -1 ignore, K background, else
+                the class.
+            gt_boxes (list[Tensor or Boxes]): #image (R, 4) matched ground-truth boxes (XYXY).
 
         Returns:
-            dict[str, Tensor]: ``loss_tcorr`` and/or ``loss_hiou`` (see :func:`hqod_losses`).
+            p, u (Tensor): (P,) for the P positives: p the sigmoid score of the ground-truth
+            class (not the max score), u the IoU of the decoded predicted box with its
+            ground-truth box; neither is detached.
         """
-        pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)  # (N, R)
-        # p: sigmoid score of the ground-truth class of each positive (not the max score).
+        gt_labels = torch.stack(gt_labels)  # (N, R)
+        pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
         p = gt_class_scores(cat(pred_logits, dim=1)[pos_mask], gt_labels[pos_mask])
-        # u: IoU of the decoded predicted box with its ground-truth box; not detached.
         anchors = type(anchors[0]).cat(anchors).tensor  # (R, 4)
         pos_anchors = anchors.unsqueeze(0).expand(len(gt_labels), -1, -1)[pos_mask]
-        pred_boxes = self.box2box_transform.apply_deltas(
-            cat(pred_anchor_deltas, dim=1)[pos_mask], pos_anchors
-        )
-        u = aligned_box_iou(pred_boxes, gt_boxes[pos_mask].to(pred_boxes.dtype))
-        p = p.to(u.dtype)
-
-        if p.numel() > 0:
-            storage = get_event_storage()
-            storage.put_scalar("hqod/pos_score", p.detach().mean().item())
-            storage.put_scalar("hqod/pos_iou", u.detach().mean().item())
-        return hqod_losses(
-            p, u, normalizer, tcorr=self.tcorr, hiou=self.hiou, sigma=self.sigma, gamma=self.gamma
-        )
+        pred_boxes = self.box2box_transform.apply_deltas(cat(pred_anchor_deltas, dim=1)[pos_mask], pos_anchors)
+        u = aligned_box_iou(pred_boxes, stack_boxes(gt_boxes)[pos_mask].to(pred_boxes.dtype))
+        return p.to(u.dtype), u
 
     def extra_repr(self) -> str:
         return f"tcorr={self.tcorr}, hiou={self.hiou}, sigma={self.sigma}, gamma={self.gamma}"

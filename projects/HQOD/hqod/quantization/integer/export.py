@@ -281,7 +281,7 @@ def _export_head(ex: _Exporter, head: MultiLevelHead, feature_vals: List[_Val]) 
     if not isinstance(head, MultiLevelHead):
         raise _refuse("not convertible", f"head {type(head).__name__} is not a quantized multi-level head")
     towers, tower_vals = {}, {}
-    for tname in sorted(set(head.predictor_inputs.values())):
+    for tname in sorted(set(head.spec.predictors.values())):
         tower = getattr(head, tname)
         if not isinstance(tower, LevelSequential):
             raise _refuse("not convertible", f"head.{tname} is a {type(tower).__name__}")
@@ -309,9 +309,9 @@ def _export_head(ex: _Exporter, head: MultiLevelHead, feature_vals: List[_Val]) 
             i += 1
         towers[tname], tower_vals[tname] = ops, vals
     predictors = {}
-    for pname, tname in head.predictor_inputs.items():
+    for pname, tname in head.spec.predictors.items():
         predictors[pname] = ex.conv_unit(getattr(head, pname), tower_vals[tname], None, f"head.{pname}")
-    return IntegerHead(towers, predictors, head.predictor_inputs)
+    return IntegerHead(towers, predictors, head.spec.predictors)
 
 
 class _BNView:

@@ -1,0 +1,108 @@
+"""
+The dense-head protocol: what quantization needs to know of a head that a dense detector shares
+over its feature levels (multi-level BN, AQD Sec. 3.2.2; 8-bit predictors; the integer engine).
+
+A head declares which predictor reads which tower::
+
+    @dense_head(predictors={"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet"})
+    class MyHead(nn.Module):
+        ...
+
+The declaration states that the head's forward, given one feature map per level, returns for each
+predictor (in the declared order) the list over levels of ``predictor(tower(feature))``, where a
+tower is an ``nn.Sequential`` of convs, norms and activations and a predictor a conv. This is the
+form of detectron2's ``RetinaNetHead`` and ``FCOSHead`` (declared below) and hqod's ``ATSSHead``.
+From the declaration alone, :func:`hqod.quantization.quantize_model` builds the quantized head
+(:class:`hqod.quantization.MultiLevelHead`): one BN per level in each tower, the level passed
+explicitly, the predictors as the 8-bit "output layers" — no quantized subclass per head.
+
+A declaration is for that exact class: a subclass (e.g. one that adds a predictor) declares its
+own. A dense detector's head that has norms and no declaration is an error in ``quantize_model``.
+"""
+from typing import Dict, List, Optional
+
+from torch import nn
+
+from detectron2.layers import CycleBatchNormList
+from detectron2.modeling.meta_arch.fcos import FCOSHead
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+__all__ = ["DenseHeadSpec", "dense_head", "dense_head_spec", "check_dense_head", "head_norms"]
+
+
+class DenseHeadSpec:
+    """A head's declaration: ``predictors`` maps each predictor (child name) to the tower (child
+    name) it reads, in the order of the head's outputs."""
+
+    def __init__(self, predictors: Dict[str, str]):
+        if not predictors:
+            raise ValueError("A dense head declares at least one predictor.")
+        self.predictors = dict(predictors)
+
+    @property
+    def towers(self) -> List[str]:
+        """The towers, in order of first use."""
+        return list(dict.fromkeys(self.predictors.values()))
+
+    def __repr__(self):
+        return f"DenseHeadSpec(predictors={self.predictors})"
+
+
+_DECLARED: Dict[type, DenseHeadSpec] = {}
+
+
+def dense_head(*, predictors: Dict[str, str]):
+    """Class decorator (or ``dense_head(predictors=...)(HeadClass)`` for a class defined
+    elsewhere) declaring a dense head; see the module docstring."""
+
+    def declare(head_class: type) -> type:
+        _DECLARED[head_class] = DenseHeadSpec(predictors)
+        return head_class
+
+    return declare
+
+
+def dense_head_spec(head_class: type) -> Optional[DenseHeadSpec]:
+    """The declaration of exactly ``head_class``, or None."""
+    return _DECLARED.get(head_class)
+
+
+def head_norms(head: nn.Module) -> List[str]:
+    """Names of the BN layers (shared over levels, or detectron2's per-level
+    ``CycleBatchNormList``) inside ``head``."""
+    norm_types = (nn.modules.batchnorm._BatchNorm, CycleBatchNormList)
+    names = []
+    for name, m in head.named_modules():
+        if name and isinstance(m, norm_types) and not any(name.startswith(n + ".") for n in names):
+            names.append(name)  # not the BNs inside a CycleBatchNormList
+    return names
+
+
+def check_dense_head(head: nn.Module, spec: DenseHeadSpec) -> None:
+    """Raise a ValueError naming what is wrong if ``head`` does not have the declared form:
+    every tower an ``nn.Sequential`` child, every predictor a child, and no parameter outside
+    them (the quantized head computes exactly ``predictor(tower(feature))``)."""
+    name = type(head).__qualname__
+    children = dict(head.named_children())
+    for tower in spec.towers:
+        if not isinstance(children.get(tower), nn.Sequential):
+            raise ValueError(
+                f"{name} declares the tower {tower!r}, which is not an nn.Sequential child of the "
+                f"head (children: {sorted(children)})."
+            )
+    for pred in spec.predictors:
+        if pred not in children:
+            raise ValueError(f"{name} declares the predictor {pred!r}, which is not a child of the head (children: {sorted(children)}).")
+    declared = set(spec.predictors) | set(spec.towers)
+    extra = [n for n, child in children.items() if n not in declared and next(child.parameters(), None) is not None]
+    extra += [n for n, _ in head.named_parameters(recurse=False)]
+    if extra:
+        raise ValueError(
+            f"{name} has parameters outside its declared towers and predictors: {sorted(extra)}. "
+            "The quantized head computes only predictor(tower(feature)); move them into a "
+            "declared tower or predictor."
+        )
+
+
+dense_head(predictors={"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet"})(RetinaNetHead)
+dense_head(predictors={"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet", "ctrness": "bbox_subnet"})(FCOSHead)
