@@ -1,6 +1,6 @@
 """
 Behaviour of the configs is pinned: the same seed gives the same losses, for RetinaNet / FCOS /
-ATSS x LSQ / AQD (W4A4, HQOD on), over calibration and three SGD steps. The references were
+ATSS x LSQ / AQD (W4A4, HQOD on), over calibration and two SGD steps. The references were
 computed with the code before the dense-head protocol and the one-hook HQOD mixin (commit
 88f626d) by ``python tests/test_unchanged_losses.py``; a change to them must be a deliberate
 change of behaviour, re-measured.
@@ -15,7 +15,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from hqod.quantization import calibrate, functional, quantize_model
+from hqod.quantization import calibrate, functional, quantize_model, quantizers_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
@@ -24,47 +24,46 @@ CONFIGS = {
     for method in ("lsq", "aqd")
 }
 
-# Losses after calibration and 0, 1, 2 SGD steps (lr 0.05), keys sorted: (iteration, key) -> value.
+# Losses after calibration and after one SGD step (lr 0.01); norms of the first gradients.
 REFERENCE = {
     ('atss', 'aqd'): {
-        '0/loss_box_reg': 0.8026772, '0/loss_centerness': 0.6932456, '0/loss_cls': 1.128604,
-        '0/loss_hiou': 1.369023, '0/loss_tcorr': 1.386844, '1/loss_box_reg': 0.8023345,
-        '1/loss_centerness': 0.6923247, '1/loss_cls': 1.12622, '1/loss_hiou': 1.368634,
-        '1/loss_tcorr': 1.386338, '2/loss_box_reg': 0.8022586, '2/loss_centerness': 0.6914262,
-        '2/loss_cls': 1.123686, '2/loss_hiou': 1.368579, '2/loss_tcorr': 1.385436,
+        '0/loss_box_reg': 0.80267715, '0/loss_centerness': 0.69324559, '0/loss_cls': 1.1286044,
+        '0/loss_hiou': 1.3690232, '0/loss_tcorr': 1.3868438, 'grad/weights': 10.38594,
+        'grad/quantizers': 0.56158572, '1/loss_box_reg': 0.80238235, '1/loss_centerness': 0.6931479,
+        '1/loss_cls': 1.1279992, '1/loss_hiou': 1.3686447, '1/loss_tcorr': 1.3868322,
     },
     ('atss', 'lsq'): {
-        '0/loss_box_reg': 0.8026963, '0/loss_centerness': 0.6932694, '0/loss_cls': 1.128612,
-        '0/loss_hiou': 1.369022, '0/loss_tcorr': 1.386828, '1/loss_box_reg': 0.8025072,
-        '1/loss_centerness': 0.6922054, '1/loss_cls': 1.126074, '1/loss_hiou': 1.368802,
-        '1/loss_tcorr': 1.386392, '2/loss_box_reg': 0.8022367, '2/loss_centerness': 0.691346,
-        '2/loss_cls': 1.123742, '2/loss_hiou': 1.368513, '2/loss_tcorr': 1.385641,
+        '0/loss_box_reg': 0.80269635, '0/loss_centerness': 0.69326937, '0/loss_cls': 1.1286122,
+        '0/loss_hiou': 1.3690218, '0/loss_tcorr': 1.3868279, 'grad/weights': 10.87249,
+        'grad/quantizers': 0.026704887, '1/loss_box_reg': 0.80252624,
+        '1/loss_centerness': 0.69304854, '1/loss_cls': 1.1281223, '1/loss_hiou': 1.3688281,
+        '1/loss_tcorr': 1.3868262,
     },
     ('fcos', 'aqd'): {
-        '0/loss_fcos_cls': 0.1485033, '0/loss_fcos_ctr': 0.09121948, '0/loss_fcos_loc': 0.1315789,
-        '0/loss_hiou': 0.1973684, '0/loss_tcorr': 0.006680117, '1/loss_fcos_cls': 0.1626063,
-        '1/loss_fcos_ctr': 0.09987098, '1/loss_fcos_loc': 0.1440922, '1/loss_hiou': 0.2161383,
-        '1/loss_tcorr': 0.007287759, '2/loss_fcos_cls': 0.1777539, '2/loss_fcos_ctr': 0.1092241,
-        '2/loss_fcos_loc': 0.1575795, '2/loss_hiou': 0.2363694, '2/loss_tcorr': 0.007847833,
+        '0/loss_fcos_cls': 0.14850333, '0/loss_fcos_ctr': 0.091219477,
+        '0/loss_fcos_loc': 0.13157894, '0/loss_hiou': 0.19736841, '0/loss_tcorr': 0.006680117,
+        'grad/weights': 0.82339728, 'grad/quantizers': 0.06057255, '1/loss_fcos_cls': 0.16261764,
+        '1/loss_fcos_ctr': 0.099891111, '1/loss_fcos_loc': 0.1440922, '1/loss_hiou': 0.21613833,
+        '1/loss_tcorr': 0.0073300814,
     },
     ('fcos', 'lsq'): {
-        '0/loss_fcos_cls': 0.1484898, '0/loss_fcos_ctr': 0.09122169, '0/loss_fcos_loc': 0.1315789,
-        '0/loss_hiou': 0.1973684, '0/loss_tcorr': 0.006688278, '1/loss_fcos_cls': 0.1626028,
-        '1/loss_fcos_ctr': 0.09986763, '1/loss_fcos_loc': 0.1440922, '1/loss_hiou': 0.2161383,
-        '1/loss_tcorr': 0.007181625, '2/loss_fcos_cls': 0.1777754, '2/loss_fcos_ctr': 0.1092135,
-        '2/loss_fcos_loc': 0.1575793, '2/loss_hiou': 0.2363693, '2/loss_tcorr': 0.007519528,
+        '0/loss_fcos_cls': 0.14848985, '0/loss_fcos_ctr': 0.09122169, '0/loss_fcos_loc': 0.13157894,
+        '0/loss_hiou': 0.19736841, '0/loss_tcorr': 0.0066882777, 'grad/weights': 1.1244857,
+        'grad/quantizers': 0.0029513785, '1/loss_fcos_cls': 0.16264328,
+        '1/loss_fcos_ctr': 0.099888414, '1/loss_fcos_loc': 0.14409219, '1/loss_hiou': 0.21613833,
+        '1/loss_tcorr': 0.007275857,
     },
     ('retina', 'aqd'): {
-        '0/loss_box_reg': 1.11758, '0/loss_cls': 1.72142, '0/loss_hiou': 1.425328,
-        '0/loss_tcorr': 1.321899, '1/loss_box_reg': 1.035314, '1/loss_cls': 1.634561,
-        '1/loss_hiou': 1.343408, '1/loss_tcorr': 1.262731, '2/loss_box_reg': 0.9684623,
-        '2/loss_cls': 1.563603, '2/loss_hiou': 1.276987, '2/loss_tcorr': 1.213814,
+        '0/loss_box_reg': 1.1175802, '0/loss_cls': 1.7214199, '0/loss_hiou': 1.4253284,
+        '0/loss_tcorr': 1.3218987, 'grad/weights': 39.559174, 'grad/quantizers': 2.065177,
+        '1/loss_box_reg': 1.0565026, '1/loss_cls': 1.635288, '1/loss_hiou': 1.3515431,
+        '1/loss_tcorr': 1.2575574,
     },
     ('retina', 'lsq'): {
-        '0/loss_box_reg': 1.117707, '0/loss_cls': 1.721377, '0/loss_hiou': 1.42606,
-        '0/loss_tcorr': 1.321582, '1/loss_box_reg': 1.039481, '1/loss_cls': 1.634622,
-        '1/loss_hiou': 1.347368, '1/loss_tcorr': 1.259432, '2/loss_box_reg': 0.9434191,
-        '2/loss_cls': 1.563647, '2/loss_hiou': 1.261912, '2/loss_tcorr': 1.222461,
+        '0/loss_box_reg': 1.117707, '0/loss_cls': 1.7213774, '0/loss_hiou': 1.4260604,
+        '0/loss_tcorr': 1.3215816, 'grad/weights': 45.143028, 'grad/quantizers': 0.032720707,
+        '1/loss_box_reg': 1.0567235, '1/loss_cls': 1.6353358, '1/loss_hiou': 1.3521442,
+        '1/loss_tcorr': 1.2572826,
     },
 }
 
@@ -79,8 +78,9 @@ def make_batch(seed, n=2, size=96):
     return batch
 
 
-def losses_over_steps(arch, method, steps=3):
-    """{f"{iteration}/{loss name}": value} for calibration then ``steps`` SGD steps."""
+def losses_over_steps(arch, method, steps=2):
+    """After calibration: {f"{iteration}/{loss name}": loss} for ``steps`` SGD steps, and
+    ``"grad/weights"``, ``"grad/quantizers"``: the norms of the first step's gradients."""
     cfg = LazyConfig.load(os.path.join(ROOT, CONFIGS[arch, method]))
     cfg.model.num_classes = 3
     torch.manual_seed(0)
@@ -88,7 +88,8 @@ def losses_over_steps(arch, method, steps=3):
     quantize_model(model, cfg.quant)
     calibrate(model, [make_batch(100), make_batch(101)], num_images=2)
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    quantizer_params = {id(p) for q in quantizers_of(model).values() for p in q.parameters()}
     out = {}
     with EventStorage():
         for it in range(steps):
@@ -96,6 +97,10 @@ def losses_over_steps(arch, method, steps=3):
             out.update({f"{it}/{k}": v.item() for k, v in sorted(losses.items())})
             optimizer.zero_grad()
             sum(losses.values()).backward()
+            if it == 0:
+                for group, is_quant in (("weights", False), ("quantizers", True)):
+                    grads = [p.grad for p in model.parameters() if p.grad is not None and (id(p) in quantizer_params) == is_quant]
+                    out[f"grad/{group}"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
             optimizer.step()
     return out
 
@@ -110,8 +115,14 @@ def test_same_losses_as_before(arch, method):
         functional.set_backend(previous)
     expected = REFERENCE[arch, method]
     assert sorted(got) == sorted(expected)
-    for key, value in expected.items():  # float32 sums on another CPU may differ in the last bits
-        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    for key, value in expected.items():
+        # The forward after calibration agrees to float32 noise. Convolution sums in another
+        # order (another CPU, thread count, oneDNN algorithm) can move values across rounding
+        # boundaries of the 4-bit grids, and training amplifies that; measured in one process
+        # after other tests: 3e-8 (losses), 7e-7 (gradients), 1.3e-4 (losses after the step),
+        # 3e-3 after a step at lr 0.05. A change of bits, grids or BN moves them by far more.
+        rel = {"0": 1e-5, "grad": 1e-3}.get(key.split("/")[0], 1e-2)
+        assert got[key] == pytest.approx(value, rel=rel, abs=1e-7), key
 
 
 if __name__ == "__main__":  # print the references
