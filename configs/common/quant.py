@@ -26,12 +26,14 @@ Fields (validated by ``hqod.quantization.QuantConfig``, which documents them in 
   first_last_bits   bits of the input layer (stem conv) and output layers (head predictors);
                     None keeps them FP32 (the AQD paper's AQD*)
   input_layers      None = detectron2 stem convs; or a list of module-name globs
-  output_layers     None = the heads' predictors (cls_score, bbox_pred, ctrness); or globs
+  output_layers     None = the declared heads' predictors (cls_score, bbox_pred, ctrness); or globs
   overrides         {module-name glob: bits | {"weight_bits": b, "act_bits": b} | None (FP32)}
   keep_unknown_fp32 False: a layer type without a quantized version is an error naming it
   multi_level_bn    one BN per FPN level in the shared head, indexed by level (AQD)
   step_init         "mse": each quantizer's initial step minimizes its squared quantization
                     error on the calibration data; "paper": the quantizer's own rule
+  weight_granularity "tensor" (the papers') | "channel": one learned step per output channel
+                    (scope "aqd_star" only)
   calib_images      images of the calibration pass before QAT (0: init on the first batch)
 """
 from dataclasses import asdict

@@ -24,7 +24,7 @@ AQD's integer arithmetic (Eq. 4-8: ``shift_approx``, integer BN, aligned adds) l
 from .calibration import calibrate, set_fake_quant, set_observer, uninitialized_quantizers
 from .checkpoint import LoadResult, load_fp32_checkpoint, map_fp32_state_dict
 from .config import SCOPES, QuantConfig
-from .functional import fake_quantize_param, fake_quantize_ste, step_from_param
+from .functional import fake_quantize_param, fake_quantize_per_channel, fake_quantize_ste, step_from_param
 from .integer import (
     IntegerConversionError,
     integer_summary,
@@ -64,6 +64,7 @@ from .optim import get_qat_optimizer_params, quantizer_parameters
 from .quantize import quantize_model, quantizers_of, register_relu_input_rule, relu_fed_layers
 from .quantizers import (
     ALLOWED_BITS,
+    GRANULARITIES,
     QUANTIZERS,
     LQQuantizer,
     LSQQuantizer,
@@ -93,11 +94,13 @@ __all__ = [
     "register_relu_input_rule",
     "fake_quantize_ste",
     "fake_quantize_param",
+    "fake_quantize_per_channel",
     "step_from_param",
     "cached_quantized_weights",
     # quantizers
     "QUANTIZERS",
     "ALLOWED_BITS",
+    "GRANULARITIES",
     "check_bits",
     "Quantizer",
     "LSQQuantizer",

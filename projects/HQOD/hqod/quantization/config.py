@@ -23,7 +23,7 @@ Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
 * ``first_last_bits``: bits of the input layer (backbone stem conv) and of the output layers
   (head predictors), weights and input activations; None keeps them FP32 (AQD paper's AQD*).
 * ``input_layers`` / ``output_layers``: module names (glob patterns) of those layers; None finds
-  them: convs of detectron2's ``BasicStem``; the predictors of the registered heads
+  them: convs of detectron2's ``BasicStem``; the predictors of the declared dense heads
   (RetinaNet ``cls_score``, ``bbox_pred``; FCOS also ``ctrness``).
 * ``overrides``: ``{glob pattern on module names: bits}`` applied last; bits is an int (weights
   and activations), a dict ``{weight_bits, act_bits}`` (either may be left out), or None to keep
@@ -39,13 +39,17 @@ Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
   initializes activation steps by MSE); ``"paper"`` the quantizer's own rule (LSQ and LQ:
   LSQ's ``2 * mean|x| / sqrt(Qp)``; TQT: its 3-sigma threshold). Without calibration
   (``calib_images = 0``) the first batch initializes by the own rule.
+* ``weight_granularity``: ``"tensor"`` (default; the papers' setting): one learned step per
+  weight tensor; ``"channel"``: one per output channel (torch.ao's per-channel weights), each
+  initialized, searched and trained as the per-tensor step on its channel. Scope ``"aqd_star"``
+  only: the integer-aware scope ``"aqd"`` and its integer engine take per-tensor weights.
 * ``calib_images``: images of the calibration pass before QAT (observers on, fake-quant off);
   0 = initialize every quantizer from its first training batch instead. Used by train_net.
 """
 from dataclasses import dataclass, field, fields
 from typing import Dict, Optional, Tuple, Union
 
-from .quantizers import QUANTIZERS, STEP_INITS, check_bits
+from .quantizers import GRANULARITIES, QUANTIZERS, STEP_INITS, check_bits
 
 __all__ = ["QuantConfig", "SCOPES"]
 
@@ -89,6 +93,7 @@ class QuantConfig:
     keep_unknown_fp32: bool = False
     multi_level_bn: bool = True
     step_init: str = "mse"
+    weight_granularity: str = "tensor"
     calib_images: int = 256
 
     @classmethod
@@ -142,6 +147,15 @@ class QuantConfig:
                 raise ValueError(f"quant.{key} must be a bool; got {kw[key]!r}.")
         if kw.get("step_init", cls.step_init) not in STEP_INITS:
             raise ValueError(f"quant.step_init must be one of {list(STEP_INITS)}; got {kw['step_init']!r}.")
+        granularity = kw.get("weight_granularity", cls.weight_granularity)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"quant.weight_granularity must be one of {list(GRANULARITIES)}; got {granularity!r}.")
+        if granularity == "channel" and scope == "aqd":
+            raise ValueError(
+                "quant.weight_granularity='channel' works with scope 'aqd_star'; the integer-aware "
+                "scope 'aqd' (and its integer engine) takes per-tensor weights: set "
+                "quant.weight_granularity='tensor' or quant.scope='aqd_star'."
+            )
         calib = kw.get("calib_images", cls.calib_images)
         if isinstance(calib, bool) or not isinstance(calib, int) or calib < 0:
             raise ValueError(f"quant.calib_images must be an int >= 0; got {calib!r}.")

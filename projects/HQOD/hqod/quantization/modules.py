@@ -182,7 +182,7 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
         cls._reclass(module)
         if not had_norm:
             module.norm, module.activation = None, None
-        module._init_weight_quant(ctx.quantizer(weight_bits, signed=True))
+        module._init_weight_quant(ctx.weight_quantizer(weight_bits, channels=module.out_channels))
         module.input_quant = ctx.quantizer(act_bits, signed=ctx.input_signed(name))
         module.integer_aware = ctx.scope == "aqd"
         return module
@@ -232,7 +232,7 @@ class QLinear(_WeightQuantMixin, nn.Linear, QuantizedModule):
         if bits is None:
             return None
         cls._reclass(module)
-        module._init_weight_quant(ctx.quantizer(bits[0], signed=True))
+        module._init_weight_quant(ctx.weight_quantizer(bits[0], channels=module.out_features))
         module.input_quant = ctx.quantizer(bits[1], signed=ctx.input_signed(name))
         return module
 

@@ -180,6 +180,16 @@ class ConversionContext:
         self.num_quantizers[(bits, "signed" if signed else "unsigned")] += 1
         return q
 
+    def weight_quantizer(self, bits: int, *, channels: int) -> Quantizer:
+        """The (signed) quantizer of a weight with ``channels`` output channels: per tensor or
+        per output channel (``quant.weight_granularity``)."""
+        if self.qcfg.weight_granularity == "tensor":
+            return self.quantizer(bits, signed=True)
+        q = QUANTIZERS.get(self.qcfg.method)(bits=bits, signed=True, granularity="channel", channels=channels)
+        q.step_init = self.qcfg.step_init
+        self.num_quantizers[(bits, "signed, per channel")] += 1
+        return q
+
     def input_signed(self, name: str) -> bool:
         return name not in self._relu_fed
 
@@ -348,7 +358,7 @@ def quantize_model(model: nn.Module, cfg_quant) -> nn.Module:
             q.to(param.device)
     logger.info(
         f"quantize_model: method={qcfg.method} W{qcfg.weight_bits}A{qcfg.act_bits} "
-        f"scope={qcfg.scope}"
+        f"scope={qcfg.scope}, weights per {qcfg.weight_granularity}"
         + (f" (BN outputs and adds {qcfg.output_bits}-bit)" if qcfg.scope == "aqd" else "")
         + f"; input layers {first}, output layers {last} at "
         f"{qcfg.first_last_bits or 'FP32'}; converted {dict(converted)}; quantizers "

@@ -1,5 +1,5 @@
 """
-Per-tensor learned-step fake quantizers, one class per method, in the ``QUANTIZERS`` registry:
+Learned-step fake quantizers, one class per method, in the ``QUANTIZERS`` registry:
 
 * ``lsq``: LSQ (Esser et al., ICLR 2020) as written in HQOD Eq. 2-3 — learned step ``s``.
 * ``tqt``: TQT (Jain et al., MLSys 2020) — learned ``log2`` threshold, power-of-two step.
@@ -8,7 +8,10 @@ Per-tensor learned-step fake quantizers, one class per method, in the ``QUANTIZE
   (``torch._fake_quantize_learnable_per_tensor_affine``, as MQBench and D2Go use it). Same
   forward as ``lsq``, but its input-gradient mask tests the rounded value.
 
-Every quantizer is built as ``QUANTIZERS.get(name)(bits=b, signed=s)`` and has
+Every quantizer is built as ``QUANTIZERS.get(name)(bits=b, signed=s)`` — per tensor — or, for a
+weight, ``(bits=b, signed=s, granularity="channel", channels=C)``: one learned parameter per
+output channel (dim 0), each initialized, searched and trained as the per-tensor one on its
+channel (LSQ's gradient scale with N = the elements of one channel). It has
 
 * ``forward(x)``: the fake-quantized tensor (or ``x`` itself when fake quantization is off);
 * ``step``: the effective step size (a detached tensor);
@@ -28,12 +31,13 @@ Weights are signed; activations are unsigned when produced by a ReLU and signed 
 """
 import math
 from numbers import Integral
+from typing import Optional
 
 import torch
 from fvcore.common.registry import Registry
 from torch import Tensor, nn
 
-from .functional import STEP_EPS, _step_and_slope, fake_quantize_param, step_from_param
+from .functional import STEP_EPS, _step_and_slope, fake_quantize_param, fake_quantize_per_channel, step_from_param
 from .integer_layers import IntegerGrid
 
 __all__ = [
@@ -42,6 +46,7 @@ __all__ = [
     "ALLOWED_BITS",
     "check_bits",
     "STEP_INITS",
+    "GRANULARITIES",
     "Quantizer",
     "LSQQuantizer",
     "TQTQuantizer",
@@ -107,6 +112,7 @@ def _all_reduce_mean(t: Tensor) -> Tensor:
 
 
 STEP_INITS = ("mse", "paper")
+GRANULARITIES = ("tensor", "channel")
 # The search of step_init="mse": steps 2^(k/8) times the quantizer's own initial step, from 1/8
 # to 4 times it, on evenly strided elements of each row (at most MSE_SAMPLES_PER_ROW).
 MSE_FACTORS = tuple(2.0 ** (k / 8) for k in range(-24, 17))
@@ -123,10 +129,19 @@ class Quantizer(nn.Module):
 
     eps = STEP_EPS
 
-    def __init__(self, *, bits: int, signed: bool):
+    def __init__(self, *, bits: int, signed: bool, granularity: str = "tensor", channels: Optional[int] = None):
         super().__init__()
         if not isinstance(signed, bool):
             raise ValueError(f"signed must be a bool; got {signed!r}.")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {list(GRANULARITIES)}; got {granularity!r}.")
+        if (granularity == "channel") != (channels is not None) or (channels is not None and channels < 1):
+            raise ValueError(
+                f"A per-channel quantizer takes channels=<number of output channels> and a "
+                f"per-tensor one none; got granularity={granularity!r}, channels={channels!r}."
+            )
+        self.granularity = granularity
+        self.channels = channels
         self.bits = check_bits(bits)
         self.signed = signed
         if signed:
@@ -171,6 +186,20 @@ class Quantizer(nn.Module):
         self._known_initialized = False  # re-read the loaded flag on the next call
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @property
+    def per_channel(self) -> bool:
+        return self.channels is not None
+
+    def _new_param(self, value: float) -> nn.Parameter:
+        """The learned parameter: 0-d, or one per channel."""
+        return nn.Parameter(torch.full((self.channels,) if self.per_channel else (), value))
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """``x`` as (channels, elements per channel) for a per-channel quantizer."""
+        if x.shape[0] != self.channels:
+            raise ValueError(f"A per-channel quantizer of {self.channels} channels got a tensor of shape {tuple(x.shape)}.")
+        return x.reshape(self.channels, -1)
+
     # ---- subclass interface ----
     def _param(self) -> nn.Parameter:
         raise NotImplementedError
@@ -186,11 +215,19 @@ class Quantizer(nn.Module):
 
     def step_value(self) -> float:
         """The step as the fake-quant kernels compute it from the learned parameter (a Python
-        float, float64)."""
+        float, float64); per-tensor quantizers only."""
         raise NotImplementedError
+
+    def _check_per_tensor(self, what: str):
+        if self.per_channel:
+            raise NotImplementedError(
+                f"{what} is defined for per-tensor quantizers; the integer-aware scope 'aqd' and "
+                "the integer engine take per-tensor weights (quant.weight_granularity='tensor')."
+            )
 
     def integer_grid(self) -> IntegerGrid:
         """The output as integers times a scale (AQD Eq. 1), see :class:`IntegerGrid`."""
+        self._check_per_tensor("integer_grid")
         return IntegerGrid(step=self.step_value(), eta_min=self.qmin, eta_max=self.qmax)
 
     # ---- shared logic ----
@@ -200,8 +237,15 @@ class Quantizer(nn.Module):
         return self._step().detach()
 
     def _lsq_init_step(self, x: Tensor) -> Tensor:
-        """LSQ's initial step ``2 * mean|x| / sqrt(Qp)`` (Esser et al., Sec. 2.1)."""
-        return (2.0 * x.abs().mean() / math.sqrt(self.qmax)).clamp_min(self.eps)
+        """LSQ's initial step ``2 * mean|x| / sqrt(Qp)`` (Esser et al., Sec. 2.1), per channel
+        for a per-channel quantizer."""
+        mean_abs = self._rows(x).abs().mean(dim=1) if self.per_channel else x.abs().mean()
+        return (2.0 * mean_abs / math.sqrt(self.qmax)).clamp_min(self.eps)
+
+    def _grad_factor(self, x: Tensor) -> float:
+        """LSQ's gradient scale ``1 / sqrt(N * Qp)``, N the elements sharing one step."""
+        n = x.numel() // self.channels if self.per_channel else x.numel()
+        return 1.0 / math.sqrt(n * self.qmax)
 
     def _scaled(self, value: Tensor, factor: float) -> Tensor:
         """The learned parameter of a step ``factor`` times that of ``value``."""
@@ -240,7 +284,8 @@ class Quantizer(nn.Module):
         try:
             for factor in MSE_FACTORS:
                 param.copy_(self._scaled(self._search_base, factor).reshape(param.shape))
-                errors.append((self._fake_quantize(rows) - rows).pow(2).sum())
+                sq = (self._fake_quantize(rows) - rows).pow(2)
+                errors.append(sq.sum(dim=1) if self.per_channel else sq.sum())  # per channel: (C,)
         finally:
             param.copy_(self._search_base)
         errors = torch.stack(errors).double()
@@ -251,14 +296,19 @@ class Quantizer(nn.Module):
         """Set the step of least summed squared error (over processes too); a quantizer that
         saw no input keeps its step. Every process must call it (a collective)."""
         param = self._param()
-        totals = torch.zeros(len(MSE_FACTORS) + 1, dtype=torch.float64, device=param.device)
+        num_errors = len(MSE_FACTORS) * param.numel()
+        totals = torch.zeros(num_errors + 1, dtype=torch.float64, device=param.device)
         if self._search_errors is not None:
-            totals[:-1] = self._search_errors
+            totals[:-1] = self._search_errors.flatten()
             totals[-1] = 1  # this process saw input
         totals = _all_reduce_mean(totals)
         if totals[-1] > 0:
-            best = MSE_FACTORS[int(totals[:-1].argmin())]
-            param.copy_(self._scaled(self._search_base, best).reshape(param.shape))
+            best = totals[:-1].reshape(len(MSE_FACTORS), -1).argmin(dim=0)  # per channel
+            if self.per_channel:
+                factors = torch.tensor(MSE_FACTORS, dtype=param.dtype, device=param.device)[best]
+            else:
+                factors = MSE_FACTORS[int(best)]
+            param.copy_(self._scaled(self._search_base, factors).reshape(param.shape))
         self._search_base = self._search_errors = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -270,9 +320,12 @@ class Quantizer(nn.Module):
             return x
         return self._fake_quantize(x)
 
+    def _granularity_repr(self) -> str:
+        return f", per channel ({self.channels})" if self.per_channel else ""
+
     def extra_repr(self):
         return (
-            f"bits={self.bits}, signed={self.signed}, range=[{self.qmin}, {self.qmax}], "
+            f"bits={self.bits}, signed={self.signed}, range=[{self.qmin}, {self.qmax}]{self._granularity_repr()}, "
             f"fake_quant={self.fake_quant_enabled}, observer={self.observer_enabled}"
         )
 
@@ -287,9 +340,9 @@ class LSQQuantizer(Quantizer):
     ``2 * mean|x| / sqrt(Qp)`` from the first batch or the calibration data.
     """
 
-    def __init__(self, *, bits: int, signed: bool):
-        super().__init__(bits=bits, signed=signed)
-        self.scale = nn.Parameter(torch.tensor(1.0))
+    def __init__(self, *, bits: int, signed: bool, **granularity):
+        super().__init__(bits=bits, signed=signed, **granularity)
+        self.scale = self._new_param(1.0)
 
     def _param(self):
         return self.scale
@@ -301,12 +354,14 @@ class LSQQuantizer(Quantizer):
         return step_from_param(self.scale, "linear", 1.0)
 
     def step_value(self):
+        self._check_per_tensor("step_value")
         return float(_step_and_slope(self.scale.detach(), "linear", 1.0)[0])
 
     def _fake_quantize(self, x):
-        grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)
+        if self.per_channel:
+            return fake_quantize_per_channel(x, self.scale, self.qmin, self.qmax, grad_factor=self._grad_factor(x))
         return fake_quantize_param(
-            x, self.scale, self.qmin, self.qmax, grad_factor=grad_factor,
+            x, self.scale, self.qmin, self.qmax, grad_factor=self._grad_factor(x),
             save_output=self.save_output,
         )
 
@@ -323,28 +378,37 @@ class TQTQuantizer(Quantizer):
     calibration, ``t = min(max|x|, 3 * rms(x))``.
     """
 
-    def __init__(self, *, bits: int, signed: bool):
-        super().__init__(bits=bits, signed=signed)
-        self.log2_threshold = nn.Parameter(torch.tensor(0.0))
+    def __init__(self, *, bits: int, signed: bool, **granularity):
+        super().__init__(bits=bits, signed=signed, **granularity)
+        self.log2_threshold = self._new_param(0.0)
         self._log2_levels = bits - 1 if signed else bits
 
     def _param(self):
         return self.log2_threshold
 
     def _initial_value(self, x):
-        t = torch.minimum(x.abs().max(), 3.0 * x.pow(2).mean().sqrt())
+        if self.per_channel:
+            rows = self._rows(x)
+            t = torch.minimum(rows.abs().amax(dim=1), 3.0 * rows.pow(2).mean(dim=1).sqrt())
+        else:
+            t = torch.minimum(x.abs().max(), 3.0 * x.pow(2).mean().sqrt())
         return torch.log2(t.clamp_min(self.eps))
 
     def _scaled(self, value, factor):
-        return value + math.log2(factor)
+        return value + (torch.log2(factor) if isinstance(factor, Tensor) else math.log2(factor))
 
     def _step(self):
         return step_from_param(self.log2_threshold, "pow2", self._log2_levels)
 
     def step_value(self):
+        self._check_per_tensor("step_value")
         return float(_step_and_slope(self.log2_threshold.detach(), "pow2", self._log2_levels)[0])
 
     def _fake_quantize(self, x):
+        if self.per_channel:
+            return fake_quantize_per_channel(
+                x, self.log2_threshold, self.qmin, self.qmax, kind="pow2", k=self._log2_levels, rounded_mask=True
+            )
         return fake_quantize_param(
             x, self.log2_threshold, self.qmin, self.qmax, kind="pow2", k=self._log2_levels,
             rounded_mask=True, save_output=self.save_output,
@@ -369,9 +433,9 @@ class LQQuantizer(Quantizer):
     ``nu``: the interval whose step equals LSQ's initial step (AQD used 1.0 or a warm-up).
     """
 
-    def __init__(self, *, bits: int, signed: bool):
-        super().__init__(bits=bits, signed=signed)
-        self.interval = nn.Parameter(torch.tensor(1.0))
+    def __init__(self, *, bits: int, signed: bool, **granularity):
+        super().__init__(bits=bits, signed=signed, **granularity)
+        self.interval = self._new_param(1.0)
         self._levels = 2**bits - 1  # L
         # The zero-free signed grid has the step 2 nu / L and is offset by half the range.
         self._step_per_nu = (2.0 if signed else 1.0) / self._levels
@@ -386,6 +450,7 @@ class LQQuantizer(Quantizer):
         return step_from_param(self.interval, "linear", self._step_per_nu)
 
     def step_value(self):
+        self._check_per_tensor("step_value")
         return float(_step_and_slope(self.interval.detach(), "linear", self._step_per_nu)[0])
 
     def integer_grid(self):
@@ -397,6 +462,8 @@ class LQQuantizer(Quantizer):
 
     def _fake_quantize(self, x):
         offset = self._levels / 2.0 if self.signed else 0.0
+        if self.per_channel:
+            return fake_quantize_per_channel(x, self.interval, 0, self._levels, k=self._step_per_nu, offset=offset)
         return fake_quantize_param(
             x, self.interval, 0, self._levels, k=self._step_per_nu, offset=offset,
             save_output=self.save_output,
@@ -404,7 +471,7 @@ class LQQuantizer(Quantizer):
 
     def extra_repr(self):
         grid = "AQD Eq. 3 (symmetric, no zero)" if self.signed else "AQD Eq. 2 ([0, nu])"
-        return f"bits={self.bits}, signed={self.signed}, grid={grid}, " + (
+        return f"bits={self.bits}, signed={self.signed}, grid={grid}{self._granularity_repr()}, " + (
             f"fake_quant={self.fake_quant_enabled}, observer={self.observer_enabled}"
         )
 
@@ -418,10 +485,10 @@ class TorchLSQQuantizer(Quantizer):
     Eq. 3 where ``x/s`` lies within half a step outside the range). Kept for comparison.
     """
 
-    def __init__(self, *, bits: int, signed: bool):
-        super().__init__(bits=bits, signed=signed)
-        self.scale = nn.Parameter(torch.tensor([1.0]))
-        self.register_buffer("zero_point", torch.zeros(1))
+    def __init__(self, *, bits: int, signed: bool, **granularity):
+        super().__init__(bits=bits, signed=signed, **granularity)
+        self.scale = nn.Parameter(torch.ones(self.channels or 1))
+        self.register_buffer("zero_point", torch.zeros(self.channels or 1))
 
     def _param(self):
         return self.scale
@@ -430,15 +497,20 @@ class TorchLSQQuantizer(Quantizer):
         return self._lsq_init_step(x)
 
     def _step(self):
-        return step_from_param(self.scale, "linear", 1.0).reshape(())
+        step = step_from_param(self.scale, "linear", 1.0)
+        return step if self.per_channel else step.reshape(())
 
     def step_value(self):
+        self._check_per_tensor("step_value")
         # the fused op takes the float32 scale tensor as it is
         return float(self.scale.detach().abs().clamp_min(self.eps))
 
     def _fake_quantize(self, x):
-        grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)
+        scale = self.scale.abs().clamp_min(self.eps)
+        if self.per_channel:
+            return torch._fake_quantize_learnable_per_channel_affine(
+                x, scale, self.zero_point, 0, self.qmin, self.qmax, self._grad_factor(x)
+            )
         return torch._fake_quantize_learnable_per_tensor_affine(
-            x, self.scale.abs().clamp_min(self.eps), self.zero_point, self.qmin, self.qmax,
-            grad_factor,
+            x, scale, self.zero_point, self.qmin, self.qmax, self._grad_factor(x)
         )
