@@ -30,6 +30,7 @@ from hqod.quantization import (
     save_integer_model,
     to_integer,
 )
+from hqod.quantization.integer import INTEGER_FORMAT
 from hqod.quantization.checkpoint import (
     TRUST_ENV,
     UntrustedCheckpointError,
@@ -177,7 +178,8 @@ def detectors(tmp_path_factory):
         model(synthetic_batch(seed=1))
     folder = str(tmp_path_factory.mktemp("detectors"))
     Checkpointer(model, folder).save("fp32")
-    quantize_model(model, dict(AQD_W2))
+    cfg.quant = dict(AQD_W2)
+    quantize_model(model, cfg.quant)
     calibrate(model, [synthetic_batch(seed=2)], num_images=2)
     model.eval()
     Checkpointer(model, folder).save("qat")
@@ -201,11 +203,12 @@ def test_fp32_and_quantized_checkpoints_load_as_data(detectors, weights_only_cal
 
 
 def test_integer_model_loads_as_data(detectors, tmp_path, weights_only_calls):
-    cfg, _, _, int_model = detectors
+    """The file is the config and the fake-quant state dict (no pickled class); loading rebuilds
+    the same integers."""
+    cfg, _, model, int_model = detectors
     path = str(tmp_path / "model_integer.pth")
-    save_integer_model(int_model, path, config_file="configs/fcos_r18_aqd_w2.py", overrides=["a=1"])
-    pickled = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    assert {"hqod.quantization.integer.ops.IntConv", "omegaconf.listconfig.ListConfig"} <= set(pickled)
+    save_integer_model(model, cfg, path, config_file="configs/fcos_r18_aqd_w2.py", overrides=["a=1"])
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
 
     loaded = load_integer_model(path)
     assert weights_only_calls == [True]
@@ -228,8 +231,9 @@ def test_integer_model_saved_before_the_engine_was_split_loads(detectors, tmp_pa
     import zipfile
 
     *_, int_model = detectors
-    path, legacy = str(tmp_path / "new.pth"), str(tmp_path / "legacy.pth")
-    save_integer_model(int_model, path)
+    path, legacy = str(tmp_path / "v1.pth"), str(tmp_path / "legacy.pth")
+    torch.save({"format": INTEGER_FORMAT, "version": 1, "model": int_model, "metadata": {}}, path)  # format 1
+    assert [type(m) for m in load_integer_model(path).modules()] == [type(m) for m in int_model.modules()]
     with zipfile.ZipFile(path) as src, zipfile.ZipFile(legacy, "w") as dst:
         for item in src.infolist():
             data = src.read(item)
@@ -271,7 +275,7 @@ def test_legacy_format_file_is_refused_by_name(tmp_path):
 def hostile(tmp_path, detectors):
     """``hostile(kind)``: a training checkpoint (a Toy's weights) or an integer-model file (a
     real one, via save_integer_model) that also carries a Payload; returns (path, marker)."""
-    int_model = detectors[3]
+    cfg, _, model, _ = detectors
     toy = Toy()
 
     def make(kind):
@@ -280,7 +284,7 @@ def hostile(tmp_path, detectors):
         if kind == "training":
             torch.save({"model": toy.state_dict(), "trainer": {"iteration": 5}, "note": Payload(marker)}, path)
         else:
-            save_integer_model(int_model, path, note=Payload(marker))
+            save_integer_model(model, cfg, path, note=Payload(marker))
         return path, marker
 
     make.toy_state = toy.state_dict()
@@ -337,9 +341,9 @@ def test_trusted_hostile_checkpoint_loads_with_a_warning(loader, hostile, monkey
 
 
 def test_trust_setting_leaves_our_own_files_on_the_safe_path(detectors, tmp_path, recwarn, monkeypatch):
-    _, folder, _, int_model = detectors
+    cfg, folder, model, _ = detectors
     path = str(tmp_path / "model_integer.pth")
-    save_integer_model(int_model, path)
+    save_integer_model(model, cfg, path)
     monkeypatch.setenv(TRUST_ENV, "1")
     assert read_checkpoint(os.path.join(folder, "qat.pth"))["model"]
     assert load_integer_model(path).metadata == {}

@@ -394,7 +394,8 @@ def test_integer_engine_matches_fake_quant(trained_aqd, tmp_path):
 
     # saved and loaded, it computes the same integers
     path = str(tmp_path / "int.pth")
-    save_integer_model(int_model, path, note="test")
+    saved = save_integer_model(model, cfg, path, note="test")
+    assert integer_summary(saved) == summary
     loaded = load_integer_model(path)
     assert loaded.metadata == {"note": "test"}
     batch = next(iter(instantiate(cfg.dataloader.test)))

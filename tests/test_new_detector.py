@@ -2,8 +2,8 @@
 Adding a detector is one meta-arch file and one config (README, "Adding a detector"): a dense
 detector defined here — a head whose one tower (conv + BN + ReLU) feeds both predictors, and a
 meta-arch over it — trains FP32, is quantized (AQD W4A4, HQOD on), calibrated, fine-tuned,
-evaluated with COCOEvaluator and converted to the integer-only engine through the public entry
-points, with no edit anywhere else in the repository.
+evaluated with COCOEvaluator, converted to the integer-only engine, saved and loaded through the
+public entry points, with no edit anywhere else in the repository.
 """
 import math
 
@@ -17,7 +17,14 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from hqod.engine import build_model, do_train
 from hqod.modeling import dense_head, hqod_variant
 from hqod.modeling.meta_arch.hqod_mixin import HQODLossMixin
-from hqod.quantization import MultiLevelBatchNorm, MultiLevelHead, compare_integer_model, to_integer
+from hqod.quantization import (
+    MultiLevelBatchNorm,
+    MultiLevelHead,
+    compare_integer_model,
+    load_integer_model,
+    save_integer_model,
+    to_integer,
+)
 
 from helpers import tiny_config
 
@@ -100,3 +107,12 @@ def test_new_detector_through_every_entry_point(tiny_digits, tmp_path):
     assert report.match_rate_ref64 == 1.0 and report.detections_integer > 0
     assert set(report.output_steps) == {"cls_score", "bbox_pred"}
     assert abs(report.ap_integer - report.ap_reference64) <= 0.1
+
+    # saved as its config + state dict, rebuilt by load_integer_model into the same integers
+    path = str(tmp_path / "model_integer.pth")
+    save_integer_model(model, qat_cfg, path)
+    loaded = load_integer_model(path)
+    batch = next(iter(instantiate(qat_cfg.dataloader.test)))
+    with torch.no_grad():
+        ours, theirs = int_model(batch)[0]["instances"], loaded(batch)[0]["instances"]
+    assert len(ours) > 0 and torch.equal(ours.scores, theirs.scores)

@@ -8,8 +8,8 @@ model (hqod.quantization.integer, AQD Eq. 4-8):
 
 Loads the config (with overrides) and the QAT checkpoint (default: train.output_dir/
 model_final.pth), converts the model to integer arithmetic, saves it (default: model_integer.pth
-next to the checkpoint; read it back with hqod.quantization.load_integer_model), loads the saved
-file back and runs it and the fake-quant model on the first N images of the test set. Prints the
+next to the checkpoint: the config and the fake-quant state it is built from; read it back with
+hqod.quantization.load_integer_model, which rebuilds the same integers), loads the saved file back and runs it and the fake-quant model on the first N images of the test set. Prints the
 agreement report — head outputs in output steps, detections after NMS, COCO AP of both — against
 the fake-quant model as it runs (float32) and against the same model in float64, and the time
 per image of both. A mistake gives one error line (exit code 2; --debug for the traceback).
@@ -35,7 +35,6 @@ from hqod.quantization import (
     compare_integer_model,
     load_integer_model,
     save_integer_model,
-    to_integer,
     uninitialized_quantizers,
 )
 
@@ -111,13 +110,12 @@ def main(args):
     cfg = load_config(args.config_file, args.opts)
     checkpoint = args.checkpoint or os.path.join(cfg.train.output_dir, "model_final.pth")
     model = load_qat_model(cfg, args.config_file, checkpoint)
-    try:
-        int_model = to_integer(model)
-    except IntegerConversionError as e:
-        raise UserError(str(e)) from e
     output = args.output or os.path.join(os.path.dirname(checkpoint) or ".", "model_integer.pth")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    save_integer_model(int_model, output, config_file=args.config_file, overrides=list(args.opts), checkpoint=checkpoint)
+    try:  # converts (to_integer) and saves the config and the fake-quant state it comes from
+        save_integer_model(model, cfg, output, config_file=args.config_file, overrides=list(args.opts), checkpoint=checkpoint)
+    except IntegerConversionError as e:
+        raise UserError(str(e)) from e
     loaded = load_integer_model(output)
     size = os.path.getsize(output) / 2**20
     print(f"Integer model saved to {output} ({size:.1f} MiB); verifying the saved file.", flush=True)

@@ -19,7 +19,7 @@ AQD's integer arithmetic (Eq. 4-8: ``shift_approx``, integer BN, aligned adds) l
 
     int_model = to_integer(model)                     # a trained AQD model -> integers only
     report = compare_integer_model(model, int_model, data_loader)   # agreement, AP, speed
-    save_integer_model(int_model, "model_integer.pth"); load_integer_model("model_integer.pth")
+    save_integer_model(model, cfg, "model_integer.pth"); load_integer_model("model_integer.pth")
 """
 from .calibration import calibrate, set_fake_quant, set_observer, uninitialized_quantizers
 from .checkpoint import LoadResult, load_fp32_checkpoint, map_fp32_state_dict

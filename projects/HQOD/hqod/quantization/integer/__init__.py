@@ -40,7 +40,8 @@ and add alignments are the same integers, :mod:`.integer_layers`), so the two ag
 rounding in the fake-quant model and the 2^-30 relative error of the requantization
 multipliers; :mod:`..integer_check` measures it.
 
-Save and load with :func:`save_integer_model` / :func:`load_integer_model`.
+Save and load with :func:`save_integer_model` / :func:`load_integer_model`: the file holds the
+config and the fake-quant state dict, from which loading rebuilds the same integer model.
 
 Modules: :mod:`.ops` (the integer operations: requantization, convolution, adds, the entry
 quantizer), :mod:`.network` (the integer backbone and head built from them), :mod:`.export`
