@@ -13,7 +13,7 @@ from torch import nn
 
 from detectron2.modeling.backbone.resnet import BasicBlock
 
-from hqod.quantization import QUANTIZERS, calibrate, fake_quantize_per_channel, quantize_model, quantizers_of
+from hqod.quantization import QUANTIZERS, calibrate, fake_quantize_param, quantize_model, quantizers_of
 
 from test_quantizers import TOL, int_range, make_input, ref_lq, ref_lsq, ref_tqt
 
@@ -82,7 +82,7 @@ def test_hand_computed_case():
     (0.05 + 0.05) / 0.25 = 0.4 and (0.4 + 1.0) / 1.0 = 1.4."""
     x = torch.tensor([[0.2, -0.3], [0.6, 5.0]], dtype=torch.float64, requires_grad=True)
     steps = torch.tensor([0.25, 1.0], dtype=torch.float64, requires_grad=True)
-    y = fake_quantize_per_channel(x, steps, -2, 1)
+    y = fake_quantize_param(x, steps, -2, 1)  # one step per channel of dim 0
     y.backward(torch.ones_like(y))
     assert y.tolist() == [[0.25, -0.25], [1.0, 1.0]]
     assert x.grad.tolist() == [[1.0, 1.0], [1.0, 0.0]]

@@ -24,7 +24,7 @@ AQD's integer arithmetic (Eq. 4-8: ``shift_approx``, integer BN, aligned adds) l
 from .calibration import calibrate, set_fake_quant, set_observer, uninitialized_quantizers
 from .checkpoint import LoadResult, load_fp32_checkpoint, map_fp32_state_dict
 from .config import SCOPES, QuantConfig
-from .functional import fake_quantize_param, fake_quantize_per_channel, fake_quantize_ste, step_from_param
+from .functional import fake_quantize_param, fake_quantize_ste, step_from_param
 from .integer import (
     IntegerConversionError,
     integer_summary,
@@ -94,7 +94,6 @@ __all__ = [
     "register_relu_input_rule",
     "fake_quantize_ste",
     "fake_quantize_param",
-    "fake_quantize_per_channel",
     "step_from_param",
     "cached_quantized_weights",
     # quantizers

@@ -52,7 +52,6 @@ from . import _native
 __all__ = [
     "fake_quantize_ste",
     "fake_quantize_param",
-    "fake_quantize_per_channel",
     "step_from_param",
     "round_ste",
     "ceil_ste",
@@ -331,6 +330,29 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return grad_x, grad_param, None, None, None, None, None, None, None, None
 
 
+def _fake_quantize_per_channel(x: Tensor, param: Tensor, qmin, qmax, kind, k, offset, grad_factor, rounded_mask) -> Tensor:
+    """
+    :func:`fake_quantize_param` with one learned parameter per channel of dim 0 (``param`` of
+    shape ``(x.shape[0],)``: a weight's output channels): the same grid and the same gradients,
+    channel by channel: ``d x_hat / d x`` = 1 inside (unrounded value, or rounded with
+    ``rounded_mask``), ``d x_hat / d s_c = (x_hat - x * inside) / s_c``, the parameter gradient
+    times ``grad_factor``. Written with PyTorch ops (autograd through a straight-through round):
+    it is used for weights, a small fraction of the tensors fake-quantized per iteration.
+    """
+    if param.dim() != 1 or param.numel() != x.shape[0]:
+        raise ValueError(f"Per-channel parameters must have shape ({x.shape[0]},); got {tuple(param.shape)}.")
+    if grad_factor != 1.0:  # the value of param, its gradient times grad_factor
+        param = param * grad_factor + (param - param * grad_factor).detach()
+    step = step_from_param(param, kind, k).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    v = x / step + offset
+    rounded = torch.round(v)
+    t = rounded if rounded_mask else v
+    inside = (t >= qmin) & (t <= qmax)  # inclusive (torch.clamp's gradient is not at the ends)
+    # inside: round(v), straight-through; outside: the clipped level, a constant in x
+    eta = torch.where(inside, round_ste(v), torch.clamp(rounded, qmin, qmax).detach())
+    return (eta - offset) * step
+
+
 def fake_quantize_param(
     x: Tensor,
     param: Tensor,
@@ -352,7 +374,8 @@ def fake_quantize_param(
 
     Args:
         x: input tensor.
-        param: 0-d learned parameter (LSQ step, LQ interval, TQT log2 threshold).
+        param: the learned parameter (LSQ step, LQ interval, TQT log2 threshold): 0-d, or one
+            per channel of dim 0 (shape ``(x.shape[0],)``, per-channel weights).
         qmin, qmax: integer range of ``eta``.
         kind, k: ``"linear"`` (``s = max(|p| * k, eps)``) or ``"pow2"`` (``s = 2^(ceil(p) - k)``).
         offset: constant grid offset in steps (0, or ``(qmax - qmin) / 2`` for a zero-free grid).
@@ -364,6 +387,8 @@ def fake_quantize_param(
     """
     if kind not in ("linear", "pow2"):
         raise ValueError(f"kind must be 'linear' or 'pow2'; got {kind!r}.")
+    if param.numel() > 1:
+        return _fake_quantize_per_channel(x, param, qmin, qmax, kind, k, offset, grad_factor, rounded_mask)
     # The function works on the flattened tensor (one compiled kernel for every shape); the
     # view back to x's shape is taken outside it, so that in-place ops on the output stay legal.
     out = _FakeQuantizeSTE.apply(
@@ -390,39 +415,3 @@ def fake_quantize_ste(
         x, step, qmin, qmax, offset=offset, grad_factor=grad_factor, rounded_mask=rounded_mask,
         save_output=save_output,
     )
-
-
-def fake_quantize_per_channel(
-    x: Tensor,
-    param: Tensor,
-    qmin: int,
-    qmax: int,
-    *,
-    kind: str = "linear",
-    k: float = 1.0,
-    offset: float = 0.0,
-    grad_factor: float = 1.0,
-    rounded_mask: bool = False,
-) -> Tensor:
-    """
-    :func:`fake_quantize_param` with one learned parameter per channel of dim 0 (``param`` of
-    shape ``(x.shape[0],)``: a weight's output channels). Same grid and the same gradients,
-    channel by channel: ``d x_hat / d x`` = 1 inside (unrounded value, or rounded with
-    ``rounded_mask``), ``d x_hat / d s_c = (x_hat - x * inside) / s_c``, the parameter gradient
-    times ``grad_factor``. Written with PyTorch ops (autograd through a straight-through round):
-    it is used for weights, a small fraction of the tensors fake-quantized per iteration.
-    """
-    if kind not in ("linear", "pow2"):
-        raise ValueError(f"kind must be 'linear' or 'pow2'; got {kind!r}.")
-    if param.dim() != 1 or param.numel() != x.shape[0]:
-        raise ValueError(f"Per-channel parameters must have shape ({x.shape[0]},); got {tuple(param.shape)}.")
-    if grad_factor != 1.0:  # the value of param, its gradient times grad_factor
-        param = param * grad_factor + (param - param * grad_factor).detach()
-    step = step_from_param(param, kind, k).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
-    v = x / step + offset
-    rounded = torch.round(v)
-    t = rounded if rounded_mask else v
-    inside = (t >= qmin) & (t <= qmax)  # inclusive (torch.clamp's gradient is not at the ends)
-    # inside: round(v), straight-through; outside: the clipped level, a constant in x
-    eta = torch.where(inside, round_ste(v), torch.clamp(rounded, qmin, qmax).detach())
-    return (eta - offset) * step

@@ -118,6 +118,24 @@ class QuantizedModule:
         return module
 
 
+class _AQDOutputModule(QuantizedModule):
+    """A layer converted under scope ``aqd`` only, whose outputs get quantizers of
+    ``output_bits`` (:meth:`_add_output_quantizers`); left as it is otherwise."""
+
+    @classmethod
+    def from_float(cls, module, *, name, ctx):
+        bits = ctx.aqd_output_bits(name)
+        if bits is None:
+            return None
+        cls._reclass(module)
+        cls._add_output_quantizers(module, lambda: ctx.quantizer(bits, signed=True, output=True))
+        return module
+
+    @classmethod
+    def _add_output_quantizers(cls, module: nn.Module, new_quantizer) -> None:
+        raise NotImplementedError
+
+
 class _WeightQuantMixin:
     """Quantized weight, computed once per forward pass of a head that shares it over levels
     (see :func:`cached_quantized_weights`)."""
@@ -240,7 +258,7 @@ class QLinear(_WeightQuantMixin, nn.Linear, QuantizedModule):
         return F.linear(self.input_quant(x), self.quantized_weight(), self.bias)
 
 
-class _OutputQuantBN(QuantizedModule):
+class _OutputQuantBN(_AQDOutputModule):
     """
     BN whose (signed) output is fake-quantized — scope ``aqd`` only. Integer-aware: called by
     its conv with ``acc_step = alpha_conv``, it computes AQD Eq. 6, ``(eta_conv + round(s)) *
@@ -251,15 +269,8 @@ class _OutputQuantBN(QuantizedModule):
     integer_aware = True
 
     @classmethod
-    def from_float(cls, module, *, name, ctx):
-        if ctx.scope != "aqd":
-            return None
-        bits = ctx.output_bits(name)
-        if bits is None:
-            return None
-        cls._reclass(module)
-        module.output_quant = ctx.quantizer(bits, signed=True, output=True)
-        return module
+    def _add_output_quantizers(cls, module, new_quantizer):
+        module.output_quant = new_quantizer()
 
     def forward(self, x, acc_step: Optional[float] = None):
         if acc_step is not None:
@@ -347,7 +358,7 @@ def set_integer_aware(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-class _QuantAddBlock(QuantizedModule):
+class _QuantAddBlock(_AQDOutputModule):
     """
     ResNet block whose residual sum is fake-quantized before the last ReLU (scope ``aqd``), the
     two branches aligned as AQD Eq. 7 does (:func:`add_alignment`). Its convs (and their BN)
@@ -358,15 +369,8 @@ class _QuantAddBlock(QuantizedModule):
     integer_aware = True  # Eq. 7 alignment (False: the plain float sum, set_integer_aware)
 
     @classmethod
-    def from_float(cls, module, *, name, ctx):
-        if ctx.scope != "aqd":
-            return None
-        bits = ctx.output_bits(name)
-        if bits is None:
-            return None
-        cls._reclass(module)
-        module.add_quant = ctx.quantizer(bits, signed=True, output=True)
-        return module
+    def _add_output_quantizers(cls, module, new_quantizer):
+        module.add_quant = new_quantizer()
 
     def shortcut_quantizer(self):
         if self.shortcut is not None:
@@ -399,7 +403,7 @@ class QBottleneckBlock(_QuantAddBlock, BottleneckBlock):
 
 
 @QUANT_MODULES.register()
-class QFPN(FPN, QuantizedModule):
+class QFPN(FPN, _AQDOutputModule):
     """detectron2's FPN whose top-down sums (lateral + upsampled) are fake-quantized (scope
     ``aqd``), the two inputs aligned as AQD Eq. 7 does. Same computation as ``FPN.forward`` of
     detectron2 v0.6 (unchanged in later versions)."""
@@ -408,18 +412,8 @@ class QFPN(FPN, QuantizedModule):
     integer_aware = True  # Eq. 7 alignment of the top-down adds (set_integer_aware)
 
     @classmethod
-    def from_float(cls, module, *, name, ctx):
-        if ctx.scope != "aqd":
-            return None
-        bits = ctx.output_bits(name)
-        if bits is None:
-            return None
-        cls._reclass(module)
-        module.fuse_quants = nn.ModuleList(
-            ctx.quantizer(bits, signed=True, output=True)
-            for _ in range(len(module.lateral_convs) - 1)
-        )
-        return module
+    def _add_output_quantizers(cls, module, new_quantizer):
+        module.fuse_quants = nn.ModuleList(new_quantizer() for _ in range(len(module.lateral_convs) - 1))
 
     def top_down_quantizer(self, idx: int):
         """The quantizer of the top-down input of the add at ``idx`` (1 = the coarsest)."""

@@ -207,11 +207,10 @@ class MultiLevelHead(nn.Module, QuantizedModule):
             for idx, layer in children[tower_name].named_children():
                 if ctx.multi_level_bn and isinstance(layer, (CycleBatchNormList, nn.modules.batchnorm._BatchNorm)):
                     layer = MultiLevelBatchNorm.from_norm(layer, num_levels)
-                    if ctx.scope == "aqd":
-                        bits = ctx.output_bits(f"{name}.{tower_name}.{idx}")
-                        if bits is not None:
-                            layer.output_quant = ctx.quantizer(bits, signed=True, output=True)
-                            layer.integer_aware = True
+                    bits = ctx.aqd_output_bits(f"{name}.{tower_name}.{idx}")
+                    if bits is not None:
+                        layer.output_quant = ctx.quantizer(bits, signed=True, output=True)
+                        layer.integer_aware = True
                 layers.append((idx, layer))
             children[tower_name] = LevelSequential(OrderedDict(layers))
         return cls(spec, num_levels, children, type(module))

@@ -210,6 +210,10 @@ class ConversionContext:
             self.fp32_layers.append(name)
         return bits
 
+    def aqd_output_bits(self, name: str) -> Optional[int]:
+        """:meth:`output_bits` under scope ``aqd``; None (no output quantizer) otherwise."""
+        return self.output_bits(name) if self.scope == "aqd" else None
+
     def output_bits(self, name: str) -> Optional[int]:
         """Bits of the output quantizer of a BN / add at ``name`` (scope aqd), or None."""
         bits = self.qcfg.output_bits

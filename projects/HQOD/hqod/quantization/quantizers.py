@@ -37,7 +37,7 @@ import torch
 from fvcore.common.registry import Registry
 from torch import Tensor, nn
 
-from .functional import STEP_EPS, _step_and_slope, fake_quantize_param, fake_quantize_per_channel, step_from_param
+from .functional import STEP_EPS, _step_and_slope, fake_quantize_param, step_from_param
 from .integer_layers import IntegerGrid
 
 __all__ = [
@@ -358,8 +358,6 @@ class LSQQuantizer(Quantizer):
         return float(_step_and_slope(self.scale.detach(), "linear", 1.0)[0])
 
     def _fake_quantize(self, x):
-        if self.per_channel:
-            return fake_quantize_per_channel(x, self.scale, self.qmin, self.qmax, grad_factor=self._grad_factor(x))
         return fake_quantize_param(
             x, self.scale, self.qmin, self.qmax, grad_factor=self._grad_factor(x),
             save_output=self.save_output,
@@ -405,10 +403,6 @@ class TQTQuantizer(Quantizer):
         return float(_step_and_slope(self.log2_threshold.detach(), "pow2", self._log2_levels)[0])
 
     def _fake_quantize(self, x):
-        if self.per_channel:
-            return fake_quantize_per_channel(
-                x, self.log2_threshold, self.qmin, self.qmax, kind="pow2", k=self._log2_levels, rounded_mask=True
-            )
         return fake_quantize_param(
             x, self.log2_threshold, self.qmin, self.qmax, kind="pow2", k=self._log2_levels,
             rounded_mask=True, save_output=self.save_output,
@@ -462,8 +456,6 @@ class LQQuantizer(Quantizer):
 
     def _fake_quantize(self, x):
         offset = self._levels / 2.0 if self.signed else 0.0
-        if self.per_channel:
-            return fake_quantize_per_channel(x, self.interval, 0, self._levels, k=self._step_per_nu, offset=offset)
         return fake_quantize_param(
             x, self.interval, 0, self._levels, k=self._step_per_nu, offset=offset,
             save_output=self.save_output,
