@@ -214,6 +214,35 @@ def test_integer_bn_eval_is_eq6():
     assert conv.accumulator_step() == pytest.approx(alpha_conv, rel=1e-15)
 
 
+def test_integer_bn_is_eq6_with_per_channel_weights():
+    """quant.weight_granularity='channel': alpha_conv = alpha_x * alpha_w[c] per output channel
+    (Eq. 4), and the BN shift is rounded in those units (Eq. 5-6), written out."""
+    torch.manual_seed(0)
+    holder = nn.Sequential(Conv2d(8, 16, 3, padding=1, bias=False, norm=nn.BatchNorm2d(16)))
+    random_bn(holder[0].norm, 0)
+    quantize_model(holder, dict(AQD, weight_granularity="channel"))
+    x = torch.randn(2, 8, 12, 12)
+    calibrate(holder, [x], num_images=2)
+    holder.double().eval()
+    x = x.double()
+    conv, bn = holder[0], holder[0].norm
+    qx, ax = grid_int(conv.input_quant(x), conv.input_quant)
+    aw = conv.weight_quant.integer_grid().scale
+    assert aw.shape == (16,) and aw.unique().numel() == 16
+    qw = conv.weight_quant(conv.weight) / aw.view(-1, 1, 1, 1)
+    assert torch.allclose(qw, qw.round(), atol=1e-6)
+    eta_conv = F.conv2d(qx, qw.round(), padding=1)  # Eq. 4: integers
+    alpha_conv = ax * aw  # one accumulator step per output channel
+    sigma = torch.sqrt(bn.running_var + bn.eps)
+    s = (bn.bias * sigma / bn.weight - bn.running_mean) / alpha_conv  # Eq. 5
+    alpha_z = alpha_conv * bn.weight / sigma
+    v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    z_bar = (eta_conv + v(torch.round(s))) * v(alpha_z)  # Eq. 6
+    with torch.no_grad():
+        torch.testing.assert_close(holder(x), bn.output_quant(z_bar), rtol=0, atol=1e-12)
+    torch.testing.assert_close(conv.accumulator_step(), alpha_conv, rtol=1e-15, atol=0)
+
+
 def test_integer_bn_training_is_eq6_with_batch_stats_and_ste_gradients():
     holder, x = quantized_conv_bn(1)
     conv = holder[0]
@@ -444,6 +473,32 @@ def test_integer_engine_fcos_atss_w2(arch):
     assert report.float64.max_step_diff < 1e-6 and report.float64.beyond_one_step == 0
     assert report.match_rate_ref64 == 1.0 and report.detections_integer > 0
     assert set(report.output_steps) == {"cls_score", "bbox_pred", "ctrness"}
+
+
+def test_integer_engine_per_channel_weights():
+    """RetinaNet AQD W4 with one weight step per output channel: the engine computes the
+    float64 fake-quant model exactly, with per-channel accumulator and output scales."""
+    torch.manual_seed(0)
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/retina_r18_fp32.py"))
+    cfg.model.num_classes = 3
+    cfg.model.backbone.out_channels = 32
+    cfg.model.test_score_thresh = 0.0
+    model = instantiate(cfg.model)
+    model.train()
+    with torch.no_grad(), EventStorage():
+        for batch in synthetic_batches(2, seed=1):
+            model(batch)
+    quantize_model(model, dict(AQD, weight_granularity="channel"))
+    calibrate(model, synthetic_batches(1, seed=2), num_images=2)
+    model.eval()
+    int_model = to_integer(model)
+    assert integer_summary(int_model)["fits_int32"]
+    head = int_model.head
+    assert all(s.shape == (int_model.head.predictors[n].conv.weight.shape[0],) for n, s in zip(head.output_names, head.output_scales))
+    report = compare_integer_model(model, int_model, synthetic_batches(1, seed=3))
+    assert report.float64.max_step_diff < 1e-6 and report.float64.beyond_one_step == 0
+    assert report.match_rate_ref64 == 1.0 and report.detections_integer > 0
+    assert "per channel" in report.format()
 
 
 def test_integer_awareness_switches(trained_aqd):

@@ -124,9 +124,10 @@ def test_granularity_arguments_are_checked():
     q = QUANTIZERS.get("lsq")(bits=4, signed=True, granularity="channel", channels=3)
     with pytest.raises(ValueError, match=r"per-channel quantizer of 3 channels got a tensor of shape \(4, 2\)"):
         q(torch.ones(4, 2))
-    q.initialized.fill_(1)
-    with pytest.raises(NotImplementedError, match="integer engine take per-tensor weights"):
-        q.integer_grid()
+    with torch.no_grad():
+        q.scale.copy_(torch.tensor([0.5, -0.25, 1e-12]))
+    # per channel, the grid's step is a (C,) float64 tensor: |s|, at least eps
+    assert q.integer_grid().step.tolist() == [0.5, 0.25, 1e-8]
 
 
 def test_quantize_model_per_channel_weights():
@@ -160,7 +161,6 @@ def test_quantize_model_per_channel_weights():
     "quant, match",
     [
         ({"weight_granularity": "layer"}, r"quant.weight_granularity must be one of \['tensor', 'channel'\]; got 'layer'"),
-        ({"weight_granularity": "channel", "scope": "aqd"}, r"quant.weight_granularity='channel' works with scope 'aqd_star'"),
     ],
 )
 def test_config_errors(quant, match):

@@ -33,7 +33,6 @@ Fields (validated by ``hqod.quantization.QuantConfig``, which documents them in 
   step_init         "mse": each quantizer's initial step minimizes its squared quantization
                     error on the calibration data; "paper": the quantizer's own rule
   weight_granularity "tensor" (the papers') | "channel": one learned step per output channel
-                    (scope "aqd_star" only)
   calib_images      images of the calibration pass before QAT (0: init on the first batch)
 """
 from dataclasses import asdict

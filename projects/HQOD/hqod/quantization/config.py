@@ -41,8 +41,9 @@ Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
   (``calib_images = 0``) the first batch initializes by the own rule.
 * ``weight_granularity``: ``"tensor"`` (default; the papers' setting): one learned step per
   weight tensor; ``"channel"``: one per output channel (torch.ao's per-channel weights), each
-  initialized, searched and trained as the per-tensor step on its channel. Scope ``"aqd_star"``
-  only: the integer-aware scope ``"aqd"`` and its integer engine take per-tensor weights.
+  initialized, searched and trained as the per-tensor step on its channel. Under scope ``"aqd"``
+  the accumulator step ``alpha_conv`` is then per output channel, and so are the integer bias
+  and BN shift units (Eq. 4-6) and the integer engine's requantization.
 * ``calib_images``: images of the calibration pass before QAT (observers on, fake-quant off);
   0 = initialize every quantizer from its first training batch instead. Used by train_net.
 """
@@ -150,12 +151,6 @@ class QuantConfig:
         granularity = kw.get("weight_granularity", cls.weight_granularity)
         if granularity not in GRANULARITIES:
             raise ValueError(f"quant.weight_granularity must be one of {list(GRANULARITIES)}; got {granularity!r}.")
-        if granularity == "channel" and scope == "aqd":
-            raise ValueError(
-                "quant.weight_granularity='channel' works with scope 'aqd_star'; the integer-aware "
-                "scope 'aqd' (and its integer engine) takes per-tensor weights: set "
-                "quant.weight_granularity='tensor' or quant.scope='aqd_star'."
-            )
         calib = kw.get("calib_images", cls.calib_images)
         if isinstance(calib, bool) or not isinstance(calib, int) or calib < 0:
             raise ValueError(f"quant.calib_images must be an int >= 0; got {calib!r}.")

@@ -343,7 +343,8 @@ def _fake_quantize_per_channel(x: Tensor, param: Tensor, qmin, qmax, kind, k, of
         raise ValueError(f"Per-channel parameters must have shape ({x.shape[0]},); got {tuple(param.shape)}.")
     if grad_factor != 1.0:  # the value of param, its gradient times grad_factor
         param = param * grad_factor + (param - param * grad_factor).detach()
-    step = step_from_param(param, kind, k).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    # the steps in float64, as the integer engine reads them (Quantizer.grid_step), then x's dtype
+    step = step_from_param(param.double(), kind, k).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
     v = x / step + offset
     rounded = torch.round(v)
     t = rounded if rounded_mask else v

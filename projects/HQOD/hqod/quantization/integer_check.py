@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances, pairwise_iou
 
 from .integer import IntegerHead, integer_summary
+from .integer.ops import scale_output
 from .modules import QConv2d, QLinear
 
 __all__ = ["AgreementReport", "compare_integer_model", "fake_quant_reference", "match_detections"]
@@ -98,7 +99,7 @@ class AgreementReport:
 
     num_images: int
     num_outputs: int
-    output_steps: Dict[str, float]
+    output_steps: Dict[str, Union[float, List[float]]]  # a list: one step per channel
     detections_integer: int
     float32: _Agreement
     float64: Optional[_Agreement]
@@ -161,7 +162,10 @@ class AgreementReport:
                 f"(fake-quant) / {self.detections_integer} (integer): match rate {100 * rate:.2f}%",
             ]
 
-        steps = ", ".join(f"{k} {v:.4g}" for k, v in self.output_steps.items())
+        steps = ", ".join(
+            f"{k} {min(v):.4g}..{max(v):.4g} per channel" if isinstance(v, list) else f"{k} {v:.4g}"
+            for k, v in self.output_steps.items()
+        )
         lines = [f"Integer-only engine vs fake-quant model on {self.num_images} images "
                  f"(output steps: {steps})"]
         lines += agree("float32 (as run)", self.float32)
@@ -242,7 +246,8 @@ def compare_integer_model(
     int_model.eval()
     ref_model = fake_quant_reference(fq_model) if reference64 else None
     names = head.output_names
-    steps = dict(zip(names, head.output_scales))
+    # output steps: a float, or (1, C, 1, 1) with per-channel weights
+    steps = {n: s.view(1, -1, 1, 1) if isinstance(s, torch.Tensor) else s for n, s in zip(names, head.output_scales)}
     evaluators = {}
     if dataset_name is not None:
         for key in ("fq", "int") + (("ref",) if reference64 else ()):
@@ -269,7 +274,7 @@ def compare_integer_model(
         int_images = int_model.preprocess_image(batch)
         int_feats = _features_and_head(int_model, int_images.tensor)
         int_q = head.forward_integer(int_feats)
-        int_preds = [[(q.double() * s).float() for q in per_level] for per_level, s in zip(int_q, head.output_scales)]
+        int_preds = [[scale_output(q, s) for q in per_level] for per_level, s in zip(int_q, head.output_scales)]
         int_out = _postprocess(int_model, int_images, int_feats, int_preds, batch)
         t2 = time.perf_counter()
         t_fq += t1 - t0
@@ -309,7 +314,7 @@ def compare_integer_model(
     return AgreementReport(
         num_images=n_images,
         num_outputs=n_values,
-        output_steps=steps,
+        output_steps={n: s.flatten().tolist() if isinstance(s, torch.Tensor) else s for n, s in steps.items()},
         detections_integer=n_int_dets,
         float32=a32,
         float64=a64,

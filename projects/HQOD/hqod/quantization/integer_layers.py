@@ -67,12 +67,13 @@ class IntegerGrid:
     AQD Eq. 2: ``q = eta``, ``scale = step``).
 
     Attributes:
-        step: the distance between two levels, as the quantizer computes it (float64).
+        step: the distance between two levels, as the quantizer computes it (float64); for a
+            per-channel weight quantizer a (C,) float64 tensor (then ``scale`` is one too).
         eta_min, eta_max: the clip range of ``eta``.
         offset2: twice the offset (an integer: 0, or ``2^b - 1``).
     """
 
-    step: float
+    step: Union[float, Tensor]
     eta_min: int
     eta_max: int
     offset2: int = 0
@@ -318,24 +319,33 @@ def integer_bias(bias: Tensor, acc_step: float) -> Tensor:
     return bias + (rounded - bias.detach().double()).to(bias.dtype)
 
 
+def _per_channel(value, x: Tensor):
+    """A per-channel (C,) float64 ``value`` as x's dtype, viewed along dim 1 of ``x``; a float
+    as it is (PyTorch rounds it to x's dtype)."""
+    if isinstance(value, Tensor):
+        return value.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
+    return value
+
+
 class _RoundToGrid(torch.autograd.Function):
     """``round(x / step) * step`` forward, identity backward (straight-through)."""
 
     @staticmethod
-    def forward(ctx, x, step: float):
-        return torch.mul(x, 1.0 / step).round_().mul_(step)
+    def forward(ctx, x, step):
+        return torch.mul(x, _per_channel(1.0 / step, x)).round_().mul_(_per_channel(step, x))
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
 
 
-def round_to_grid(x: Tensor, step: float) -> Tensor:
-    """``x`` rounded to the nearest multiple of ``step`` (half to even), straight-through. On a
-    conv output ``x = eta_conv * alpha_conv`` with ``step = alpha_conv`` this removes the float
-    rounding noise of the convolution: the result is the exact int32 accumulator times its step
-    (exactly 0 where the accumulator is 0), as the integer engine has it."""
-    return _RoundToGrid.apply(x, float(step))
+def round_to_grid(x: Tensor, step) -> Tensor:
+    """``x`` rounded to the nearest multiple of ``step`` (half to even; a float, or one step per
+    channel of dim 1), straight-through. On a conv output ``x = eta_conv * alpha_conv`` with
+    ``step = alpha_conv`` this removes the float rounding noise of the convolution: the result
+    is the exact int32 accumulator times its step (exactly 0 where the accumulator is 0), as the
+    integer engine has it."""
+    return _RoundToGrid.apply(x, step if isinstance(step, Tensor) else float(step))
 
 
 def integer_bn_params(
@@ -435,7 +445,7 @@ def _eq6(x: Tensor, acc_step, alpha_z: Tensor, s_round: Tensor, offset: Tensor) 
     z = _eq6_native(x, acc_step, alpha_z, s_round)
     if z is None:
         view = (1, -1, 1, 1)
-        z = torch.mul(x, 1.0 / acc_step).round_()  # the exact int32 accumulator (float noise off)
+        z = torch.mul(x, _per_channel(1.0 / acc_step, x)).round_()  # the exact int32 accumulator
         # (eta_conv + round(s)) first: an exact integer, so z is exactly 0 where it is 0
         z.add_(s_round.to(x.dtype).view(view)).mul_(alpha_z.to(x.dtype).view(view))
     zero = alpha_z == 0

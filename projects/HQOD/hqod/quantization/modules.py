@@ -205,9 +205,10 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
         module.integer_aware = ctx.scope == "aqd"
         return module
 
-    def accumulator_step(self) -> Optional[float]:
+    def accumulator_step(self):
         """``alpha_conv = alpha_x * alpha_w`` (AQD Eq. 4): the value of one unit of the integer
-        accumulator; None while fake quantization is off (calibration, FP32 checks)."""
+        accumulator — a float, or a (C,) float64 tensor with per-channel weights; None while
+        fake quantization is off (calibration, FP32 checks)."""
         iq, wq = self.input_quant, self.weight_quant
         if not (iq.fake_quant_enabled and wq.fake_quant_enabled and iq.is_initialized and wq.is_initialized):
             return None

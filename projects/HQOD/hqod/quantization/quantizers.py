@@ -215,20 +215,23 @@ class Quantizer(nn.Module):
 
     def step_value(self) -> float:
         """The step as the fake-quant kernels compute it from the learned parameter (a Python
-        float, float64); per-tensor quantizers only."""
+        float, float64); per-tensor quantizers only (per channel: :meth:`grid_step`)."""
         raise NotImplementedError
 
-    def _check_per_tensor(self, what: str):
+    def _channel_steps(self) -> Tensor:
+        """The steps of a per-channel quantizer, (C,) float64, as its forward computes them."""
+        raise NotImplementedError
+
+    def grid_step(self):
+        """:meth:`step_value` (a float), or for a per-channel quantizer the (C,) float64 steps."""
         if self.per_channel:
-            raise NotImplementedError(
-                f"{what} is defined for per-tensor quantizers; the integer-aware scope 'aqd' and "
-                "the integer engine take per-tensor weights (quant.weight_granularity='tensor')."
-            )
+            return self._channel_steps()
+        return self.step_value()
 
     def integer_grid(self) -> IntegerGrid:
-        """The output as integers times a scale (AQD Eq. 1), see :class:`IntegerGrid`."""
-        self._check_per_tensor("integer_grid")
-        return IntegerGrid(step=self.step_value(), eta_min=self.qmin, eta_max=self.qmax)
+        """The output as integers times a scale (AQD Eq. 1), see :class:`IntegerGrid`; per
+        channel, its ``step`` and ``scale`` are (C,) tensors."""
+        return IntegerGrid(step=self.grid_step(), eta_min=self.qmin, eta_max=self.qmax)
 
     # ---- shared logic ----
     @property
@@ -354,8 +357,10 @@ class LSQQuantizer(Quantizer):
         return step_from_param(self.scale, "linear", 1.0)
 
     def step_value(self):
-        self._check_per_tensor("step_value")
         return float(_step_and_slope(self.scale.detach(), "linear", 1.0)[0])
+
+    def _channel_steps(self):
+        return step_from_param(self.scale.detach().double(), "linear", 1.0)
 
     def _fake_quantize(self, x):
         return fake_quantize_param(
@@ -399,8 +404,10 @@ class TQTQuantizer(Quantizer):
         return step_from_param(self.log2_threshold, "pow2", self._log2_levels)
 
     def step_value(self):
-        self._check_per_tensor("step_value")
         return float(_step_and_slope(self.log2_threshold.detach(), "pow2", self._log2_levels)[0])
+
+    def _channel_steps(self):
+        return step_from_param(self.log2_threshold.detach().double(), "pow2", self._log2_levels)
 
     def _fake_quantize(self, x):
         return fake_quantize_param(
@@ -444,13 +451,15 @@ class LQQuantizer(Quantizer):
         return step_from_param(self.interval, "linear", self._step_per_nu)
 
     def step_value(self):
-        self._check_per_tensor("step_value")
         return float(_step_and_slope(self.interval.detach(), "linear", self._step_per_nu)[0])
+
+    def _channel_steps(self):
+        return step_from_param(self.interval.detach().double(), "linear", self._step_per_nu)
 
     def integer_grid(self):
         # eta in [0, L]; signed: offset L / 2 (Eq. 3), so q = 2 * eta - L (odd), scale nu / L
         return IntegerGrid(
-            step=self.step_value(), eta_min=0, eta_max=self._levels,
+            step=self.grid_step(), eta_min=0, eta_max=self._levels,
             offset2=self._levels if self.signed else 0,
         )
 
@@ -493,9 +502,11 @@ class TorchLSQQuantizer(Quantizer):
         return step if self.per_channel else step.reshape(())
 
     def step_value(self):
-        self._check_per_tensor("step_value")
         # the fused op takes the float32 scale tensor as it is
         return float(self.scale.detach().abs().clamp_min(self.eps))
+
+    def _channel_steps(self):
+        return self.scale.detach().abs().clamp_min(self.eps).double()
 
     def _fake_quantize(self, x):
         scale = self.scale.abs().clamp_min(self.eps)

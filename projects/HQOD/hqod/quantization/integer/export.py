@@ -7,7 +7,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -93,10 +93,18 @@ def _in_multilevel(model, name: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class _Val:
-    """What the exporter knows about an integer tensor: its scale and a bound of |q|."""
+    """What the exporter knows about an integer tensor: its scale (a float, or one per channel:
+    the accumulator of a conv with per-channel weights) and a bound of |q|."""
 
-    scale: float
+    scale: Union[float, torch.Tensor]
     max_abs: int
+
+
+def _ratios(scale, step: float) -> List[float]:
+    """``scale / step`` as the requantization's list of ratios: one, or one per channel."""
+    if isinstance(scale, torch.Tensor):
+        return (scale / step).tolist()
+    return [scale / step]
 
 
 class _Exporter:
@@ -118,8 +126,9 @@ class _Exporter:
         acc_scale = conv.accumulator_step()
         # the integer weights the float32 fake-quant model uses
         w_hat = conv.weight_quant(conv.weight).detach().double()
-        w_int = torch.round(w_hat / w_grid.scale)
-        err = (w_hat / w_grid.scale - w_int).abs().max().item() if w_int.numel() else 0.0
+        w_scale = w_grid.scale.view(-1, 1, 1, 1) if isinstance(w_grid.scale, torch.Tensor) else w_grid.scale
+        w_int = torch.round(w_hat / w_scale)
+        err = (w_hat / w_scale - w_int).abs().max().item() if w_int.numel() else 0.0
         if err > 1e-3 or w_int.abs().max() > w_grid.max_abs:
             raise IntegerConversionError(f"{name}: weights are not on their quantizer's grid (off by {err:.2g}).")
         bias = integer_bias_value(conv.bias, acc_scale) if conv.bias is not None else None
@@ -147,7 +156,7 @@ class _Exporter:
         self._note_bound(name, acc_max)
         levels, out_scale, out_max_abs = [], acc_scale, acc_max
         for src, params in zip(srcs, bn_params):
-            in_req = self.requant([src.scale / in_grid.step], in_grid, src.max_abs)
+            in_req = self.requant(_ratios(src.scale, in_grid.step), in_grid, src.max_abs)
             if params is None:
                 levels.append(IntLevel(in_req, None, None))
                 continue

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .ops import IntAdd, IntConvUnit, IntQuantizeInput, max_pool, relu, relu_, upsample2
+from .ops import IntAdd, IntConvUnit, IntQuantizeInput, max_pool, relu, relu_, scale_output, upsample2
 
 __all__ = ["IntStem", "IntBlock", "IntegerBackbone", "IntTopBlock", "IntegerHead", "IntReLU"]
 
@@ -116,7 +116,8 @@ class IntegerHead(nn.Module):
     """
     A multi-level head in integers: per FPN level, the towers (conv, integer BN of that level,
     requantization, ReLU) and the predictors, whose int32 outputs leave the network multiplied by
-    their scales (``output_scales``, float) — the only float multiply of the head. Returns the
+    their scales (``output_scales``: a float, or one per channel with per-channel weights) — the
+    only float multiply of the head. Returns the
     float head's structure (one list per output, one tensor per level).
     """
 
@@ -150,10 +151,7 @@ class IntegerHead(nn.Module):
             raise RuntimeError("The integer-only model is for inference: call .eval().")
         outs = self.forward_integer(features)
         # where the outputs leave the network: the per-output scale alpha_conv, applied once
-        return tuple(
-            [(q.to(torch.float64) * scale).to(torch.float32) for q in per_level]
-            for per_level, scale in zip(outs, self.output_scales)
-        )
+        return tuple([scale_output(q, scale) for q in per_level] for per_level, scale in zip(outs, self.output_scales))
 
 
 class IntReLU(nn.Module):

@@ -172,7 +172,7 @@ class IntConvUnit(nn.Module):
     accumulator's when there is no BN).
     """
 
-    def __init__(self, conv: IntConv, levels: List[IntLevel], *, acc_scale: float, out_scale: float, out_max_abs: int, name: str = ""):
+    def __init__(self, conv: IntConv, levels: List[IntLevel], *, acc_scale, out_scale, out_max_abs: int, name: str = ""):
         super().__init__()
         self.conv = conv
         self.levels = nn.ModuleList(levels)
@@ -189,7 +189,7 @@ class IntConvUnit(nn.Module):
         return acc
 
     def extra_repr(self):
-        return f"name={self.name!r}, acc_scale={self.acc_scale:.4g}, out_scale={self.out_scale:.4g}"
+        return f"name={self.name!r}, acc_scale={_format_scale(self.acc_scale)}, out_scale={_format_scale(self.out_scale)}"
 
 
 class IntAdd(nn.Module):
@@ -241,3 +241,17 @@ class IntQuantizeInput(nn.Module):
         eta = torch.round(x.to(torch.float64) / self.step + self.offset).clamp_(self.eta_min, self.eta_max)
         return (eta * self.m - self.q_offset).to(torch.int64)
 
+
+
+def _format_scale(scale) -> str:
+    if isinstance(scale, Tensor):
+        return f"per channel {float(scale.min()):.4g}..{float(scale.max()):.4g}"
+    return f"{scale:.4g}"
+
+
+def scale_output(q: Tensor, scale) -> Tensor:
+    """Integers ``q`` (NCHW) times their scale — a float, or one per channel (dim 1) — in
+    float64, returned as float32: where values leave the integer network."""
+    if isinstance(scale, Tensor):
+        scale = scale.to(device=q.device, dtype=torch.float64).view(1, -1, 1, 1)
+    return (q.to(torch.float64) * scale).to(torch.float32)
