@@ -171,24 +171,23 @@ class ConversionContext:
         self.num_quantizers = Counter()
         self.fp32_layers: List[str] = []
 
-    def quantizer(self, bits: int, *, signed: bool, output: bool = False) -> Quantizer:
-        """A new quantizer of the configured method. ``output=True`` for quantizers of layer
-        outputs, which a later op may modify in place (the output is then not saved)."""
-        q = QUANTIZERS.get(self.qcfg.method)(bits=bits, signed=signed)
+    def quantizer(self, bits: int, *, signed: bool, output: bool = False, channels: Optional[int] = None) -> Quantizer:
+        """A new quantizer of the configured method, per tensor or, given ``channels``, per
+        channel of dim 0. ``output=True`` for quantizers of layer outputs, which a later op may
+        modify in place (the output is then not saved)."""
+        granularity = {} if channels is None else {"granularity": "channel", "channels": channels}
+        q = QUANTIZERS.get(self.qcfg.method)(bits=bits, signed=signed, **granularity)
         q.save_output = not output
         q.step_init = self.qcfg.step_init
-        self.num_quantizers[(bits, "signed" if signed else "unsigned")] += 1
+        kind = ("signed" if signed else "unsigned") + ("" if channels is None else ", per channel")
+        self.num_quantizers[(bits, kind)] += 1
         return q
 
     def weight_quantizer(self, bits: int, *, channels: int) -> Quantizer:
         """The (signed) quantizer of a weight with ``channels`` output channels: per tensor or
         per output channel (``quant.weight_granularity``)."""
-        if self.qcfg.weight_granularity == "tensor":
-            return self.quantizer(bits, signed=True)
-        q = QUANTIZERS.get(self.qcfg.method)(bits=bits, signed=True, granularity="channel", channels=channels)
-        q.step_init = self.qcfg.step_init
-        self.num_quantizers[(bits, "signed, per channel")] += 1
-        return q
+        per_channel = self.qcfg.weight_granularity == "channel"
+        return self.quantizer(bits, signed=True, channels=channels if per_channel else None)
 
     def input_signed(self, name: str) -> bool:
         return name not in self._relu_fed
@@ -243,9 +242,9 @@ def _quant_module_class(module: nn.Module):
 
 def dense_head_levels(model: nn.Module) -> Dict[str, int]:
     """Name -> number of levels of the head of every detectron2 ``DenseDetector`` in ``model``
-    (``len(head_in_features)``). Checks every declared head against its declaration; a
-    detector's head with BN layers and no declaration is an error: quantized
-    as is, its BN would see every level in turn and its predictors would take the low bit width."""
+    (``len(head_in_features)``). Checks every declared head against its declaration. A
+    detector's head with BN layers and no declaration is an error: quantized as it is, its BN
+    would see every level in turn and its predictors would take the low bit width."""
     levels = {}
     for name, m in model.named_modules():
         spec = dense_head_spec(type(m))

@@ -46,7 +46,8 @@ class HQODLossMixin:
       ``loss_normalizer``, the EMA of the number of positives of RetinaNet and FCOS; a detector
       with another one overrides it). Eq. 9's 1/P.
 
-    The keyword arguments (``tcorr``, ``hiou``, ``sigma``, ``gamma``) come before ``X``'s; from a
+    The mixin takes ``tcorr``, ``hiou``, ``sigma``, ``gamma`` and passes the other keyword
+    arguments to ``X``; from a
     yacs config they are ``MODEL.HQOD.*`` (:func:`hqod_args_from_cfg`).
     """
 
