@@ -47,8 +47,7 @@ class HQODLossMixin:
       with another one overrides it). Eq. 9's 1/P.
 
     The mixin takes ``tcorr``, ``hiou``, ``sigma``, ``gamma`` and passes the other keyword
-    arguments to ``X``; from a
-    yacs config they are ``MODEL.HQOD.*`` (:func:`hqod_args_from_cfg`).
+    arguments to ``X``; from a yacs config they are ``MODEL.HQOD.*`` (:func:`hqod_args_from_cfg`).
     """
 
     @configurable
