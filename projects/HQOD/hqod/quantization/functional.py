@@ -269,6 +269,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def forward(ctx, x, param, kind, k, qmin, qmax, offset, grad_factor, rounded_mask, save_output):
         step, slope = _step_and_slope(param, kind, k)
         mask = out_saved = None
+        x = x.contiguous()  # the kernels walk memory linearly
         mode = kernel_for(x)
         if mode == "exact":
             out = _grid(x, _as_tensor(step, x), _consts(qmin, qmax, offset, x))
@@ -278,8 +279,11 @@ class _FakeQuantizeSTE(torch.autograd.Function):
                 x.data_ptr(), out.data_ptr(), x.numel(), step, qmin, qmax, offset, torch.get_num_threads()
             )
         elif mode == "fused":
-            # detach(): a plain tensor, not a view (guards on a view's base would recompile)
-            out = _run(_grid, x.detach(), _as_tensor(step, x), _consts(qmin, qmax, offset, x))
+            # flattened: one compiled kernel for every shape; written into a tensor of x's shape,
+            # as a view of the flat result would be an output in-place ops cannot modify
+            flat = _run(_grid, x.detach().reshape(-1), _as_tensor(step, x), _consts(qmin, qmax, offset, x))
+            out = torch.empty_like(x)
+            out.view(-1).copy_(flat)
             # "exact" (eager composite) only for the one call during which compiling failed
             mode = "exact" if _inductor_failed else "fused"
         else:
@@ -309,7 +313,10 @@ class _FakeQuantizeSTE(torch.autograd.Function):
             if mode == "exact":
                 grad_x, num = _grid_backward(grad, x, _as_tensor(step, x), c, rounded_mask)
             else:
-                grad_x, num = _run(_grid_backward, grad.detach(), x.detach(), _as_tensor(step, x), c, rounded_mask)
+                grad_x, num = _run(
+                    _grid_backward, grad.detach().reshape(-1), x.detach().reshape(-1), _as_tensor(step, x), c, rounded_mask
+                )
+                grad_x = grad_x.view(x.shape)
         else:
             if out is None:
                 out, _ = _aten_forward(x, step, qmin, qmax, offset, False)
@@ -320,7 +327,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
                 grad_x = torch.where((v >= qmin) & (v <= qmax), grad, torch.zeros_like(grad))
             else:
                 grad_x = _aten_masked_grad(grad, x, step, qmin, qmax, offset)
-            num = torch.dot(grad, out) - torch.dot(grad_x, x)
+            num = torch.dot(grad.reshape(-1), out.reshape(-1)) - torch.dot(grad_x.reshape(-1), x.reshape(-1))
         grad_param = None
         if ctx.needs_input_grad[1]:
             # dL/dp = sum(g * dx_hat/ds) * grad_factor * ds/dp, dx_hat/ds = (x_hat - x*inside)/s
@@ -390,13 +397,12 @@ def fake_quantize_param(
         raise ValueError(f"kind must be 'linear' or 'pow2'; got {kind!r}.")
     if param.numel() > 1:
         return _fake_quantize_per_channel(x, param, qmin, qmax, kind, k, offset, grad_factor, rounded_mask)
-    # The function works on the flattened tensor (one compiled kernel for every shape); the
-    # view back to x's shape is taken outside it, so that in-place ops on the output stay legal.
-    out = _FakeQuantizeSTE.apply(
-        x.reshape(-1), param, kind, float(k), int(qmin), int(qmax), float(offset),
+    # The output has x's shape and is not a view: an in-place op on it (a ReLU after a BN output
+    # quantizer) is then an ordinary in-place op, not autograd's costly view + in-place path.
+    return _FakeQuantizeSTE.apply(
+        x, param, kind, float(k), int(qmin), int(qmax), float(offset),
         float(grad_factor), bool(rounded_mask), bool(save_output),
     )
-    return out.view(x.shape)
 
 
 def fake_quantize_ste(
