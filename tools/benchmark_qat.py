@@ -87,7 +87,7 @@ LOOP_SHAPES = {
 PROFILE_ROWS = {
     "step (run_step)": [("engine/train_loop.py", "run_step")],
     "forward (losses included)": [("meta_arch/dense_detector.py", "forward"), ("meta_arch/retinanet.py", "forward")],
-    "  losses (RetinaNet + HQOD)": [("meta_arch/hqod_mixin.py", "losses")],
+    "  losses (RetinaNet's own)": [("meta_arch/retinanet.py", "losses")],
     "  HQOD terms (p, u, TCorr, HIoU)": [("hqod_mixin.py", "harmony_pairs"), ("hqod/losses.py", "hqod_losses")],
     "  quantizers (forward)": [("quantization/quantizers.py", "forward")],
     "  integer BN (forward)": [("quantization/integer_layers.py", "integer_batch_norm")],
