@@ -15,7 +15,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock
 
 from hqod.quantization import QUANTIZERS, calibrate, fake_quantize_param, quantize_model, quantizers_of
 
-from test_quantizers import TOL, int_range, make_input, ref_lq, ref_lsq, ref_tqt
+from test_quantizers import TOL, make_input, ref_lq, ref_lsq, ref_tqt
 
 STEPS = (0.0731, 0.21, 0.0093)  # one per channel
 

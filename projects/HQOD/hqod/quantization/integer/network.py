@@ -4,7 +4,6 @@ dense head (:class:`IntegerHead`) computed with the operations of :mod:`.ops`.
 """
 from typing import Dict, List, Optional
 
-import torch
 from torch import Tensor, nn
 
 from .ops import IntAdd, IntConvUnit, IntQuantizeInput, max_pool, relu, relu_, scale_output, upsample2
