@@ -26,7 +26,7 @@ from detectron2.modeling.backbone import Backbone, build_backbone
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
-from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from detectron2.modeling.meta_arch.fcos import FCOSHead
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
@@ -114,55 +114,23 @@ def atss_match(
 
 
 @dense_head(predictors={"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet", "ctrness": "bbox_subnet"})
-class ATSSHead(RetinaNetHead):
+class ATSSHead(FCOSHead):
     """
-    The ATSS head: :class:`RetinaNetHead` (``cls_subnet``, ``bbox_subnet``, ``cls_score``,
-    ``bbox_pred``) plus a centerness predictor ``ctrness`` on the box tower, like detectron2's
-    FCOS head. Its three final predictors are ``cls_score``, ``bbox_pred`` and ``ctrness``.
+    The ATSS head: detectron2's :class:`FCOSHead` (the :class:`RetinaNetHead` towers and
+    predictors, plus a centerness predictor ``ctrness`` on the box tower, one anchor per
+    location), also built from a yacs config (``MODEL.RETINANET.*``, as RetinaNetHead).
     """
 
     @configurable
-    def __init__(
-        self,
-        *,
-        input_shape: List[ShapeSpec],
-        num_classes: int,
-        conv_dims: List[int],
-        norm="",
-        prior_prob: float = 0.01,
-        num_anchors: int = 1,
-    ):
+    def __init__(self, *, input_shape: List[ShapeSpec], conv_dims: List[int], num_anchors: int = 1, **kwargs):
         """
         Args:
-            num_anchors (int): anchors per location (1 in ATSS).
+            num_anchors (int): must be 1 (ATSS predicts one anchor per location).
             Other arguments: see :class:`RetinaNetHead`.
         """
-        super().__init__(
-            input_shape=input_shape,
-            num_classes=num_classes,
-            num_anchors=num_anchors,
-            conv_dims=conv_dims,
-            norm=norm,
-            prior_prob=prior_prob,
-        )
-        self.ctrness = nn.Conv2d(conv_dims[-1], num_anchors, kernel_size=3, stride=1, padding=1)
-        nn.init.normal_(self.ctrness.weight, std=0.01)
-        nn.init.constant_(self.ctrness.bias, 0)
-
-    def forward(self, features: List[Tensor]):
-        """
-        Returns:
-            logits, bbox_reg, ctrness (list[Tensor]): #level tensors of shapes (N, A * K, Hi, Wi),
-            (N, A * 4, Hi, Wi) and (N, A, Hi, Wi).
-        """
-        assert len(features) == self._num_features
-        logits, bbox_reg, ctrness = [], [], []
-        for feature in features:
-            logits.append(self.cls_score(self.cls_subnet(feature)))
-            bbox_feature = self.bbox_subnet(feature)
-            bbox_reg.append(self.bbox_pred(bbox_feature))
-            ctrness.append(self.ctrness(bbox_feature))
-        return logits, bbox_reg, ctrness
+        if num_anchors != 1:
+            raise ValueError(f"ATSS predicts one anchor per location; got num_anchors={num_anchors}.")
+        super().__init__(input_shape=input_shape, conv_dims=conv_dims, **kwargs)
 
 
 def _reduce_mean(value: float, device) -> float:
