@@ -453,10 +453,11 @@ def synthetic_batches(n, size=96, seed=0, per_batch=2):
         ]
 
 
-@pytest.mark.parametrize("arch", ["fcos", "atss"])
-def test_integer_engine_fcos_atss_w2(arch):
+def calibrated_aqd(config, **quant):
+    """A detector (3 classes, width 32) with BN statistics from two float forwards, then
+    AQD-quantized with ``quant`` and calibrated, in eval mode."""
     torch.manual_seed(0)
-    cfg = LazyConfig.load(os.path.join(ROOT, f"configs/{arch}_r18_fp32.py"))
+    cfg = LazyConfig.load(os.path.join(ROOT, config))
     cfg.model.num_classes = 3
     cfg.model.backbone.out_channels = 32
     cfg.model.test_score_thresh = 0.0
@@ -465,9 +466,14 @@ def test_integer_engine_fcos_atss_w2(arch):
     with torch.no_grad(), EventStorage():
         for batch in synthetic_batches(2, seed=1):
             model(batch)
-    quantize_model(model, dict(AQD, weight_bits=2, act_bits=2))
+    quantize_model(model, dict(AQD, **quant))
     calibrate(model, synthetic_batches(1, seed=2), num_images=2)
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["fcos", "atss"])
+def test_integer_engine_fcos_atss_w2(arch):
+    model = calibrated_aqd(f"configs/{arch}_r18_fp32.py", weight_bits=2, act_bits=2)
     int_model = to_integer(model)
     report = compare_integer_model(model, int_model, synthetic_batches(1, seed=3))
     assert report.float64.max_step_diff < 1e-6 and report.float64.beyond_one_step == 0
@@ -478,19 +484,7 @@ def test_integer_engine_fcos_atss_w2(arch):
 def test_integer_engine_per_channel_weights():
     """RetinaNet AQD W4 with one weight step per output channel: the engine computes the
     float64 fake-quant model exactly, with per-channel accumulator and output scales."""
-    torch.manual_seed(0)
-    cfg = LazyConfig.load(os.path.join(ROOT, "configs/retina_r18_fp32.py"))
-    cfg.model.num_classes = 3
-    cfg.model.backbone.out_channels = 32
-    cfg.model.test_score_thresh = 0.0
-    model = instantiate(cfg.model)
-    model.train()
-    with torch.no_grad(), EventStorage():
-        for batch in synthetic_batches(2, seed=1):
-            model(batch)
-    quantize_model(model, dict(AQD, weight_granularity="channel"))
-    calibrate(model, synthetic_batches(1, seed=2), num_images=2)
-    model.eval()
+    model = calibrated_aqd("configs/retina_r18_fp32.py", weight_granularity="channel")
     int_model = to_integer(model)
     assert integer_summary(int_model)["fits_int32"]
     head = int_model.head
