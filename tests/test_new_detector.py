@@ -88,7 +88,7 @@ def test_new_detector_through_every_entry_point(tiny_digits, tmp_path):
     assert type(model) is HQODSharedTowerRetinaNet and model.hqod_enabled
     head = model.head
     assert isinstance(head, MultiLevelHead) and head.num_levels == 5 and head.float_type is SharedTowerHead
-    assert isinstance(head.tower[1], MultiLevelBatchNorm) and head.tower[1].integer_aware
+    assert isinstance(head.tower[1], MultiLevelBatchNorm) and head.tower[1].output_quant is not None
     assert head.cls_score.weight_quant.bits == head.bbox_pred.weight_quant.bits == 8  # the predictors
     assert head.tower[0].weight_quant.bits == 4 and not head.cls_score.input_quant.signed  # after the ReLU
 

@@ -52,7 +52,7 @@ from .modules import (
     QLinear,
     QuantizedModule,
     cached_quantized_weights,
-    link_block_inputs,
+    QResNet,
     set_integer_aware,
 )
 from .multilevel import (
@@ -118,7 +118,7 @@ __all__ = [
     "MultiLevelBatchNorm",
     "LevelSequential",
     "MultiLevelHead",
-    "link_block_inputs",
+    "QResNet",
     "set_integer_aware",
     # AQD integer arithmetic and the integer-only engine
     "shift_approx",

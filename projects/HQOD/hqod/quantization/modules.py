@@ -22,23 +22,27 @@ BN and add quantizers use ``quant.output_bits`` (default 8), conv inputs ``act_b
 Scope ``aqd`` is also integer-aware (AQD Eq. 4-8, :mod:`.integer_layers`): the fake-quant model
 computes what the integer-only engine (:mod:`hqod.quantization.integer`) computes.
 
-* A quantized conv's output is ``eta_conv * alpha_conv`` with ``alpha_conv = alpha_x * alpha_w``
-  (Eq. 4, :meth:`QConv2d.accumulator_step`); its bias is rounded to an integer in units of
-  ``alpha_conv`` and, without a BN, its output to the exact accumulator (straight-through).
-* The BN that follows it rounds its shift ``s``, in units of ``alpha_conv``, to an integer
-  (Eq. 5-6, straight-through, per channel) and computes ``(eta_conv + round(s)) * alpha_z``
-  exactly; ``alpha_z = alpha_conv * gamma / sigma`` is carried to its output quantizer. The conv hands ``alpha_conv`` to the BN
-  (``norm(x, acc_step=...)``; in the heads :class:`~.multilevel.LevelSequential` does).
+* A quantized conv computes ``eta_conv * alpha_conv`` with ``alpha_conv = alpha_x * alpha_w``
+  (Eq. 4): :meth:`QConv2d.accumulate` returns the accumulator and its step; the bias is
+  rounded to an integer in units of ``alpha_conv`` and, without a BN, the output to the exact
+  accumulator (straight-through).
+* The BN that follows it (its ``norm``; in the heads the next layer of the tower,
+  :class:`~.multilevel.LevelSequential`) is given both (``from_accumulator(x, alpha_conv)``):
+  it rounds its shift ``s``, in units of ``alpha_conv``, to an integer (Eq. 5-6,
+  straight-through, per channel) and computes ``(eta_conv + round(s)) * alpha_z`` exactly,
+  ``alpha_z = alpha_conv * gamma / sigma``, then its output quantizer.
 * A residual or FPN add aligns the scales of its two inputs with ``F(m, n) = c / 2^d``
   (Eq. 7-8): the integers of the input with the larger scale are multiplied by ``c / 2^d``.
   The scales are those of the quantizers whose grids the inputs lie on: the BN output
   quantizers of the branches, and for an identity shortcut the quantizer of the block's input
-  (the previous block's add, or the stem's BN; linked by :func:`link_block_inputs`).
+  (the previous block's add, or the stem's BN), which :class:`QResNet` hands to each block
+  (:meth:`QResNet.block_inputs`).
 
 With fake quantization off (calibration, FP32 checks) all of this is off: the float layers.
 """
 import contextlib
 import functools
+import itertools
 from typing import Iterable, Optional
 
 import torch
@@ -72,7 +76,7 @@ __all__ = [
     "QFPN",
     "cached_quantized_weights",
     "find_quant_module_class",
-    "link_block_inputs",
+    "QResNet",
     "add_alignment",
     "set_integer_aware",
 ]
@@ -186,9 +190,6 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
     float_types = (nn.Conv2d, Conv2d)
     # scope "aqd": integer bias and integer BN (AQD Eq. 4-6); set by from_float
     integer_aware = False
-    # integer-aware without a norm: the output is the exact int32 accumulator times its step
-    # (False where a multi-level BN that does it itself follows)
-    round_output = True
 
     @classmethod
     def from_float(cls, module, *, name, ctx):
@@ -214,20 +215,26 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
             return None
         return iq.integer_grid().scale * wq.integer_grid().scale
 
-    def forward(self, x):
+    def accumulate(self, x):
+        """The conv of the quantized input and weight: ``(eta_conv * alpha_conv, alpha_conv)``
+        when integer-aware (Eq. 4; the bias an integer in units of ``alpha_conv``), else
+        ``(conv output, None)``. Norm and activation are not applied."""
         x = self.input_quant(x)
         weight = self.quantized_weight()
         acc_step = self.accumulator_step() if self.integer_aware else None
         bias = self.bias
         if acc_step is not None and bias is not None:
             bias = integer_bias(bias, acc_step)  # an int32 bias in units of alpha_conv
-        x = self._conv_forward(x, weight, bias)
+        return self._conv_forward(x, weight, bias), acc_step
+
+    def forward(self, x):
+        x, acc_step = self.accumulate(x)
         if self.norm is not None:
-            if acc_step is not None and getattr(self.norm, "integer_aware", False):
-                x = self.norm(x, acc_step=acc_step)  # Eq. 5-6
+            if acc_step is not None and isinstance(self.norm, _OutputQuantBN):
+                x = self.norm.from_accumulator(x, acc_step)  # Eq. 5-6
             else:
                 x = self.norm(x)
-        elif acc_step is not None and self.round_output:
+        elif acc_step is not None:
             x = round_to_grid(x, acc_step)  # eta_conv * alpha_conv, exactly (Eq. 4)
         if self.activation is not None:
             x = self.activation(x)
@@ -261,24 +268,23 @@ class QLinear(_WeightQuantMixin, nn.Linear, QuantizedModule):
 
 class _OutputQuantBN(_AQDOutputModule):
     """
-    BN whose (signed) output is fake-quantized — scope ``aqd`` only. Integer-aware: called by
-    its conv with ``acc_step = alpha_conv``, it computes AQD Eq. 6, ``(eta_conv + round(s)) *
-    alpha_z``, with a straight-through rounding of the shift ``s`` (per channel); called
-    without, it is the float BN.
+    BN whose (signed) output is fake-quantized — scope ``aqd`` only. :meth:`forward` is the
+    float BN; :meth:`from_accumulator` is AQD's integer BN on the output of an integer-aware
+    conv (its conv calls it with the accumulator step it computed).
     """
-
-    integer_aware = True
 
     @classmethod
     def _add_output_quantizers(cls, module, new_quantizer):
         module.output_quant = new_quantizer()
 
-    def forward(self, x, acc_step: Optional[float] = None):
-        if acc_step is not None:
-            x = integer_batch_norm(self, x, acc_step, super().forward)
-        else:
-            x = super().forward(x)
-        return self.output_quant(x)
+    def forward(self, x):
+        return self.output_quant(super().forward(x))
+
+    def from_accumulator(self, x, acc_step):
+        """AQD Eq. 6 on ``x = eta_conv * alpha_conv`` with ``acc_step = alpha_conv``:
+        ``(eta_conv + round(s)) * alpha_z``, the shift ``s`` rounded straight-through per
+        channel, then the output quantizer."""
+        return self.output_quant(integer_batch_norm(self, x, acc_step, super().forward))
 
 
 @QUANT_MODULES.register()
@@ -321,27 +327,6 @@ def _cached_align_add(alpha1, alpha2, max_abs1, max_abs2):
     return align_add(alpha1, alpha2, max_abs1, max_abs2)
 
 
-def link_block_inputs(model: nn.Module) -> int:
-    """
-    Tell every quantized ResNet block of ``model`` which quantizer's grid its input lies on
-    (the stem's BN output quantizer, then each block's add quantizer): the identity shortcut's
-    scale in Eq. 7. A plain attribute, not a child (no state-dict key). Returns the number of
-    blocks linked.
-    """
-    linked = 0
-    for resnet in (m for m in model.modules() if isinstance(m, ResNet)):
-        prev = _output_quantizer(getattr(resnet.stem, "conv1", None))
-        for stage in resnet.stages:
-            for block in stage:
-                if isinstance(block, _QuantAddBlock):
-                    object.__setattr__(block, "input_grid_quant", prev)
-                    prev = block.add_quant
-                    linked += 1
-                else:
-                    prev = None
-    return linked
-
-
 def set_integer_aware(model: nn.Module, enabled: bool = True) -> nn.Module:
     """
     Turn the integer-aware arithmetic of scope ``"aqd"`` (AQD Eq. 4-7: integer conv biases and
@@ -349,12 +334,8 @@ def set_integer_aware(model: nn.Module, enabled: bool = True) -> nn.Module:
     plain fake-quant simulation (float BN, float biases and sums, outputs still quantized), for
     ablations and benchmarks. Models of scope ``aqd`` are built with it on.
     """
-    from .multilevel import MultiLevelBatchNorm
-
     for m in model.modules():
         if isinstance(m, (QConv2d, _QuantAddBlock, QFPN)):
-            m.integer_aware = bool(enabled)
-        elif isinstance(m, MultiLevelBatchNorm) and m.output_quant is not None:
             m.integer_aware = bool(enabled)
     return model
 
@@ -366,21 +347,25 @@ class _QuantAddBlock(_AQDOutputModule):
     are converted as children.
     """
 
-    input_grid_quant = None  # the quantizer producing the block's input (link_block_inputs)
     integer_aware = True  # Eq. 7 alignment (False: the plain float sum, set_integer_aware)
 
     @classmethod
     def _add_output_quantizers(cls, module, new_quantizer):
         module.add_quant = new_quantizer()
 
-    def shortcut_quantizer(self):
+    def shortcut_quantizer(self, input_quant):
+        """The quantizer whose grid the shortcut's output lies on: the shortcut conv's BN output
+        quantizer, or for an identity shortcut ``input_quant``, that of the block's input."""
         if self.shortcut is not None:
             return _output_quantizer(self.shortcut)
-        return self.input_grid_quant
+        return input_quant
 
-    def _residual(self, x, out, last_conv):
+    def _residual(self, x, out, last_conv, input_quant):
         shortcut = self.shortcut(x) if self.shortcut is not None else x
-        alignment = add_alignment(_output_quantizer(last_conv), self.shortcut_quantizer()) if self.integer_aware else None
+        alignment = (
+            add_alignment(_output_quantizer(last_conv), self.shortcut_quantizer(input_quant))
+            if self.integer_aware else None
+        )
         return F.relu(self.add_quant(aligned_add(out, shortcut, alignment)))
 
 
@@ -388,19 +373,62 @@ class _QuantAddBlock(_AQDOutputModule):
 class QBasicBlock(_QuantAddBlock, BasicBlock):
     float_types = (BasicBlock,)
 
-    def forward(self, x):
+    def forward(self, x, input_quant=None):
         out = F.relu_(self.conv1(x))
-        return self._residual(x, self.conv2(out), self.conv2)
+        return self._residual(x, self.conv2(out), self.conv2, input_quant)
 
 
 @QUANT_MODULES.register()
 class QBottleneckBlock(_QuantAddBlock, BottleneckBlock):
     float_types = (BottleneckBlock,)
 
-    def forward(self, x):
+    def forward(self, x, input_quant=None):
         out = F.relu_(self.conv1(x))
         out = F.relu_(self.conv2(out))
-        return self._residual(x, self.conv3(out), self.conv3)
+        return self._residual(x, self.conv3(out), self.conv3, input_quant)
+
+
+@QUANT_MODULES.register()
+class QResNet(ResNet, QuantizedModule):
+    """
+    detectron2's ResNet (scope ``aqd``) whose forward hands each quantized residual block the
+    quantizer whose grid the block's input lies on (:meth:`block_inputs`): the scale of an
+    identity shortcut in Eq. 7. Otherwise ``ResNet.forward`` of detectron2 v0.6 (unchanged in
+    later versions).
+    """
+
+    float_types = (ResNet,)
+
+    @classmethod
+    def from_float(cls, module, *, name, ctx):
+        return cls._reclass(module) if ctx.scope == "aqd" else None
+
+    def block_inputs(self):
+        """``(block, input quantizer)`` for every block in order: the quantizer of the stem's BN
+        output, then of each quantized block's add (None after a block that is not one)."""
+        prev = _output_quantizer(getattr(self.stem, "conv1", None))
+        for stage in self.stages:
+            for block in stage:
+                yield block, prev
+                prev = block.add_quant if isinstance(block, _QuantAddBlock) else None
+
+    def forward(self, x):
+        assert x.dim() == 4, f"ResNet takes an input of shape (N, C, H, W). Got {x.shape} instead!"
+        outputs = {}
+        x = self.stem(x)
+        if "stem" in self._out_features:
+            outputs["stem"] = x
+        blocks = self.block_inputs()
+        for name, stage in zip(self.stage_names, self.stages):
+            for block, input_quant in itertools.islice(blocks, len(stage)):
+                x = block(x, input_quant) if isinstance(block, _QuantAddBlock) else block(x)
+            if name in self._out_features:
+                outputs[name] = x
+        if self.num_classes is not None:
+            x = self.linear(torch.flatten(self.avgpool(x), 1))
+            if "linear" in self._out_features:
+                outputs["linear"] = x
+        return outputs
 
 
 @QUANT_MODULES.register()

@@ -32,7 +32,6 @@ __all__ = [
     "MultiLevelBatchNorm",
     "LevelSequential",
     "MultiLevelHead",
-    "link_tower_convs",
 ]
 
 _BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -52,14 +51,13 @@ class MultiLevelBatchNorm(nn.Module, QuantizedModule):
     ``CycleBatchNormList``), selected by the ``level`` argument of :meth:`forward`.
     ``output_quant`` (scope ``aqd``) fake-quantizes the output, shared over levels.
 
-    Scope ``aqd`` (``integer_aware``): given the accumulator step of the conv before it
-    (``acc_step``, handed over by :class:`LevelSequential`), each level's BN is AQD's integer BN
-    (Eq. 5-6: shift rounded in units of ``alpha_conv``, straight-through, per channel and level),
-    as :class:`~.modules.QBatchNorm2d`.
+    Scope ``aqd``: :meth:`from_accumulator` is AQD's integer BN on the output of the
+    integer-aware conv before it (Eq. 5-6: shift rounded in units of ``alpha_conv``,
+    straight-through, per channel and level), as :class:`~.modules.QBatchNorm2d`;
+    :class:`LevelSequential` calls it.
     """
 
     convert_children = False
-    integer_aware = False
 
     def __init__(self, num_levels: int, num_features: int, *, eps=1e-5, momentum=0.1, bn_class=None):
         super().__init__()
@@ -104,20 +102,25 @@ class MultiLevelBatchNorm(nn.Module, QuantizedModule):
                     bn.bias.copy_(bias)
         return new.to(ref.running_mean.device if ref.running_mean is not None else "cpu")
 
-    def forward(self, x, level: Optional[int] = None, acc_step: Optional[float] = None):
+    def _level(self, level: Optional[int]) -> nn.Module:
         if level is None:
             raise ValueError(
                 "MultiLevelBatchNorm needs the FPN level: call forward(x, level) (the quantized "
                 "head's forward_level does)."
             )
-        bn = self._modules[str(level)]
-        if acc_step is not None and self.integer_aware:
-            x = integer_batch_norm(bn, x, acc_step, bn.forward)
-        else:
-            x = bn(x)
-        if self.output_quant is not None:
-            x = self.output_quant(x)
-        return x
+        return self._modules[str(level)]
+
+    def _quantize_output(self, x):
+        return x if self.output_quant is None else self.output_quant(x)
+
+    def forward(self, x, level: Optional[int] = None):
+        return self._quantize_output(self._level(level)(x))
+
+    def from_accumulator(self, x, acc_step, level: int):
+        """Eq. 6 with this level's BN on ``x = eta_conv * alpha_conv`` (``acc_step =
+        alpha_conv``), then the output quantizer."""
+        bn = self._level(level)
+        return self._quantize_output(integer_batch_norm(bn, x, acc_step, bn.forward))
 
     @staticmethod
     def expand_state_dict(state_dict: Dict[str, torch.Tensor], prefix: str, num_levels: int):
@@ -145,31 +148,30 @@ class MultiLevelBatchNorm(nn.Module, QuantizedModule):
         return f"num_levels={self.num_levels} (indexed by level)"
 
 
-def link_tower_convs(model: nn.Module) -> int:
-    """Integer-aware tower convs followed by an integer-aware multi-level BN leave the rounding
-    of their output to the exact accumulator to that BN (it does it). Returns how many."""
-    n = 0
-    for tower in (m for m in model.modules() if isinstance(m, LevelSequential)):
-        layers = list(tower)
-        for conv, nxt in zip(layers, layers[1:]):
-            if isinstance(conv, QConv2d) and isinstance(nxt, MultiLevelBatchNorm) and nxt.integer_aware:
-                conv.round_output = False
-                n += 1
-    return n
+def _integer_bn_pair(layer: nn.Module, nxt: Optional[nn.Module]) -> bool:
+    """A bare quantized conv followed by a multi-level BN with an output quantizer: under scope
+    ``aqd`` the BN computes Eq. 6 from the conv's accumulator."""
+    return (
+        isinstance(layer, QConv2d) and layer.norm is None and layer.activation is None
+        and isinstance(nxt, MultiLevelBatchNorm) and nxt.output_quant is not None
+    )
 
 
 class LevelSequential(nn.Sequential):
-    """A head tower: ``forward(x, level)`` passes ``level`` to its multi-level BNs, and the
-    accumulator step of the quantized conv just before each one (integer BN, scope ``aqd``)."""
+    """A head tower: ``forward(x, level)`` passes ``level`` to its multi-level BNs; a quantized
+    conv followed by one hands it its accumulator and step (integer BN, scope ``aqd``)."""
 
     def forward(self, x, level: int):
+        layers = list(self)
         acc_step = None
-        for layer in self:
+        for layer, nxt in zip(layers, layers[1:] + [None]):
             if isinstance(layer, MultiLevelBatchNorm):
-                x = layer(x, level, acc_step=acc_step)
+                x = layer(x, level) if acc_step is None else layer.from_accumulator(x, acc_step, level)
+                acc_step = None
+            elif _integer_bn_pair(layer, nxt):
+                x, acc_step = layer.accumulate(x)  # not rounded: the BN takes the accumulator
             else:
                 x = layer(x)
-            acc_step = layer.accumulator_step() if isinstance(layer, QConv2d) and layer.integer_aware else None
         return x
 
 
@@ -210,7 +212,6 @@ class MultiLevelHead(nn.Module, QuantizedModule):
                     bits = ctx.aqd_output_bits(f"{name}.{tower_name}.{idx}")
                     if bits is not None:
                         layer.output_quant = ctx.quantizer(bits, signed=True, output=True)
-                        layer.integer_aware = True
                 layers.append((idx, layer))
             children[tower_name] = LevelSequential(OrderedDict(layers))
         return cls(spec, num_levels, children, type(module))

@@ -22,8 +22,8 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from hqod.modeling.dense_head import DenseHeadSpec, check_dense_head, dense_head_spec, head_norms
 
 from .config import QuantConfig
-from .modules import QuantizedModule, find_quant_module_class, link_block_inputs
-from .multilevel import MultiLevelHead, link_tower_convs
+from .modules import QuantizedModule, find_quant_module_class
+from .multilevel import MultiLevelHead
 from .quantizers import QUANTIZERS, Quantizer
 
 __all__ = ["quantize_model", "register_relu_input_rule", "relu_fed_layers", "quantizers_of"]
@@ -352,9 +352,6 @@ def quantize_model(model: nn.Module, cfg_quant) -> nn.Module:
         if new is not None and new is not model:
             raise TypeError(f"quantize_model cannot replace the root module {type(model).__name__}.")
     _convert(model, "", ctx, converted)
-    if qcfg.scope == "aqd":
-        link_block_inputs(model)  # identity shortcuts: the scale of the block input (Eq. 7)
-        link_tower_convs(model)  # the head's integer BN rounds its conv's accumulator
     param = next(model.parameters(), None)
     if param is not None:  # new quantizers live where the model does
         for q in quantizers_of(model).values():

@@ -4,6 +4,7 @@ the checks that it is convertible, the export of every quantized conv with its B
 requantizations, of the adds, the backbone and the head, and :func:`integer_summary`.
 """
 import copy
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicStem
 
 from ..integer_layers import INT32_MAX, IntegerGrid, integer_bias_value, integer_bn_params
-from ..modules import QBottleneckBlock, QConv2d, QFPN, QuantizedModule, _OutputQuantBN, _QuantAddBlock, add_alignment
+from ..modules import QBottleneckBlock, QConv2d, QFPN, QResNet, QuantizedModule, _OutputQuantBN, _QuantAddBlock, add_alignment
 from ..multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead
 from ..quantizers import Quantizer
 from .network import IntBlock, IntegerBackbone, IntegerHead, IntReLU, IntStem, IntTopBlock
@@ -196,7 +197,7 @@ def _unit_val(unit: IntConvUnit) -> _Val:
     return _Val(unit.out_scale, unit.out_max_abs)
 
 
-def _export_block(ex: _Exporter, block, src: _Val, name: str) -> IntBlock:
+def _export_block(ex: _Exporter, block, input_quant, src: _Val, name: str) -> IntBlock:
     if not isinstance(block, _QuantAddBlock):
         raise _refuse("not fully quantized", f"{name} is a float {type(block).__name__}")
     if not block.integer_aware:
@@ -212,7 +213,7 @@ def _export_block(ex: _Exporter, block, src: _Val, name: str) -> IntBlock:
         shortcut = ex.conv_unit(block.shortcut, [src], None, f"{name}.shortcut")
         sc_quant = block.shortcut.output_quantizer()
     else:
-        shortcut, sc_quant = None, block.input_grid_quant
+        shortcut, sc_quant = None, block.shortcut_quantizer(input_quant)
         if sc_quant is None:
             raise _refuse("not fully quantized", f"{name}: the identity shortcut's grid is unknown")
     add, _ = ex.add(last.output_quantizer(), sc_quant, block.add_quant, f"{name}.add")
@@ -223,6 +224,8 @@ def _export_backbone(ex: _Exporter, fpn: FPN) -> IntegerBackbone:
     resnet = fpn.bottom_up
     if not isinstance(resnet, ResNet) or not isinstance(resnet.stem, BasicStem):
         raise _refuse("not convertible", f"the engine supports detectron2 ResNet backbones, not {type(resnet).__name__}")
+    if not isinstance(resnet, QResNet):
+        raise _refuse("not fully quantized", "the ResNet was not quantized under scope 'aqd'")
     if not fpn.integer_aware:
         raise _refuse("not integer-aware", "the FPN adds in float (set_integer_aware(model, True))")
     if fpn._fuse_type != "sum":
@@ -233,10 +236,11 @@ def _export_backbone(ex: _Exporter, fpn: FPN) -> IntegerBackbone:
     stem_unit = ex.conv_unit(stem_conv, [_Val(entry_grid.scale, entry_grid.max_abs)], None, "backbone.bottom_up.stem.conv1")
     val = _unit_val(stem_unit)
     stages, bottom_vals = [], {}
+    block_inputs = resnet.block_inputs()
     for sname, stage in zip(resnet.stage_names, resnet.stages):
         blocks = []
-        for i, block in enumerate(stage):
-            blocks.append(_export_block(ex, block, val, f"backbone.bottom_up.{sname}.{i}"))
+        for i, (block, input_quant) in enumerate(itertools.islice(block_inputs, len(stage))):
+            blocks.append(_export_block(ex, block, input_quant, val, f"backbone.bottom_up.{sname}.{i}"))
             val = _grid_val(block.add_quant)
         stages.append(nn.Sequential(*blocks))
         bottom_vals[sname] = val
@@ -302,7 +306,7 @@ def _export_head(ex: _Exporter, head: MultiLevelHead, feature_vals: List[_Val]) 
                 nxt = layers[i + 1] if i + 1 < len(layers) else None
                 bns = None
                 if isinstance(nxt, MultiLevelBatchNorm):
-                    if not (nxt.integer_aware and nxt.output_quant is not None):
+                    if nxt.output_quant is None:
                         raise _refuse("not fully quantized", f"head.{tname}.{i + 1}: multi-level BN without output quantizer")
                     bns = [_BNView(bn, nxt.output_quant) for bn in nxt.levels]
                     i += 1
