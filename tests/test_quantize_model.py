@@ -105,6 +105,28 @@ def flat(outputs):
 
 
 # ------------------------------------------------------------------------------------------
+def test_quantized_layers_are_built_from_the_float_ones(fp32_models):
+    """from_float constructs new layers holding the float layers' parameters (the same objects,
+    the same state-dict keys); the float layers are left as they were, and the lists where a
+    parent also keeps its children (detectron2's FPN.lateral_convs) hold the new layers."""
+    model = copy.deepcopy(fp32_models["retina"])
+    fpn, keys = model.backbone, {k for k in model.state_dict() if k.startswith("backbone.")}
+    float_lateral, float_block = fpn.lateral_convs[0], fpn.bottom_up.res2[0]
+    weight = float_lateral.weight
+    rng = torch.get_rng_state()
+    quantize_model(model, {"method": "lq", "scope": "aqd"})
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing was randomly initialized
+    lateral = model.backbone.lateral_convs[0]
+    assert type(model.backbone).__name__ == "QFPN" and type(fpn).__name__ == "FPN"
+    assert type(lateral).__name__ == "QConv2d" and lateral is model.backbone.fpn_lateral5
+    assert fpn.lateral_convs[0] is float_lateral
+    assert lateral.weight is weight and set(model.state_dict()) >= keys
+    assert type(float_lateral).__name__ == "Conv2d" and not hasattr(float_lateral, "weight_quant")
+    assert type(float_block).__name__ == "BasicBlock" and type(float_block.conv1).__name__ == "Conv2d"
+    assert [type(m).__name__ for m in model.backbone.output_convs] == ["QConv2d"] * 3
+
+
+# ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["retina", "fcos", "atss"])
 def test_every_conv_quantized_first_last_8bit(fp32_models, arch):
     fp32 = fp32_models[arch]
@@ -509,7 +531,7 @@ def test_step_init_reaches_every_quantizer_and_is_checked():
 
     for given, expected in (({}, "mse"), ({"step_init": "paper"}, "paper")):
         block = BasicBlock(8, 8, norm="BN")
-        quantize_model(block, {"scope": "aqd", "method": "lq", **given})
+        block = quantize_model(block, {"scope": "aqd", "method": "lq", **given})
         inits = [m.step_init for m in block.modules() if isinstance(m, Quantizer)]
         assert len(inits) == 7 and set(inits) == {expected}  # 2 weights, 2 inputs, 2 BN outputs, 1 add
     with pytest.raises(ValueError, match=r"quant.step_init must be one of \['mse', 'paper'\]; got 'minmax'"):

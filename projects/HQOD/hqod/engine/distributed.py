@@ -25,6 +25,7 @@ from detectron2.utils import comm
 
 from hqod.quantization.modules import QUANT_MODULES, QBatchNorm2d, QNaiveSyncBatchNorm, QSyncBatchNorm
 from hqod.quantization.modules import _OutputQuantBN
+from hqod.utils import rebuild_as, replace_child
 
 __all__ = ["SyncBatchNormCPU", "QSyncBatchNormCPU", "convert_sync_batchnorm", "sync_loss_normalizers"]
 
@@ -105,26 +106,28 @@ def _sync_class(module: nn.Module, cuda: bool):
 
 def convert_sync_batchnorm(model: nn.Module, cuda: bool = None) -> int:
     """
-    In place: re-class every ``BatchNorm2d`` (plain, quantized, or detectron2's
-    NaiveSyncBatchNorm) of ``model`` to synchronized BN; parameters, buffers and state-dict keys
-    stay the same objects and names, so checkpoints load either way. ``cuda`` (default: whether
-    the model's parameters are on a GPU) picks PyTorch's SyncBatchNorm or
-    :class:`SyncBatchNormCPU`. Returns the number of converted modules.
+    Replace every ``BatchNorm2d`` (plain, quantized, or detectron2's NaiveSyncBatchNorm) of
+    ``model`` by synchronized BN holding the same parameters and buffers
+    (:func:`hqod.utils.rebuild_as`): state-dict keys are unchanged, so checkpoints load either
+    way. ``cuda`` (default: whether the model's parameters are on a GPU) picks PyTorch's
+    SyncBatchNorm or :class:`SyncBatchNormCPU`. Returns the number of replaced modules.
     """
     if cuda is None:
         p = next(model.parameters(), None)
         cuda = p is not None and p.device.type == "cuda"
     n = 0
-    for m in model.modules():
-        new = _sync_class(m, cuda)
-        if new is None:
-            continue
-        m.__class__ = new
-        if issubclass(new, NaiveSyncBatchNorm) and not hasattr(m, "_stats_mode"):
-            m._stats_mode = ""
-        if issubclass(new, nn.SyncBatchNorm) and not hasattr(m, "process_group"):
-            m.process_group = None
-        n += 1
+    for parent in list(model.modules()):
+        for name, m in list(parent.named_children()):
+            new_cls = _sync_class(m, cuda)
+            if new_cls is None:
+                continue
+            new = rebuild_as(new_cls, m)
+            if isinstance(new, NaiveSyncBatchNorm) and not hasattr(new, "_stats_mode"):
+                new._stats_mode = ""
+            if isinstance(new, nn.SyncBatchNorm) and not hasattr(new, "process_group"):
+                new.process_group = None
+            replace_child(parent, name, new)
+            n += 1
     return n
 
 

@@ -2,10 +2,11 @@
 Quantized layers, registered in ``QUANT_MODULES``.
 
 A registered class is a subclass of the float layer it replaces plus :class:`QuantizedModule`;
-it names the float types it converts (``float_types``, exact types) and converts one module in
-place with ``from_float(module, name=..., ctx=...)``: the module is re-classed and gets quantizer
-children, its parameters, buffers and children stay the same objects. FP32 state-dict keys are
-therefore unchanged; the quantizers add keys of their own (``*.weight_quant.*``,
+it names the float types it converts (``float_types``, exact types), and
+``from_float(module, name=..., ctx=...)`` constructs the quantized layer from the float one and
+its new quantizers (``__init__(float_module, *, <quantizers>)``): the new layer holds the float
+layer's parameters, buffers and children, the same objects under the same names
+(:func:`hqod.utils.adopt_state`), so FP32 state-dict keys are unchanged; the quantizers add keys of their own (``*.weight_quant.*``,
 ``*.input_quant.*``, ``*.output_quant.*``, ``*.add_quant.*``, ``*.fuse_quants.*``).
 ``from_float`` returns None to leave the module as it is (another scope, or a layer kept FP32).
 
@@ -53,6 +54,8 @@ from torch import nn
 from detectron2.layers import Conv2d, NaiveSyncBatchNorm
 from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
+
+from hqod.utils import adopt_state
 
 from .integer_layers import (
     AddAlignment,
@@ -116,27 +119,22 @@ class QuantizedModule:
     def from_float(cls, module: nn.Module, *, name: str, ctx) -> Optional[nn.Module]:
         raise NotImplementedError
 
-    @classmethod
-    def _reclass(cls, module: nn.Module) -> nn.Module:
-        module.__class__ = cls
-        return module
-
 
 class _AQDOutputModule(QuantizedModule):
     """A layer converted under scope ``aqd`` only, whose outputs get quantizers of
-    ``output_bits`` (:meth:`_add_output_quantizers`); left as it is otherwise."""
+    ``output_bits``: ``cls(module, **output_quantizers(module, new_quantizer))``; left as it is
+    otherwise."""
 
     @classmethod
     def from_float(cls, module, *, name, ctx):
         bits = ctx.aqd_output_bits(name)
         if bits is None:
             return None
-        cls._reclass(module)
-        cls._add_output_quantizers(module, lambda: ctx.quantizer(bits, signed=True, output=True))
-        return module
+        return cls(module, **cls.output_quantizers(module, lambda: ctx.quantizer(bits, signed=True, output=True)))
 
     @classmethod
-    def _add_output_quantizers(cls, module: nn.Module, new_quantizer) -> None:
+    def output_quantizers(cls, module: nn.Module, new_quantizer) -> dict:
+        """The keyword arguments of ``__init__`` holding the new output quantizers."""
         raise NotImplementedError
 
 
@@ -188,8 +186,15 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
     """
 
     float_types = (nn.Conv2d, Conv2d)
-    # scope "aqd": integer bias and integer BN (AQD Eq. 4-6); set by from_float
-    integer_aware = False
+    def __init__(self, conv: nn.Conv2d, *, weight_quant, input_quant, integer_aware: bool = False):
+        """``conv`` with the given quantizers; ``integer_aware`` (scope ``aqd``): integer bias
+        and integer BN (AQD Eq. 4-6)."""
+        adopt_state(self, conv)
+        if not isinstance(conv, Conv2d):  # torch's conv: detectron2's norm and activation unset
+            self.norm, self.activation = None, None
+        self._init_weight_quant(weight_quant)
+        self.input_quant = input_quant
+        self.integer_aware = integer_aware
 
     @classmethod
     def from_float(cls, module, *, name, ctx):
@@ -197,14 +202,12 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
         if bits is None:
             return None
         weight_bits, act_bits = bits
-        had_norm = isinstance(module, Conv2d)
-        cls._reclass(module)
-        if not had_norm:
-            module.norm, module.activation = None, None
-        module._init_weight_quant(ctx.weight_quantizer(weight_bits, channels=module.out_channels))
-        module.input_quant = ctx.quantizer(act_bits, signed=ctx.input_signed(name))
-        module.integer_aware = ctx.scope == "aqd"
-        return module
+        return cls(
+            module,
+            weight_quant=ctx.weight_quantizer(weight_bits, channels=module.out_channels),
+            input_quant=ctx.quantizer(act_bits, signed=ctx.input_signed(name)),
+            integer_aware=ctx.scope == "aqd",
+        )
 
     def accumulator_step(self):
         """``alpha_conv = alpha_x * alpha_w`` (AQD Eq. 4): the value of one unit of the integer
@@ -252,15 +255,21 @@ class QLinear(_WeightQuantMixin, nn.Linear, QuantizedModule):
 
     float_types = (nn.Linear,)
 
+    def __init__(self, linear: nn.Linear, *, weight_quant, input_quant):
+        adopt_state(self, linear)
+        self._init_weight_quant(weight_quant)
+        self.input_quant = input_quant
+
     @classmethod
     def from_float(cls, module, *, name, ctx):
         bits = ctx.layer_bits(name)
         if bits is None:
             return None
-        cls._reclass(module)
-        module._init_weight_quant(ctx.weight_quantizer(bits[0], channels=module.out_features))
-        module.input_quant = ctx.quantizer(bits[1], signed=ctx.input_signed(name))
-        return module
+        return cls(
+            module,
+            weight_quant=ctx.weight_quantizer(bits[0], channels=module.out_features),
+            input_quant=ctx.quantizer(bits[1], signed=ctx.input_signed(name)),
+        )
 
     def forward(self, x):
         return F.linear(self.input_quant(x), self.quantized_weight(), self.bias)
@@ -273,9 +282,13 @@ class _OutputQuantBN(_AQDOutputModule):
     conv (its conv calls it with the accumulator step it computed).
     """
 
+    def __init__(self, bn: nn.Module, *, output_quant):
+        adopt_state(self, bn)
+        self.output_quant = output_quant
+
     @classmethod
-    def _add_output_quantizers(cls, module, new_quantizer):
-        module.output_quant = new_quantizer()
+    def output_quantizers(cls, module, new_quantizer):
+        return {"output_quant": new_quantizer()}
 
     def forward(self, x):
         return self.output_quant(super().forward(x))
@@ -349,9 +362,13 @@ class _QuantAddBlock(_AQDOutputModule):
 
     integer_aware = True  # Eq. 7 alignment (False: the plain float sum, set_integer_aware)
 
+    def __init__(self, block: nn.Module, *, add_quant):
+        adopt_state(self, block)
+        self.add_quant = add_quant
+
     @classmethod
-    def _add_output_quantizers(cls, module, new_quantizer):
-        module.add_quant = new_quantizer()
+    def output_quantizers(cls, module, new_quantizer):
+        return {"add_quant": new_quantizer()}
 
     def shortcut_quantizer(self, input_quant):
         """The quantizer whose grid the shortcut's output lies on: the shortcut conv's BN output
@@ -399,9 +416,12 @@ class QResNet(ResNet, QuantizedModule):
 
     float_types = (ResNet,)
 
+    def __init__(self, resnet: ResNet):
+        adopt_state(self, resnet)
+
     @classmethod
     def from_float(cls, module, *, name, ctx):
-        return cls._reclass(module) if ctx.scope == "aqd" else None
+        return cls(module) if ctx.scope == "aqd" else None
 
     def block_inputs(self):
         """``(block, input quantizer)`` for every block in order: the quantizer of the stem's BN
@@ -440,9 +460,13 @@ class QFPN(FPN, _AQDOutputModule):
     float_types = (FPN,)
     integer_aware = True  # Eq. 7 alignment of the top-down adds (set_integer_aware)
 
+    def __init__(self, fpn: FPN, *, fuse_quants: nn.ModuleList):
+        adopt_state(self, fpn)
+        self.fuse_quants = fuse_quants
+
     @classmethod
-    def _add_output_quantizers(cls, module, new_quantizer):
-        module.fuse_quants = nn.ModuleList(new_quantizer() for _ in range(len(module.lateral_convs) - 1))
+    def output_quantizers(cls, module, new_quantizer):
+        return {"fuse_quants": nn.ModuleList(new_quantizer() for _ in range(len(module.lateral_convs) - 1))}
 
     def top_down_quantizer(self, idx: int):
         """The quantizer of the top-down input of the add at ``idx`` (1 = the coarsest)."""

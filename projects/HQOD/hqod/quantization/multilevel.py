@@ -59,13 +59,13 @@ class MultiLevelBatchNorm(nn.Module, QuantizedModule):
 
     convert_children = False
 
-    def __init__(self, num_levels: int, num_features: int, *, eps=1e-5, momentum=0.1, bn_class=None):
+    def __init__(self, num_levels: int, num_features: int, *, eps=1e-5, momentum=0.1, bn_class=None, output_quant=None):
         super().__init__()
         bn_class = bn_class or _bn_class()
         for level in range(num_levels):
             self.add_module(str(level), bn_class(num_features, eps=eps, momentum=momentum))
         self.num_levels = num_levels
-        self.output_quant = None
+        self.output_quant = output_quant
 
     @property
     def levels(self) -> List[nn.Module]:
@@ -73,9 +73,10 @@ class MultiLevelBatchNorm(nn.Module, QuantizedModule):
         return [self._modules[str(level)] for level in range(self.num_levels)]
 
     @classmethod
-    def from_norm(cls, norm: nn.Module, num_levels: int) -> "MultiLevelBatchNorm":
+    def from_norm(cls, norm: nn.Module, num_levels: int, output_quant=None) -> "MultiLevelBatchNorm":
         """Per-level BN initialized from a shared BN (every level gets its state) or from a
-        ``CycleBatchNormList`` (level l gets BN l's statistics and the shared affine)."""
+        ``CycleBatchNormList`` (level l gets BN l's statistics and the shared affine), with the
+        output quantizer ``output_quant`` (scope ``aqd``) or none."""
         if isinstance(norm, CycleBatchNormList):
             bns = list(norm)
             if len(bns) != num_levels:
@@ -90,7 +91,7 @@ class MultiLevelBatchNorm(nn.Module, QuantizedModule):
         else:
             raise TypeError(f"Cannot build a multi-level BN from {type(norm).__qualname__}.")
         ref = bns[0]
-        new = cls(num_levels, ref.num_features, eps=ref.eps, momentum=ref.momentum)
+        new = cls(num_levels, ref.num_features, eps=ref.eps, momentum=ref.momentum, output_quant=output_quant)
         with torch.no_grad():
             for bn, src in zip(new.levels, bns):
                 if src.track_running_stats and src.running_mean is not None:
@@ -208,10 +209,9 @@ class MultiLevelHead(nn.Module, QuantizedModule):
             layers = []
             for idx, layer in children[tower_name].named_children():
                 if ctx.multi_level_bn and isinstance(layer, (CycleBatchNormList, nn.modules.batchnorm._BatchNorm)):
-                    layer = MultiLevelBatchNorm.from_norm(layer, num_levels)
                     bits = ctx.aqd_output_bits(f"{name}.{tower_name}.{idx}")
-                    if bits is not None:
-                        layer.output_quant = ctx.quantizer(bits, signed=True, output=True)
+                    output_quant = None if bits is None else ctx.quantizer(bits, signed=True, output=True)
+                    layer = MultiLevelBatchNorm.from_norm(layer, num_levels, output_quant)
                 layers.append((idx, layer))
             children[tower_name] = LevelSequential(OrderedDict(layers))
         return cls(spec, num_levels, children, type(module))

@@ -21,6 +21,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 
 from hqod.modeling.dense_head import DenseHeadSpec, check_dense_head, dense_head_spec, head_norms
 
+from ..utils import replace_child
 from .config import QuantConfig
 from .modules import QuantizedModule, find_quant_module_class
 from .multilevel import MultiLevelHead
@@ -298,8 +299,7 @@ def _convert(module: nn.Module, prefix: str, ctx: ConversionContext, converted: 
             new = qcls.from_float(child, name=full, ctx=ctx)
             if new is not None:
                 converted[qcls.__name__] += 1
-                if new is not child:
-                    setattr(module, name, new)
+                replace_child(module, name, new)
                 if not qcls.convert_children:
                     continue
                 child = new
@@ -311,7 +311,8 @@ def _convert(module: nn.Module, prefix: str, ctx: ConversionContext, converted: 
 def quantize_model(model: nn.Module, cfg_quant) -> nn.Module:
     """
     Replace, in place, the layers of ``model`` by their quantized versions from
-    ``QUANT_MODULES`` and return ``model``.
+    ``QUANT_MODULES`` (each constructed by ``from_float`` from the float layer) and return
+    ``model``; a bare layer given as ``model`` is not changed: its quantized version is returned.
 
     Args:
         model: an FP32 model (a detectron2 meta-architecture, a backbone, any nn.Module); not
@@ -347,11 +348,12 @@ def quantize_model(model: nn.Module, cfg_quant) -> nn.Module:
     ctx = ConversionContext(qcfg, relu_fed_layers(model), set(first) | set(last), head_levels)
     converted = Counter()
     root_cls = _quant_module_class(model)
-    if root_cls is not None:  # a bare layer or head given as the model
-        new = root_cls.from_float(model, name="", ctx=ctx)
-        if new is not None and new is not model:
-            raise TypeError(f"quantize_model cannot replace the root module {type(model).__name__}.")
-    _convert(model, "", ctx, converted)
+    new_root = root_cls.from_float(model, name="", ctx=ctx) if root_cls is not None else None
+    if new_root is not None:  # a bare layer given as the model: the new layer is returned
+        converted[root_cls.__name__] += 1
+        model = new_root
+    if new_root is None or root_cls.convert_children:
+        _convert(model, "", ctx, converted)
     param = next(model.parameters(), None)
     if param is not None:  # new quantizers live where the model does
         for q in quantizers_of(model).values():
