@@ -129,7 +129,7 @@ def test_bad_checkpoints_and_configs_on_the_command_line(tiny_digits, checkpoint
         (qat + [f"train.init_checkpoint={checkpoints['truncated']}", f"train.output_dir={tmp_path / 'd'}"],
          "cannot be read: it is truncated or corrupt"),
         (qat + [f"train.init_checkpoint={checkpoints['fcos']}", f"train.output_dir={tmp_path / 'e'}"],
-         f"error: train.init_checkpoint={checkpoints['fcos']}: The FP32 checkpoint does not fit this model"),
+         f"error: Checkpoint {checkpoints['fcos']} does not fit this model: 4 shape mismatches (e.g. head."),
         (["--eval-only"] + fp32 + [f"train.init_checkpoint={checkpoints['fcos']}", f"train.output_dir={tmp_path / 'f'}"],
          "does not fit this model: 4 shape mismatches (e.g. head."),
         (["--resume"] + fp32 + ["model.backbone.out_channels=64", f"train.output_dir={run}"],

@@ -23,14 +23,13 @@ from hqod.data.loader import ResumableTrainLoader
 from hqod.engine import Checkpointer, ExtraTrainingState, UserError, read_checkpoint
 from hqod.quantization import (
     calibrate,
-    load_fp32_checkpoint,
     load_integer_model,
-    map_fp32_state_dict,
     quantize_model,
     save_integer_model,
     to_integer,
 )
 from hqod.quantization.integer import INTEGER_FORMAT
+from hqod.quantization.multilevel import shared_bn_keys
 from hqod.quantization.checkpoint import (
     TRUST_ENV,
     UntrustedCheckpointError,
@@ -190,10 +189,12 @@ def test_fp32_and_quantized_checkpoints_load_as_data(detectors, weights_only_cal
     cfg, folder, model, _ = detectors
     fp32 = read_checkpoint(os.path.join(folder, "fp32.pth"))["model"]
     fresh = quantize_model(instantiate(cfg.model), dict(AQD_W2))
-    result = load_fp32_checkpoint(fresh, os.path.join(folder, "fp32.pth"))
-    mapped, _ = map_fp32_state_dict(fresh, fp32)  # shared BN copied to every FPN level
-    assert len(result.loaded_keys) == len(mapped) > len(fp32) and not result.missing_keys
-    assert all(torch.equal(fresh.state_dict()[k], mapped[k]) for k in mapped)
+    Checkpointer(fresh, strict=True).load(os.path.join(folder, "fp32.pth"))
+    loaded, shared = fresh.state_dict(), shared_bn_keys(fresh, fp32)
+    assert shared and all(torch.equal(loaded[k], v) for k, v in fp32.items() if k not in shared)
+    for key in shared:  # shared BN copied to every FPN level
+        prefix, _, name = key.rpartition(".")
+        assert all(torch.equal(loaded[f"{prefix}.{level}.{name}"], fp32[key]) for level in range(5))
 
     Checkpointer(fresh, strict=True).load(os.path.join(folder, "qat.pth"))
     theirs, ours = fresh.state_dict(), model.state_dict()
@@ -294,7 +295,6 @@ def hostile(tmp_path, detectors):
 LOADERS = {
     "read_checkpoint": ("training", UserError, read_checkpoint),
     "Checkpointer.load": ("training", UserError, lambda path: Checkpointer(Toy()).load(path)),
-    "load_fp32_checkpoint": ("training", ValueError, lambda path: load_fp32_checkpoint(Toy(), path)),
     "load_integer_model": ("integer", ValueError, load_integer_model),
 }
 
@@ -334,8 +334,6 @@ def test_trusted_hostile_checkpoint_loads_with_a_warning(loader, hostile, monkey
         assert all(torch.equal(out["model"][k], v) for k, v in hostile.toy_state.items())
     elif loader == "Checkpointer.load":
         assert out["note"] == marker and out["trainer"] == {"iteration": 5}
-    elif loader == "load_fp32_checkpoint":
-        assert sorted(out.loaded_keys) == sorted(hostile.toy_state) and not out.missing_keys
     else:
         assert out.metadata == {"note": marker} and out.__class__.__name__ == "FCOS"
 

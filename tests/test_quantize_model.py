@@ -17,7 +17,9 @@ from detectron2.layers import CycleBatchNormList
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from hqod.engine import Checkpointer, UserError
 from hqod.quantization import functional
+from hqod.quantization.multilevel import shared_bn_keys
 from hqod.quantization import (
     MultiLevelHead,
     MultiLevelBatchNorm,
@@ -28,8 +30,6 @@ from hqod.quantization import (
     QuantConfig,
     calibrate,
     get_qat_optimizer_params,
-    load_fp32_checkpoint,
-    map_fp32_state_dict,
     quantize_model,
     quantizers_of,
     set_fake_quant,
@@ -297,20 +297,19 @@ def test_multi_level_bn_from_shared_bn():
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["retina", "fcos"])
 @pytest.mark.parametrize("scope", ["aqd_star", "aqd"])
-def test_fp32_checkpoint_loads_and_matches_without_fake_quant(fp32_models, arch, scope):
+def test_fp32_checkpoint_loads_and_matches_without_fake_quant(fp32_models, arch, scope, tmp_path):
     fp32 = fp32_models[arch]
     state = fp32.state_dict()
+    torch.save({"model": state, "iteration": 5}, tmp_path / "fp32.pth")
     cfg = LazyConfig.load(os.path.join(ROOT, CONFIGS[arch]))
     cfg.model.num_classes = NUM_CLASSES
     torch.manual_seed(1)  # different random weights than the FP32 model
     model = quantize_model(instantiate(cfg.model), {"method": "tqt", "scope": scope})
-    result = load_fp32_checkpoint(model, {"model": state, "iteration": 5})
-    assert result.missing_keys == [] and result.unexpected_keys == []
-    assert result.quantizer_keys and all(
-        any(part in k for part in ("_quant", "fuse_quants")) for k in result.quantizer_keys
-    )
+    # strict: a missing key other than the quantizers' (calibration makes them) would be refused
+    extra = Checkpointer(model, strict=True).load(str(tmp_path / "fp32.pth"))
+    assert extra == {"iteration": 5}
     # CycleBatchNormList shared affine -> every level
-    assert len(result.expanded_keys) == 16
+    assert len(shared_bn_keys(model, state)) == 16
     set_fake_quant(model, False)
     model.eval()
     batch = make_batch(7)
@@ -321,7 +320,7 @@ def test_fp32_checkpoint_loads_and_matches_without_fake_quant(fp32_models, arch,
         assert not torch.allclose(flat(head_outputs(model, batch)), flat(head_outputs(fp32, batch)), atol=1e-4, rtol=0)
 
 
-def test_shared_bn_checkpoint_maps_to_every_level(fp32_models):
+def test_shared_bn_checkpoint_maps_to_every_level(fp32_models, tmp_path):
     """An FP32 head with one shared BN per tower position (HQOD's FP32 models) loads into
     every level of multi-level BN."""
     fp32 = fp32_models["retina"]
@@ -335,9 +334,9 @@ def test_shared_bn_checkpoint_maps_to_every_level(fp32_models):
             continue
         shared[k] = v
     model = quantized(fp32_models, "retina")
-    mapped, expanded = map_fp32_state_dict(model, shared)
-    assert "head.cls_subnet.1.4.running_var" in mapped and "head.cls_subnet.1.running_var" not in mapped
-    load_fp32_checkpoint(model, shared)
+    assert "head.cls_subnet.1.running_var" in shared_bn_keys(model, shared)
+    torch.save(shared, tmp_path / "shared.pth")
+    Checkpointer(model, strict=True).load(str(tmp_path / "shared.pth"))
     for level in model.head.bbox_subnet[7].levels:
         assert torch.equal(level.running_var, fp32.head.bbox_subnet[7][0].running_var)
         assert torch.equal(level.weight, fp32.head.bbox_subnet[7].weight)
@@ -350,12 +349,14 @@ def test_checkpoint_of_other_architecture_rejected(fp32_models, tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"model": other.state_dict()}, path)
     model = quantized(fp32_models, "retina")
-    before = model.head.cls_score.weight.clone()
-    with pytest.raises(ValueError, match=r"(?s)another architecture.*head\.cls_score\.weight"):
-        load_fp32_checkpoint(model, str(path))
-    assert torch.equal(model.head.cls_score.weight, before)
-    with pytest.raises(ValueError, match="shares no key"):
-        load_fp32_checkpoint(model, {"conv1.weight": torch.zeros(1)})
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UserError, match=r"does not fit this model: 2 shape mismatches \(e\.g\. head\.cls_score\."):
+        Checkpointer(model, strict=True).load(str(path))
+    after = model.state_dict()  # refused before anything was loaded
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    torch.save({"model": {"conv1.weight": torch.zeros(1)}}, tmp_path / "unrelated.pth")
+    with pytest.raises(UserError, match=r"lacks \d+ of the model's \d+ entries"):
+        Checkpointer(model, strict=True).load(str(tmp_path / "unrelated.pth"))
 
 
 # ------------------------------------------------------------------------------------------

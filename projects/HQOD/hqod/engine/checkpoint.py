@@ -1,7 +1,8 @@
 """
 hqod's checkpointer: detectron2's DetectionCheckpointer with atomic writes, one clear error for
-unreadable or non-matching checkpoints, torchvision ResNet checkpoints, and the training state
-that is not in any state dict (:class:`ExtraTrainingState`).
+unreadable or non-matching checkpoints, torchvision ResNet checkpoints, FP32 detectors loaded
+into their quantized model (QAT's start), and the training state that is not in any state dict
+(:class:`ExtraTrainingState`).
 """
 import glob
 import logging
@@ -18,7 +19,9 @@ from detectron2.utils import comm
 
 from hqod.modeling.backbone import resnet_depth
 from hqod.pretrain import convert_command, pretrain_command
+from hqod.quantization import Quantizer
 from hqod.quantization.checkpoint import UntrustedCheckpointError, checkpoint_globals, load_torch_file
+from hqod.quantization.multilevel import shared_bn_keys
 
 from .defaults import UserError
 
@@ -160,8 +163,13 @@ class Checkpointer(DetectionCheckpointer):
       is renamed when complete, and ``last_checkpoint`` is updated (also atomically) only after,
       so a run killed mid-write resumes from the previous, complete checkpoint;
     * says in one line when a checkpoint does not exist or cannot be read (truncated, corrupt);
-    * with ``strict=True`` (evaluation), refuses a checkpoint that does not fit the model
-      (shape mismatches, or missing keys): it belongs to another architecture;
+    * with ``strict=True`` (evaluation, QAT's start), refuses a checkpoint that does not fit the
+      model (shape mismatches, found before anything is loaded, or missing keys): it belongs to
+      another architecture;
+    * loads an FP32 checkpoint into the quantized model of the same config: the keys are the
+      same (a shared or per-level BN of a head goes to every level of its multi-level BN, see
+      :mod:`hqod.quantization.multilevel`), and the quantizer state it cannot hold is reported
+      as awaiting calibration, not as missing;
     * loads torchvision ResNet checkpoints (``.pth`` from torchvision.models, as
       ``train.init_checkpoint``) into the backbone;
     * refuses a checkpoint whose ResNet has another depth than the model's, naming both.
@@ -199,8 +207,10 @@ class Checkpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         path = getattr(self, "_loading", "the checkpoint")
-        theirs = resnet_depth(checkpoint.get("model", {}).keys())
-        ours = resnet_depth(self.model.state_dict().keys())
+        state = checkpoint.get("model", {})
+        theirs = resnet_depth(state.keys())
+        model_state = self.model.state_dict()
+        ours = resnet_depth(model_state.keys())
         if theirs and ours and theirs != ours:
             raise UserError(
                 f"Checkpoint {path} holds a ResNet-{theirs} backbone but the model's backbone is "
@@ -208,24 +218,46 @@ class Checkpointer(DetectionCheckpointer):
                 f"checkpoint (embedded dataset: {pretrain_command(ours)}; COCO/VOC: "
                 f"{convert_command(ours)}), or set the depth to {theirs}."
             )
+        if self.strict and not checkpoint.get("matching_heuristics"):
+            strip = "module." if state and all(k.startswith("module.") for k in state) else ""
+            self._refuse_shapes(path, [
+                (k[len(strip):], tuple(v.shape), tuple(model_state[k[len(strip):]].shape))
+                for k, v in state.items()
+                if k[len(strip):] in model_state and tuple(v.shape) != tuple(model_state[k[len(strip):]].shape)
+            ])  # fmt: skip
+        quantizers = tuple(f"{n}." for n, m in _unwrap(self.model).named_modules() if isinstance(m, Quantizer))
+        fp32_into_quantized = bool(quantizers) and not any(k.startswith(quantizers) for k in model_state if k in state)
+        expanded = shared_bn_keys(_unwrap(self.model), state) if fp32_into_quantized else []
         incompatible = super()._load_model(checkpoint)
-        if self.strict and incompatible is not None:
-            shapes = getattr(incompatible, "incorrect_shapes", [])
-            if shapes:
-                k, ckpt_shape, model_shape = shapes[0]
-                raise UserError(
-                    f"Checkpoint {path} does not fit this model: {len(shapes)} shape mismatches "
-                    f"(e.g. {k}: checkpoint {tuple(ckpt_shape)} vs model {tuple(model_shape)}); it "
-                    "belongs to another architecture (detector, depth, width or classes)."
-                )
+        if incompatible is None:
+            return None
+        if fp32_into_quantized:
+            awaiting = [k for k in incompatible.missing_keys if k.startswith(quantizers)]
+            incompatible = incompatible._replace(missing_keys=[k for k in incompatible.missing_keys if k not in awaiting])
+            self.logger.info(
+                f"Loaded the FP32 checkpoint {path} into the quantized model: {len(awaiting)} quantizer "
+                f"entries await calibration; {len(expanded)} shared BN entries copied to every FPN level."
+            )
+        if self.strict:
+            self._refuse_shapes(path, getattr(incompatible, "incorrect_shapes", []))
             missing = list(incompatible.missing_keys)
             if missing:
                 raise UserError(
                     f"Checkpoint {path} lacks {len(missing)} of the model's "
-                    f"{len(self.model.state_dict())} entries (e.g. {', '.join(sorted(missing)[:3])}); "
+                    f"{len(model_state)} entries (e.g. {', '.join(sorted(missing)[:3])}); "
                     "it belongs to another architecture or is not a full checkpoint of this config."
                 )
         return incompatible
+
+    @staticmethod
+    def _refuse_shapes(path, shapes):
+        if shapes:
+            k, ckpt_shape, model_shape = shapes[0]
+            raise UserError(
+                f"Checkpoint {path} does not fit this model: {len(shapes)} shape mismatches "
+                f"(e.g. {k}: checkpoint {tuple(ckpt_shape)} vs model {tuple(model_shape)}); it "
+                "belongs to another architecture (detector, depth, width or classes)."
+            )
 
     def save(self, name, **kwargs):
         """fvcore's ``save`` with an atomic write of the file and then of ``last_checkpoint``."""

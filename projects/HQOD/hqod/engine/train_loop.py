@@ -23,10 +23,10 @@ from hqod.pretrain import (
     pretrain_command,
     pretrained_backbone_path,
 )
-from hqod.quantization import QuantConfig, calibrate, load_fp32_checkpoint, quantize_model
+from hqod.quantization import QuantConfig, calibrate, quantize_model
 
 from .amp import trainer_class
-from .checkpoint import Checkpointer, ExtraTrainingState, read_checkpoint
+from .checkpoint import Checkpointer, ExtraTrainingState
 from .defaults import UserError, resolve_device
 from .distributed import convert_sync_batchnorm, sync_loss_normalizers
 from .hooks import SafeEvalHook, SafePeriodicCheckpointer, diverged
@@ -82,28 +82,14 @@ def _fp32_checkpoint_missing(path):
 
 def init_qat(cfg, model, data_loader):
     """FP32 -> QAT: load the FP32 detector named by ``train.init_checkpoint`` into the quantized
-    model (keys mapped, a clear report), then the calibration pass over ``quant.calib_images``
-    training images (observers on, fake quantization off)."""
+    model (hqod's Checkpointer, strict: a checkpoint of another architecture is refused), then
+    the calibration pass over ``quant.calib_images`` training images (observers on, fake
+    quantization off), which gives the quantizers the state the FP32 checkpoint cannot hold."""
     path = cfg.train.init_checkpoint
     if path:
         if "://" not in path and not os.path.isfile(path):
             raise _fp32_checkpoint_missing(path)
-        # a truncated or corrupt file: one UserError from read_checkpoint
-        source = read_checkpoint(path) if path.endswith((".pth", ".pt")) else path
-        try:
-            result = load_fp32_checkpoint(model, source)
-        except ValueError as e:  # another architecture: the first mismatches, on one line
-            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-            detail = f" (e.g. {lines[1]})" if len(lines) > 1 else ""
-            raise UserError(f"train.init_checkpoint={path}: {lines[0]}{detail}") from e
-        total = len(result.loaded_keys) + len(result.missing_keys)
-        if total and len(result.missing_keys) > total // 2:
-            raise UserError(
-                f"train.init_checkpoint={path} has only {len(result.loaded_keys)} of the "
-                f"{total} FP32 entries of this model (missing e.g. "
-                f"{', '.join(result.missing_keys[:3])}): it is not a checkpoint of this detector. "
-                "QAT starts from the FP32 detector of the same config (its model_final.pth)."
-            )
+        Checkpointer(model, strict=True).load(path)
     else:
         logger.warning("QAT from scratch: train.init_checkpoint is empty (no FP32 detector).")
     with torch.no_grad():

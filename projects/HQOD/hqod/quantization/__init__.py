@@ -5,7 +5,7 @@ Use, in this order (tools/train_net.py does)::
 
     model = instantiate(cfg.model)
     model = quantize_model(model, cfg.quant)          # in place; before DDP
-    load_fp32_checkpoint(model, cfg.train.init_checkpoint)
+    Checkpointer(model, strict=True).load(cfg.train.init_checkpoint)  # hqod.engine's: the FP32 detector
     calibrate(model, train_loader, cfg.quant.calib_images)
     cfg.optimizer.params = L(get_qat_optimizer_params)(weight_decay_norm=0.0)  # zero WD on steps
     ...  # DDP, train; checkpoints hold all quantizer state and resume exactly
@@ -22,7 +22,6 @@ AQD's integer arithmetic (Eq. 4-8: ``shift_approx``, integer BN, aligned adds) l
     save_integer_model(model, cfg, "model_integer.pth"); load_integer_model("model_integer.pth")
 """
 from .calibration import calibrate, set_fake_quant, set_observer, uninitialized_quantizers
-from .checkpoint import LoadResult, load_fp32_checkpoint, map_fp32_state_dict
 from .config import SCOPES, QuantConfig
 from .functional import fake_quantize_param, fake_quantize_ste, step_from_param
 from .integer import (
@@ -77,7 +76,6 @@ from .quantizers import (
 __all__ = [
     # entry points
     "quantize_model",
-    "load_fp32_checkpoint",
     "calibrate",
     "get_qat_optimizer_params",
     "QuantConfig",
@@ -88,8 +86,6 @@ __all__ = [
     "uninitialized_quantizers",
     "quantizers_of",
     "quantizer_parameters",
-    "map_fp32_state_dict",
-    "LoadResult",
     "relu_fed_layers",
     "register_relu_input_rule",
     "fake_quantize_ste",

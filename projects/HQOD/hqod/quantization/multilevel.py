@@ -32,6 +32,7 @@ __all__ = [
     "MultiLevelBatchNorm",
     "LevelSequential",
     "MultiLevelHead",
+    "shared_bn_keys",
 ]
 
 _BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -147,6 +148,13 @@ class MultiLevelBatchNorm(nn.Module, QuantizedModule):
 
     def extra_repr(self):
         return f"num_levels={self.num_levels} (indexed by level)"
+
+
+def shared_bn_keys(model: nn.Module, state_dict) -> List[str]:
+    """The keys of ``state_dict`` that load into every level of a multi-level BN of ``model``
+    (a shared BN's, or a CycleBatchNormList's shared affine)."""
+    prefixes = [f"{n}." for n, m in model.named_modules() if isinstance(m, MultiLevelBatchNorm)]
+    return [p + key for p in prefixes for key in _BN_STATE if p + key in state_dict]
 
 
 def _integer_bn_pair(layer: nn.Module, nxt: Optional[nn.Module]) -> bool:

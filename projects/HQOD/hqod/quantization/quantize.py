@@ -2,8 +2,8 @@
 ``quantize_model(model, cfg_quant)``: the single entry point that turns an FP32 detector into a
 QAT model, in place, through ``QUANT_MODULES``.
 
-Order of use (tools/train_net.py): build the FP32 model -> ``quantize_model`` ->
-``load_fp32_checkpoint`` -> ``calibrate`` -> optimizer with ``get_qat_optimizer_params`` (zero
+Order of use (tools/train_net.py): build the FP32 model -> ``quantize_model`` -> load the FP32
+checkpoint (``hqod.engine.Checkpointer``) -> ``calibrate`` -> optimizer with ``get_qat_optimizer_params`` (zero
 weight decay on steps) -> DDP -> train.
 """
 import logging
