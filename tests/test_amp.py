@@ -6,7 +6,7 @@ from detectron2.config import instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils.events import EventStorage
 
-from hqod.engine import UserError, amp, build_model
+from hqod.engine import LossNormalizers, UserError, amp, build_model
 from hqod.engine.amp import CPUAutocastTrainer, trainer_class
 
 from helpers import tiny_config
@@ -50,7 +50,7 @@ def test_cpu_autocast_step_runs_convs_in_bfloat16_and_keeps_float32_state(tiny_d
     )
     with EventStorage(0) as storage:
         reference = {k: v.item() for k, v in model(data).items()}  # float32 forward
-        del model.loss_normalizer  # the EMA that forward started: the step starts it again
+        model.loss_normalizers = LossNormalizers()  # the EMA that forward started: the step starts it again
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay put
         trainer = CPUAutocastTrainer(model, [data], optimizer)
         stem = model.backbone.bottom_up.stem.conv1.weight

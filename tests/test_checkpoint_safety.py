@@ -20,7 +20,7 @@ from detectron2.utils.events import EventStorage
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from hqod.data.loader import ResumableTrainLoader
-from hqod.engine import Checkpointer, ExtraTrainingState, UserError, read_checkpoint
+from hqod.engine import Checkpointer, ExtraTrainingState, LossNormalizers, UserError, read_checkpoint
 from hqod.quantization import (
     calibrate,
     load_integer_model,
@@ -97,7 +97,7 @@ class Toy(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(1, 2, 1)
         self.bn = nn.BatchNorm2d(2)
-        self.loss_normalizer = 10.0
+        self.loss_normalizers = LossNormalizers()
 
     def forward(self, batch):
         x = torch.tensor([v for _, v in batch], dtype=torch.float32).view(1, 1, 1, -1)
@@ -123,7 +123,7 @@ def test_training_checkpoint_loads_as_data_and_resumes(tmp_path, weights_only_ca
     torch.manual_seed(0)
     model, trainer, ckpt = toy_trainer(7, str(tmp_path))
     trainer.train(0, 3)
-    model.loss_normalizer = 42.5
+    model.loss_normalizers.set("loss_normalizer", 42.5)
     ckpt.save("model_0000002", iteration=trainer.iter)
     path = str(tmp_path / "model_0000002.pth")
     next_draws = (np.random.rand(3), random.random(), torch.rand(2))
@@ -136,7 +136,7 @@ def test_training_checkpoint_loads_as_data_and_resumes(tmp_path, weights_only_ca
     assert weights_only_calls == [True]
     assert data["iteration"] == data["trainer"]["iteration"] == 3
     assert data["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 3
-    assert data["data_loader"]["seed"] == 7 and data["training_state"]["normalizers"] == {"loss_normalizer": 42.5}
+    assert data["data_loader"]["seed"] == 7 and data["training_state"]["loss_normalizers"] == {"loss_normalizers.loss_normalizer": 42.5}
     assert data["training_state"]["rng"]["numpy"][1].dtype == np.uint32
 
     np.random.seed(123), random.seed(123), torch.manual_seed(123)
@@ -146,7 +146,7 @@ def test_training_checkpoint_loads_as_data_and_resumes(tmp_path, weights_only_ca
     assert all(torch.equal(model2.state_dict()[k], v) for k, v in weights.items())
     assert trainer2.iter == 3 and trainer2._hooks[0].scheduler.last_epoch == 3
     assert all(torch.equal(s["momentum_buffer"], m) for s, m in zip(trainer2.optimizer.state.values(), momentum))
-    assert model2.loss_normalizer == 42.5 and trainer2.data_loader.seed == 7
+    assert model2.loss_normalizers.values() == {"loss_normalizer": 42.5} and trainer2.data_loader.seed == 7
     np_draw, py_draw, torch_draw = next_draws
     assert np.array_equal(np.random.rand(3), np_draw) and random.random() == py_draw
     assert torch.equal(torch.rand(2), torch_draw)

@@ -68,7 +68,8 @@ def _sync_worker(rank, port, result_file):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
     from detectron2.modeling.meta_arch.retinanet import RetinaNet
 
-    from hqod.engine.distributed import SyncBatchNormCPU, convert_sync_batchnorm, sync_loss_normalizers
+    from hqod.engine.distributed import SyncBatchNormCPU, convert_sync_batchnorm
+    from hqod.engine.loss_normalizers import track_loss_normalizers
 
     torch.manual_seed(0)
     x = torch.randn(5, 3, 6, 7) * 3 + 2
@@ -91,7 +92,8 @@ def _sync_worker(rank, port, result_file):
         def __init__(self):
             torch.nn.Module.__init__(self)
 
-    det = sync_loss_normalizers(Det())
+    det = Det()
+    track_loss_normalizers(det)
     norms = [det._ema_update("loss_normalizer", [30, 50][rank], 100) for _ in range(2)]
     torch.save(
         {"out": out.detach(), "gx": xs.grad, "gw": bn[0].weight.grad, "gb": bn[0].bias.grad,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hqod.data.loader import ResumableTrainLoader
-from hqod.engine import Checkpointer, ExtraTrainingState, build_model, load_config
+from hqod.engine import Checkpointer, ExtraTrainingState, build_model, load_config, track_loss_normalizers
 
 from helpers import ROOT, tiny_overrides
 
@@ -92,7 +92,8 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights_exactly(tiny_digi
     assert ca["trainer"]["iteration"] == cb["trainer"]["iteration"] == 5
     sa, sb = ca["trainer"]["optimizer"]["state"], cb["trainer"]["optimizer"]["state"]
     assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
-    assert ca["training_state"]["normalizers"] == cb["training_state"]["normalizers"]
+    assert ca["training_state"]["loss_normalizers"] == cb["training_state"]["loss_normalizers"]
+    assert list(ca["training_state"]["loss_normalizers"]) == ["loss_normalizers.loss_normalizer"]
     assert ca["data_loader"]["seed"] == cb["data_loader"]["seed"]
     la, lb = _losses(a), _losses(b)
     # the record of iteration 1 may die with the process (the writer hook runs after the
@@ -132,26 +133,28 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert open(tmp_path / "last_checkpoint").read() == "model_0000003.pth"
 
 
-def test_training_state_restores_loss_normalizers(tmp_path):
-    """The detector's loss-normalizer EMA (an attribute, in no state dict) is checkpointed; a
-    multi-process run's global EMA ("_global_" + name) gives the single-process value."""
+def test_loss_normalizers_are_detectron2s_ema_in_buffers_and_restored():
+    """A tracked detector's loss-normalizer EMA equals detectron2's own, bit for bit; it lives
+    in a buffer of its LossNormalizers (in no model file) and is checkpointed as training state."""
+    from detectron2.modeling.meta_arch.retinanet import RetinaNet
 
-    class Detector(torch.nn.Module):
+    class Detector(RetinaNet):
         def __init__(self):
-            super().__init__()
+            torch.nn.Module.__init__(self)
             self.conv = torch.nn.Conv2d(1, 1, 1)
 
-    m = Detector()
-    m.loss_normalizer = 123.25
-    state = ExtraTrainingState(m).state_dict()
-    m2 = Detector()
-    ExtraTrainingState(m2).load_state_dict(state)
-    assert m2.loss_normalizer == 123.25
-
-    m._global_loss_normalizer, m.loss_normalizer = 200.5, 100.25  # as saved by 2 processes
-    m3 = Detector()
-    ExtraTrainingState(m3).load_state_dict(ExtraTrainingState(m).state_dict())
-    assert m3.loss_normalizer == 200.5 and not hasattr(m3, "_global_loss_normalizer")
+    ours, reference = Detector(), Detector()
+    assert track_loss_normalizers(ours) == 1 and track_loss_normalizers(ours) == 0
+    for positives in (30, 50, 7):
+        assert ours._ema_update("loss_normalizer", positives, 100) == reference._ema_update("loss_normalizer", positives, 100)
+    assert ours.loss_normalizer == reference.loss_normalizer == pytest.approx(80.53, abs=1e-12)  # 93, 88.7, 80.53
+    assert set(ours.state_dict()) == {"conv.weight", "conv.bias"}  # model files stay detectron2's
+    state = ExtraTrainingState(ours).state_dict()
+    assert state["loss_normalizers"] == {"loss_normalizers.loss_normalizer": ours.loss_normalizer}
+    resumed = Detector()
+    track_loss_normalizers(resumed)
+    ExtraTrainingState(resumed).load_state_dict(state)
+    assert resumed._ema_update("loss_normalizer", 9, 100) == reference._ema_update("loss_normalizer", 9, 100)
 
 
 def _loader(dicts, batch, seed=7):

@@ -10,7 +10,8 @@ from .defaults import (
     setup_determinism,
     user_error_message,
 )
-from .distributed import convert_sync_batchnorm, sync_loss_normalizers
+from .distributed import convert_sync_batchnorm
+from .loss_normalizers import LossNormalizers, track_loss_normalizers
 from .launch import launch
 from .train_loop import build_model, build_trainer, do_test, do_train
 
@@ -32,7 +33,8 @@ __all__ = [
     "read_checkpoint",
     "resolve_device",
     "setup_determinism",
-    "sync_loss_normalizers",
+    "LossNormalizers",
+    "track_loss_normalizers",
     "torchvision_resnet_to_d2",
     "user_error_message",
 ]

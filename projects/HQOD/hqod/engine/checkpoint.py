@@ -24,6 +24,7 @@ from hqod.quantization.checkpoint import UntrustedCheckpointError, checkpoint_gl
 from hqod.quantization.multilevel import shared_bn_keys
 
 from .defaults import UserError
+from .loss_normalizers import LossNormalizers
 
 logger = logging.getLogger("hqod")
 
@@ -102,12 +103,12 @@ def _unwrap(model):
 
 class ExtraTrainingState:
     """
-    Checkpointable (``state_dict`` / ``load_state_dict``) for what a resumed run needs and no
-    state dict holds:
+    Checkpointable (``state_dict`` / ``load_state_dict``) for what a resumed run needs and the
+    model's state dict does not hold:
 
-    * the loss normalizers of the detector: float attributes whose name ends in
-      ``normalizer`` (detectron2's RetinaNet/FCOS keep the EMA of the number of positives in
-      ``loss_normalizer``; a resumed run would otherwise restart it from its initial value);
+    * the loss-normalizer EMAs of the detector (the buffers of its :class:`LossNormalizers`,
+      :mod:`hqod.engine.loss_normalizers`; a resumed run would otherwise restart them from
+      their initial value);
     * the random generators of the main process (Python, NumPy, torch): restored in the main
       process only (other processes keep their own seeds). The training data does not depend
       on them (:mod:`hqod.data.loader` seeds augmentations by stream position).
@@ -116,36 +117,25 @@ class ExtraTrainingState:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def _normalizers(self):
-        out = {}
-        for name, m in _unwrap(self.model).named_modules():
-            for attr, value in vars(m).items():
-                if attr.endswith("normalizer") and isinstance(value, (float, int)) and not isinstance(value, bool):
-                    out[f"{name}.{attr}" if name else attr] = (m, attr, float(value))
-        return out
+    def _loss_normalizers(self):
+        return {n: m for n, m in _unwrap(self.model).named_modules() if isinstance(m, LossNormalizers)}
 
     def state_dict(self):
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        normalizers = {k: v for k, (_, _, v) in self._normalizers().items()}
-        return {"normalizers": normalizers, "rng": rng}
+        normalizers = {
+            f"{name}.{key}" if name else key: value
+            for name, m in self._loss_normalizers().items() for key, value in m.values().items()
+        }  # fmt: skip
+        return {"loss_normalizers": normalizers, "rng": rng}
 
     def load_state_dict(self, state):
-        modules = dict(_unwrap(self.model).named_modules())
-        for key, value in state.get("normalizers", {}).items():
+        owners = self._loss_normalizers()
+        for key, value in state.get("loss_normalizers", {}).items():
             name, _, attr = key.rpartition(".")
-            if name in modules:
-                setattr(modules[name], attr, value)
-        # A multi-process run keeps the global EMA in "_global_<attr>" and <attr> = EMA / world
-        # size (hqod.engine.distributed); re-derive <attr> for this run's number of processes.
-        world = comm.get_world_size()
-        for m in modules.values():
-            for attr, value in list(vars(m).items()):
-                if attr.startswith("_global_") and isinstance(value, float):
-                    setattr(m, attr[len("_global_"):], value / world)
-                    if world == 1:  # the detector's own EMA continues from <attr>
-                        delattr(m, attr)
+            if name in owners:
+                owners[name].set(attr, value)
         rng = state.get("rng")
         if rng and comm.is_main_process():
             random.setstate(rng["python"])

@@ -4,19 +4,11 @@ What a model needs to train in several processes as it trains in one with the sa
 * :func:`convert_sync_batchnorm`: every BatchNorm (backbone, FPN, the per-level BNs of the
   multi-level head, quantized BNs included) becomes synchronized BN — PyTorch's
   ``SyncBatchNorm`` with CUDA, :class:`SyncBatchNormCPU` on CPU (PyTorch's needs a GPU).
-* :func:`sync_loss_normalizers`: detectron2's dense detectors divide their losses by an EMA of
-  the number of positive anchors *of this process*. Made global instead: the EMA of the total
-  number of positives over the processes (what one process with the whole batch computes),
-  divided by the number of processes, so that DDP's gradient average equals the
-  single-process gradient.
 
-Both change nothing in a single process. tools/train_net.py (``build_model``) applies them when
-``comm.get_world_size() > 1``.
+The loss normalizers are made global by :mod:`hqod.engine.loss_normalizers`. tools/train_net.py
+(``build_model``) converts the BNs when ``comm.get_world_size() > 1``.
 """
-import types
-
 import torch
-import torch.distributed as dist
 from fvcore.nn.distributed import differentiable_all_reduce
 from torch import nn
 
@@ -27,7 +19,7 @@ from hqod.quantization.modules import QUANT_MODULES, QBatchNorm2d, QNaiveSyncBat
 from hqod.quantization.modules import _OutputQuantBN
 from hqod.utils import rebuild_as, replace_child
 
-__all__ = ["SyncBatchNormCPU", "QSyncBatchNormCPU", "convert_sync_batchnorm", "sync_loss_normalizers"]
+__all__ = ["SyncBatchNormCPU", "QSyncBatchNormCPU", "convert_sync_batchnorm"]
 
 
 class SyncBatchNormCPU(NaiveSyncBatchNorm):
@@ -129,48 +121,3 @@ def convert_sync_batchnorm(model: nn.Module, cuda: bool = None) -> int:
             replace_child(parent, name, new)
             n += 1
     return n
-
-
-def _sum_over_processes(value: float) -> float:
-    if comm.get_world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-GLOBAL_PREFIX = "_global_"
-
-
-def _synced_ema_update(self, name, value, initial_value, momentum=0.9):
-    """``DenseDetector._ema_update`` over all processes: the EMA (kept in ``_global_<name>``) is
-    the one a single process with the whole batch computes, of the SUM of the processes'
-    values; ``<name>`` and the returned normalizer are that EMA divided by the number of
-    processes, so that DDP's gradient average equals the single-process gradient."""
-    world = comm.get_world_size()
-    hidden = GLOBAL_PREFIX + name
-    # a checkpoint of a single-process run holds the global EMA in <name> itself
-    old = getattr(self, hidden, None)
-    if old is None:
-        old = getattr(self, name, initial_value)
-    new = old * momentum + _sum_over_processes(value) * (1 - momentum)
-    setattr(self, hidden, new)
-    setattr(self, name, new / world)
-    return new / world
-
-
-def sync_loss_normalizers(model: nn.Module) -> nn.Module:
-    """
-    Make the loss normalizers of detectron2's dense detectors (RetinaNet, FCOS and their HQOD
-    subclasses: ``DenseDetector._ema_update``) global: see :func:`_synced_ema_update`. In
-    place, on the instance; a no-op for other models and in a single process.
-    """
-    try:
-        from detectron2.modeling.meta_arch.dense_detector import DenseDetector
-    except ImportError:  # pragma: no cover
-        return model
-    if comm.get_world_size() > 1 and isinstance(model, DenseDetector):
-        model._ema_update = types.MethodType(_synced_ema_update, model)
-    return model

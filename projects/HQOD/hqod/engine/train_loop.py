@@ -28,7 +28,8 @@ from hqod.quantization import QuantConfig, calibrate, quantize_model
 from .amp import trainer_class
 from .checkpoint import Checkpointer, ExtraTrainingState
 from .defaults import UserError, resolve_device
-from .distributed import convert_sync_batchnorm, sync_loss_normalizers
+from .distributed import convert_sync_batchnorm
+from .loss_normalizers import track_loss_normalizers
 from .hooks import SafeEvalHook, SafePeriodicCheckpointer, diverged
 
 logger = logging.getLogger("hqod")
@@ -41,9 +42,9 @@ def _dataset_names(loader_cfg):
 
 def build_model(cfg):
     """``cfg.model``, quantized by ``cfg.quant`` when the config has that node, on its device.
-    In several processes: synchronized BN everywhere and loss normalizers over all processes
-    (:mod:`hqod.engine.distributed`), so that N processes train as one with the same total
-    batch."""
+    Dense detectors keep their loss-normalizer EMAs in buffers, over all processes
+    (:mod:`hqod.engine.loss_normalizers`); in several processes BN is synchronized everywhere
+    (:mod:`hqod.engine.distributed`): N processes train as one with the same total batch."""
     try:
         model = instantiate(cfg.model)
     except ImportError as e:  # a _target_ that does not exist (detector, backbone, head name)
@@ -59,10 +60,10 @@ def build_model(cfg):
         except ValueError as e:  # bad bits, method, scope, layer names: the message says which
             msg = str(e)
             raise UserError(msg if msg.startswith("quant.") else f"quant: {msg}") from e
+    track_loss_normalizers(model)
     model.to(resolve_device(cfg.train.device))
     if comm.get_world_size() > 1:
         n = convert_sync_batchnorm(model)
-        sync_loss_normalizers(model)
         logger.info(f"{comm.get_world_size()} processes: {n} BatchNorm layers synchronized.")
     return model
 
