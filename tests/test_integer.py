@@ -399,8 +399,17 @@ def trained_aqd(tiny_digits, tmp_path_factory):
 
 def test_integer_engine_matches_fake_quant(trained_aqd, tmp_path):
     cfg, model, _ = trained_aqd
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     int_model = to_integer(model)
     assert type(int_model) is type(model) and model.backbone.__class__.__name__ == "QFPN"
+    # the quantized FPN and ResNet themselves (their structure and forward), on integer units;
+    # the fake-quant model is left as it was
+    backbone = int_model.backbone
+    assert type(backbone).__name__ == "IntegerFPN" and type(backbone.bottom_up).__name__ == "IntegerResNet"
+    assert [type(m).__name__ for m in backbone.lateral_convs + backbone.output_convs] == ["IntConvUnit"] * 6
+    assert backbone.lateral_convs[0] is backbone.fpn_lateral5 and backbone.bottom_up.stages[0] is backbone.bottom_up.res2
+    assert {type(m).__name__ for m in model.backbone.lateral_convs + [model.backbone.bottom_up.res2[0]]} == {"QConv2d", "QBasicBlock"}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     summary = integer_summary(int_model)
     assert summary["fits_int32"] and summary["conv_units"] == 38
 

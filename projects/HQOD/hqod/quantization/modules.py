@@ -455,7 +455,8 @@ class QResNet(ResNet, QuantizedModule):
 class QFPN(FPN, _AQDOutputModule):
     """detectron2's FPN whose top-down sums (lateral + upsampled) are fake-quantized (scope
     ``aqd``), the two inputs aligned as AQD Eq. 7 does. Same computation as ``FPN.forward`` of
-    detectron2 v0.6 (unchanged in later versions)."""
+    detectron2 v0.6 (unchanged in later versions), with the upsampling and the add as methods
+    (:meth:`upsample`, :meth:`fuse`) that the integer engine's FPN replaces."""
 
     float_types = (FPN,)
     integer_aware = True  # Eq. 7 alignment of the top-down adds (set_integer_aware)
@@ -474,26 +475,30 @@ class QFPN(FPN, _AQDOutputModule):
             return _output_quantizer(self.lateral_convs[0])
         return self.fuse_quants[idx - 2]
 
+    def upsample(self, x):
+        """The top-down path's 2x nearest upsampling."""
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+    def fuse(self, idx: int, lateral, top_down):
+        """The top-down add at ``idx`` (1 = the coarsest): aligned (Eq. 7), then quantized."""
+        alignment = (
+            add_alignment(_output_quantizer(self.lateral_convs[idx]), self.top_down_quantizer(idx))
+            if self.integer_aware else None
+        )
+        fused = aligned_add(lateral, top_down, alignment)
+        if self._fuse_type == "avg":
+            fused = fused / 2
+        return self.fuse_quants[idx - 1](fused)
+
     def forward(self, x):
         bottom_up_features = self.bottom_up(x)
         results = []
         prev_features = self.lateral_convs[0](bottom_up_features[self.in_features[-1]])
         results.append(self.output_convs[0](prev_features))
-        for idx, (lateral_conv, output_conv) in enumerate(
-            zip(self.lateral_convs, self.output_convs)
-        ):
-            if idx > 0:
-                features = bottom_up_features[self.in_features[-idx - 1]]
-                top_down_features = F.interpolate(prev_features, scale_factor=2.0, mode="nearest")
-                alignment = (
-                    add_alignment(_output_quantizer(lateral_conv), self.top_down_quantizer(idx))
-                    if self.integer_aware else None
-                )
-                prev_features = aligned_add(lateral_conv(features), top_down_features, alignment)
-                if self._fuse_type == "avg":
-                    prev_features = prev_features / 2
-                prev_features = self.fuse_quants[idx - 1](prev_features)
-                results.insert(0, output_conv(prev_features))
+        for idx in range(1, len(self.lateral_convs)):
+            features = self.lateral_convs[idx](bottom_up_features[self.in_features[-idx - 1]])
+            prev_features = self.fuse(idx, features, self.upsample(prev_features))
+            results.insert(0, self.output_convs[idx](prev_features))
         if self.top_block is not None:
             if self.top_block.in_feature in bottom_up_features:
                 top_block_in_feature = bottom_up_features[self.top_block.in_feature]

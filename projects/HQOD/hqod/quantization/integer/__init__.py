@@ -23,7 +23,8 @@ by the stem conv's input quantizer (as the fake-quant model does, in float64), a
 predictors' integer outputs (classification logits, box deltas, centerness) are multiplied by
 their scales ``alpha`` when they leave the head. Everything after that is detectron2's normal
 post-processing: the converted model is an instance of the same meta-architecture whose
-``backbone`` and ``head`` are :class:`IntegerBackbone` / :class:`IntegerHead`.
+``backbone`` and ``head`` are :class:`IntegerFPN` (over an :class:`IntegerResNet`) /
+:class:`IntegerHead`.
 
 Exactness. Integers are held in int64 tensors. Convolutions run as float convolutions of
 integer-valued tensors (PyTorch has no integer convolution on CPU): float32 where every partial
@@ -49,7 +50,7 @@ quantizer), :mod:`.network` (the integer backbone and head built from them), :mo
 (save / load).
 """
 from .export import integer_summary, to_integer
-from .network import IntegerBackbone, IntegerHead
+from .network import IntegerFPN, IntegerHead, IntegerResNet
 from .ops import IntAdd, IntConv, IntConvUnit, IntegerConversionError, IntRequant
 from .serialization import INTEGER_FORMAT, INTEGER_FORMAT_VERSION, load_integer_model, save_integer_model
 
@@ -59,7 +60,8 @@ __all__ = [
     "save_integer_model",
     "load_integer_model",
     "integer_summary",
-    "IntegerBackbone",
+    "IntegerFPN",
+    "IntegerResNet",
     "IntegerHead",
     "IntRequant",
     "IntConv",

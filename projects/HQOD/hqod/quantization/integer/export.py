@@ -17,11 +17,12 @@ from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicStem
 
+from ...utils import rebuild_as
 from ..integer_layers import INT32_MAX, IntegerGrid, integer_bias_value, integer_bn_params
 from ..modules import QBottleneckBlock, QConv2d, QFPN, QResNet, QuantizedModule, _OutputQuantBN, _QuantAddBlock, add_alignment
 from ..multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead
 from ..quantizers import Quantizer
-from .network import IntBlock, IntegerBackbone, IntegerHead, IntReLU, IntStem, IntTopBlock
+from .network import IntBlock, IntegerFPN, IntegerHead, IntegerResNet, IntReLU, IntStem
 from .ops import IntAdd, IntConv, IntConvUnit, IntegerConversionError, IntLevel, IntQuantizeInput, IntRequant
 
 __all__ = ["to_integer", "integer_summary"]
@@ -220,7 +221,7 @@ def _export_block(ex: _Exporter, block, input_quant, src: _Val, name: str) -> In
     return IntBlock(units, shortcut, add)
 
 
-def _export_backbone(ex: _Exporter, fpn: FPN) -> IntegerBackbone:
+def _export_backbone(ex: _Exporter, fpn: FPN) -> IntegerFPN:
     resnet = fpn.bottom_up
     if not isinstance(resnet, ResNet) or not isinstance(resnet.stem, BasicStem):
         raise _refuse("not convertible", f"the engine supports detectron2 ResNet backbones, not {type(resnet).__name__}")
@@ -242,8 +243,9 @@ def _export_backbone(ex: _Exporter, fpn: FPN) -> IntegerBackbone:
         for i, (block, input_quant) in enumerate(itertools.islice(block_inputs, len(stage))):
             blocks.append(_export_block(ex, block, input_quant, val, f"backbone.bottom_up.{sname}.{i}"))
             val = _grid_val(block.add_quant)
-        stages.append(nn.Sequential(*blocks))
+        stages.append(blocks)
         bottom_vals[sname] = val
+    int_resnet = IntegerResNet(resnet, stem=IntStem(entry, stem_unit), stages=stages)
     in_features = list(fpn.in_features)
     name_of = {id(m): f"backbone.{n}" for n, m in fpn.named_children()}
     laterals, outputs, adds = [], [], []
@@ -262,31 +264,25 @@ def _export_backbone(ex: _Exporter, fpn: FPN) -> IntegerBackbone:
         outputs.append(ex.conv_unit(out_convs[idx], [val], None, name_of[id(out_convs[idx])]))
     names = list(fpn._out_features)
     n_main = len(outputs)
-    main_names = names[:n_main]
-    scales = {n: u.out_scale for n, u in zip(main_names, reversed(outputs))}
-    bounds = {n: u.out_max_abs for n, u in zip(main_names, reversed(outputs))}
-    top, top_in = None, None
+    scales = {n: u.out_scale for n, u in zip(names, reversed(outputs))}
+    bounds = {n: u.out_max_abs for n, u in zip(names, reversed(outputs))}
+    top = None
     if fpn.top_block is not None:
         tb = fpn.top_block
-        if not isinstance(tb, LastLevelP6P7):
+        if type(tb) is not LastLevelP6P7:
             raise _refuse("not convertible", f"top block {type(tb).__name__} (supported: LastLevelP6P7)")
-        top_in = tb.in_feature
-        src = bottom_vals.get(top_in) or _Val(scales[top_in], bounds[top_in])
-        p6 = ex.conv_unit(tb.p6, [src], None, "backbone.top_block.p6")
-        p7 = ex.conv_unit(tb.p7, [_unit_val(p6)], None, "backbone.top_block.p7")
-        top = IntTopBlock(p6, p7)
-        scales.update(p6=p6.out_scale, p7=p7.out_scale)
-        bounds.update(p6=p6.out_max_abs, p7=p7.out_max_abs)
         if names[n_main:] != ["p6", "p7"]:
             raise _refuse("not convertible", f"unexpected FPN outputs {names}")
-    return IntegerBackbone(
-        stem=IntStem(entry, stem_unit), stages=stages, stage_names=resnet.stage_names,
-        bottom_up_out=list(bottom_vals), in_features=in_features, laterals=laterals, outputs=outputs,
-        adds=adds, top_block=top, top_block_in=top_in, out_features=main_names,
+        src = bottom_vals.get(tb.in_feature) or _Val(scales[tb.in_feature], bounds[tb.in_feature])
+        p6 = ex.conv_unit(tb.p6, [src], None, "backbone.top_block.p6")
+        p7 = ex.conv_unit(tb.p7, [_unit_val(p6)], None, "backbone.top_block.p7")
+        top = rebuild_as(LastLevelP6P7, tb)  # its forward: p6, then p7 on relu(p6)
+        top.p6, top.p7 = p6, p7
+        scales.update(p6=p6.out_scale, p7=p7.out_scale)
+        bounds.update(p6=p6.out_max_abs, p7=p7.out_max_abs)
+    return IntegerFPN(
+        fpn, bottom_up=int_resnet, laterals=laterals, outputs=outputs, adds=adds, top_block=top,
         feature_scales=scales, feature_max_abs=bounds,
-        size_divisibility=fpn.size_divisibility,
-        padding_constraints=getattr(fpn, "padding_constraints", {}),
-        output_shapes=fpn.output_shape(),
     )
 
 
@@ -342,7 +338,7 @@ def to_integer(model: nn.Module, *, multiplier_bits: int = 31) -> nn.Module:
     Convert a trained AQD detector (fake-quant, ``quant.scope="aqd"``, quantizers initialized)
     into the integer-only model: a copy of ``model`` (same meta-architecture, same detectron2
     post-processing) whose ``backbone`` and ``head`` compute with integers
-    (:class:`IntegerBackbone`, :class:`IntegerHead`), on the CPU (it can be moved to a GPU);
+    (:class:`IntegerFPN`, :class:`IntegerHead`), on the CPU (it can be moved to a GPU);
     ``model`` is left as it is.
 
     Args:

@@ -1,14 +1,17 @@
 """
-The integer network: detectron2's ResNet + FPN (:class:`IntegerBackbone`) and a multi-level
-dense head (:class:`IntegerHead`) computed with the operations of :mod:`.ops`.
+The integer network: detectron2's ResNet + FPN (:class:`IntegerResNet`, :class:`IntegerFPN`:
+the quantized model's own structure and forward, with integer units in place of its layers)
+and a multi-level dense head (:class:`IntegerHead`) computed with the operations of :mod:`.ops`.
 """
 from typing import Dict, List, Optional
 
 from torch import Tensor, nn
 
+from ...utils import adopt_state, replace_child
+from ..modules import QFPN, QResNet
 from .ops import IntAdd, IntConvUnit, IntQuantizeInput, max_pool, relu, relu_, scale_output, upsample2
 
-__all__ = ["IntStem", "IntBlock", "IntegerBackbone", "IntTopBlock", "IntegerHead", "IntReLU"]
+__all__ = ["IntStem", "IntBlock", "IntegerResNet", "IntegerFPN", "IntegerHead", "IntReLU"]
 
 
 class IntStem(nn.Module):
@@ -32,7 +35,7 @@ class IntBlock(nn.Module):
         self.add = add
 
     def forward(self, q: Tensor) -> Tensor:
-        out = q
+        out = q  # the grid of q is known to the Eq. 7 add (exported with it)
         for i, unit in enumerate(self.convs):
             out = unit(out)
             if i < len(self.convs) - 1:
@@ -41,74 +44,50 @@ class IntBlock(nn.Module):
         return relu_(self.add(out, sc))
 
 
-class IntegerBackbone(nn.Module):
+class IntegerResNet(QResNet):
+    """The quantized ResNet (its structure, names and ``forward``) with the stem and the
+    blocks computing on integers (:class:`IntStem`, :class:`IntBlock`)."""
+
+    def __init__(self, resnet: QResNet, *, stem: IntStem, stages: List[List[IntBlock]]):
+        adopt_state(self, resnet)
+        self.stem = stem
+        for name, blocks in zip(self.stage_names, stages):
+            replace_child(self, name, nn.Sequential(*blocks))  # new stages: ``resnet`` keeps its own
+
+
+class IntegerFPN(QFPN):
     """
-    detectron2's ResNet + FPN (+ P6/P7) in integers: ``forward(image)`` takes the normalized
-    float image and returns ``{name: int64 tensor}``; ``feature_scales[name]`` and
-    ``feature_max_abs[name]`` are the scales and integer bounds of those features.
+    The quantized FPN (+ P6/P7; its structure, names and ``forward``) on integers: laterals,
+    outputs and the top block's convs are :class:`IntConvUnit`, the bottom-up network an
+    :class:`IntegerResNet`, the top-down adds :class:`IntAdd` (Eq. 7), the upsampling exact
+    on integers. ``forward(image)`` takes the normalized float image and returns
+    ``{name: int64 tensor}``; ``feature_scales[name]`` and ``feature_max_abs[name]`` are the
+    scales and integer bounds of those features.
     """
 
-    def __init__(self, *, stem, stages, stage_names, bottom_up_out, in_features, laterals, outputs, adds,
-                 top_block, top_block_in, out_features, feature_scales, feature_max_abs,
-                 size_divisibility, padding_constraints, output_shapes):
-        super().__init__()
-        self.stem = stem
-        self.stages = nn.ModuleList(stages)
-        self.stage_names = list(stage_names)
-        self.bottom_up_out = list(bottom_up_out)
-        self.in_features = list(in_features)
-        self.laterals = nn.ModuleList(laterals)
-        self.outputs = nn.ModuleList(outputs)
-        self.adds = nn.ModuleList(adds)
+    def __init__(self, fpn: QFPN, *, bottom_up: IntegerResNet, laterals: List[IntConvUnit], outputs: List[IntConvUnit],
+                 adds: List[IntAdd], top_block: Optional[nn.Module], feature_scales, feature_max_abs):
+        adopt_state(self, fpn)
+        names = {id(m): n for n, m in fpn.named_children()}
+        for old, new in zip(fpn.lateral_convs + fpn.output_convs, laterals + outputs):
+            replace_child(self, names[id(old)], new)
+        self.bottom_up = bottom_up
         self.top_block = top_block
-        self.top_block_in = top_block_in
-        self.out_features = list(out_features)
+        del self.fuse_quants
+        self.adds = nn.ModuleList(adds)
         self.feature_scales = dict(feature_scales)
         self.feature_max_abs = dict(feature_max_abs)
-        self._size_divisibility = size_divisibility
-        self._padding_constraints = dict(padding_constraints or {})
-        self._output_shapes = dict(output_shapes)
 
-    @property
-    def size_divisibility(self):
-        return self._size_divisibility
+    def upsample(self, q):
+        return upsample2(q)
 
-    @property
-    def padding_constraints(self):
-        return self._padding_constraints
-
-    def output_shape(self):
-        return dict(self._output_shapes)
+    def fuse(self, idx: int, lateral, top_down):
+        return self.adds[idx - 1](lateral, top_down)
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         if self.training:
             raise RuntimeError("The integer-only model is for inference: call .eval().")
-        q = self.stem(x)
-        bottom_up = {}
-        for name, stage in zip(self.stage_names, self.stages):
-            q = stage(q)
-            if name in self.bottom_up_out:
-                bottom_up[name] = q
-        results = []
-        prev = self.laterals[0](bottom_up[self.in_features[-1]])
-        results.append(self.outputs[0](prev))
-        for idx in range(1, len(self.laterals)):
-            lateral = self.laterals[idx](bottom_up[self.in_features[-idx - 1]])
-            prev = self.adds[idx - 1](lateral, upsample2(prev))
-            results.insert(0, self.outputs[idx](prev))
-        out = dict(zip(self.out_features, results))
-        if self.top_block is not None:
-            src = bottom_up[self.top_block_in] if self.top_block_in in bottom_up else out[self.top_block_in]
-            p6 = self.top_block.p6(src)
-            out["p6"] = p6
-            out["p7"] = self.top_block.p7(relu(p6))
-        return {name: out[name] for name in self.out_features + (["p6", "p7"] if self.top_block is not None else [])}
-
-
-class IntTopBlock(nn.Module):
-    def __init__(self, p6: IntConvUnit, p7: IntConvUnit):
-        super().__init__()
-        self.p6, self.p7 = p6, p7
+        return super().forward(x)
 
 
 class IntegerHead(nn.Module):
