@@ -226,28 +226,20 @@ def test_integer_model_loads_as_data(detectors, tmp_path, weights_only_calls):
     assert torch.equal(ours.scores, theirs.scores)
 
 
-def test_integer_model_saved_before_the_engine_was_split_loads(detectors, tmp_path):
-    """A file whose pickle names the engine's classes as they were named when it was one module
-    (hqod.quantization.integer.IntConv, ..._IntReLU) loads as data into the same classes."""
-    import zipfile
-
+def test_format_1_integer_model_is_refused_with_the_command(detectors, tmp_path):
+    """A file of format 1 (the pickled integer module of earlier versions) is refused before
+    anything is unpickled, with the command that exports it again."""
     *_, int_model = detectors
-    path, legacy = str(tmp_path / "v1.pth"), str(tmp_path / "legacy.pth")
-    torch.save({"format": INTEGER_FORMAT, "version": 1, "model": int_model, "metadata": {}}, path)  # format 1
-    assert [type(m) for m in load_integer_model(path).modules()] == [type(m) for m in int_model.modules()]
-    with zipfile.ZipFile(path) as src, zipfile.ZipFile(legacy, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename.endswith("data.pkl"):  # GLOBAL opcodes: "c<module>\n<name>\n"
-                data = data.replace(b"hqod.quantization.integer.network\nIntReLU\n", b"hqod.quantization.integer\n_IntReLU\n")
-                data = data.replace(b"hqod.quantization.integer.ops\n", b"hqod.quantization.integer\n")
-                data = data.replace(b"hqod.quantization.integer.network\n", b"hqod.quantization.integer\n")
-            dst.writestr(item, data)
-    pickled = set(torch.serialization.get_unsafe_globals_in_checkpoint(legacy))
-    assert {"hqod.quantization.integer.IntConv", "hqod.quantization.integer._IntReLU"} <= pickled
-    assert not any(name.startswith(("hqod.quantization.integer.ops", "hqod.quantization.integer.network")) for name in pickled)
-    loaded = load_integer_model(legacy)
-    assert [type(m) for m in loaded.modules()] == [type(m) for m in int_model.modules()]
+    path = str(tmp_path / "v1.pth")
+    torch.save({"format": INTEGER_FORMAT, "version": 1, "model": int_model, "metadata": {}}, path)
+    with pytest.raises(ValueError) as e:
+        load_integer_model(path)
+    assert str(e.value) == (
+        f"{path} is an integer model of format 1 (a pickled module, written by an earlier version); "
+        "integer models are now rebuilt from their config and trained weights. Export it again "
+        "from its fake-quant checkpoint: python tools/export_integer.py --config-file <config> "
+        "--checkpoint <model_final.pth>"
+    )
 
 
 def test_refusal_names_a_type_the_pickle_builds_without_a_global(tmp_path):

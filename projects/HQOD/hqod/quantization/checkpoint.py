@@ -4,8 +4,8 @@ checkpointer, :class:`hqod.engine.Checkpointer`.)
 
 Checkpoints may come from anywhere (a model zoo, a colleague), and unpickling arbitrary objects
 runs code. :func:`load_torch_file` reads them with ``torch.load(weights_only=True)``: tensors,
-containers, plain values and the few types our own files hold (:func:`checkpoint_globals`,
-:func:`integer_model_globals`); anything else is refused unless the environment variable
+containers, plain values and the few types our own files hold (:func:`checkpoint_globals`);
+anything else is refused unless the environment variable
 ``HQOD_TRUST_CHECKPOINTS=1`` says the source is trusted.
 """
 import logging
@@ -13,26 +13,14 @@ import os
 import pickle
 import re
 import warnings
-from collections import defaultdict
 from typing import Any, List
 
 import numpy as np
 import torch
-from omegaconf import ListConfig
-from omegaconf.base import ContainerMetadata, Metadata
-from omegaconf.nodes import AnyNode
-from torch import nn
-
-from detectron2.layers import ShapeSpec
-from detectron2.modeling.box_regression import Box2BoxTransform, Box2BoxTransformLinear
-from detectron2.modeling.matcher import Matcher
-
-from ..utils import all_subclasses
 
 __all__ = [
     "load_torch_file",
     "checkpoint_globals",
-    "integer_model_globals",
     "UntrustedCheckpointError",
     "TRUST_ENV",
 ]
@@ -40,9 +28,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TRUST_ENV = "HQOD_TRUST_CHECKPOINTS"
-# Where the nn.Module classes a pickled detector may hold come from (torch.nn's layers live in
-# torch.nn.modules; the rest of torch.nn, e.g. DistributedDataParallel, is never saved).
-_MODULE_NAMESPACES = ("torch.nn.modules.", "detectron2.", "hqod.")
 
 
 class UntrustedCheckpointError(ValueError):
@@ -57,25 +42,6 @@ def checkpoint_globals() -> List[Any]:
     rebuild = keys.__reduce__()[0]  # numpy._core.multiarray._reconstruct
     # NumPy < 2 wrote the same function under its old module name
     return [rebuild, (rebuild, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, type(keys.dtype)]
-
-
-def integer_model_globals() -> List[Any]:
-    """
-    The types a model file of ``save_integer_model`` (a pickled detector) holds beside tensors:
-
-    * every nn.Module subclass of torch.nn, detectron2 and hqod — computed from the classes
-      defined, so a new layer needs no entry here;
-    * the plain objects detectron2's detectors keep as attributes: output shapes, box transforms,
-      the anchor matcher, and the omegaconf lists that LazyConfig's ``instantiate`` passes for
-      list arguments (e.g. ``head_in_features``) with the type tags of their metadata.
-    """
-    import hqod.modeling  # noqa: F401  (defines hqod's detectors: they are subclasses from now on)
-
-    modules = [c for c in all_subclasses(nn.Module) if c.__module__.startswith(_MODULE_NAMESPACES)]
-    detectron2_helpers = [ShapeSpec, Box2BoxTransform, Box2BoxTransformLinear, Matcher]
-    omegaconf_helpers = [ListConfig, ContainerMetadata, Metadata, AnyNode, defaultdict]
-    type_tags = [(Any, "typing.Any"), list, dict, int]
-    return modules + detectron2_helpers + omegaconf_helpers + type_tags
 
 
 def _offending(path, error) -> str:

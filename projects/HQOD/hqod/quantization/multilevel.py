@@ -234,7 +234,11 @@ class MultiLevelHead(nn.Module, QuantizedModule):
     def forward_level(self, feature: torch.Tensor, level: int):
         """This level's outputs, one per predictor in the declared order."""
         towers = {name: self._modules[name](feature, level) for name in self.spec.towers}
-        return tuple(self._modules[pred](towers[tower]) for pred, tower in self.spec.predictors.items())
+        return tuple(self.predict(pred, towers[tower], level) for pred, tower in self.spec.predictors.items())
+
+    def predict(self, name: str, x: torch.Tensor, level: int) -> torch.Tensor:
+        """The predictor ``name`` on a tower's output (the same for every level here)."""
+        return self._modules[name](x)
 
     def extra_repr(self):
         return f"quantized {self.float_type.__qualname__}, {self.num_levels} levels, predictors={self.spec.predictors}"

@@ -22,7 +22,7 @@ from ..integer_layers import INT32_MAX, IntegerGrid, integer_bias_value, integer
 from ..modules import QBottleneckBlock, QConv2d, QFPN, QResNet, QuantizedModule, _OutputQuantBN, _QuantAddBlock, add_alignment
 from ..multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead
 from ..quantizers import Quantizer
-from .network import IntBlock, IntegerFPN, IntegerHead, IntegerResNet, IntReLU, IntStem
+from .network import IntBlock, IntegerFPN, IntegerHead, IntegerResNet, IntegerTower, IntReLU, IntStem
 from .ops import IntAdd, IntConv, IntConvUnit, IntegerConversionError, IntLevel, IntQuantizeInput, IntRequant
 
 __all__ = ["to_integer", "integer_summary"]
@@ -290,7 +290,7 @@ def _export_head(ex: _Exporter, head: MultiLevelHead, feature_vals: List[_Val]) 
     if not isinstance(head, MultiLevelHead):
         raise _refuse("not convertible", f"head {type(head).__name__} is not a quantized multi-level head")
     towers, tower_vals = {}, {}
-    for tname in sorted(set(head.spec.predictors.values())):
+    for tname in head.spec.towers:
         tower = getattr(head, tname)
         if not isinstance(tower, LevelSequential):
             raise _refuse("not convertible", f"head.{tname} is a {type(tower).__name__}")
@@ -316,11 +316,11 @@ def _export_head(ex: _Exporter, head: MultiLevelHead, feature_vals: List[_Val]) 
             else:
                 raise _refuse("not convertible", f"head.{tname}.{i} is a {type(layer).__name__}")
             i += 1
-        towers[tname], tower_vals[tname] = ops, vals
+        towers[tname], tower_vals[tname] = IntegerTower(*ops), vals
     predictors = {}
     for pname, tname in head.spec.predictors.items():
         predictors[pname] = ex.conv_unit(getattr(head, pname), tower_vals[tname], None, f"head.{pname}")
-    return IntegerHead(towers, predictors, head.spec.predictors)
+    return IntegerHead(head, towers=towers, predictors=predictors)
 
 
 class _BNView:

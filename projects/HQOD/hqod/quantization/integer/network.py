@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from ...utils import adopt_state, replace_child
 from ..modules import QFPN, QResNet
+from ..multilevel import MultiLevelHead
 from .ops import IntAdd, IntConvUnit, IntQuantizeInput, max_pool, relu, relu_, scale_output, upsample2
 
-__all__ = ["IntStem", "IntBlock", "IntegerResNet", "IntegerFPN", "IntegerHead", "IntReLU"]
+__all__ = ["IntStem", "IntBlock", "IntegerResNet", "IntegerFPN", "IntegerTower", "IntegerHead", "IntReLU"]
 
 
 class IntStem(nn.Module):
@@ -90,39 +91,42 @@ class IntegerFPN(QFPN):
         return super().forward(x)
 
 
-class IntegerHead(nn.Module):
+class IntegerTower(nn.Sequential):
+    """A head tower on integers, called as the quantized tower is (``tower(q, level)``): conv
+    units (conv + the level's integer BN + requantization) and ReLUs."""
+
+    def forward(self, q: Tensor, level: int) -> Tensor:
+        x = q
+        for op in self:
+            if isinstance(op, IntConvUnit):
+                x = op(x, level)
+            else:  # a ReLU: in place, except on the tower's input
+                x = relu(x) if x is q else relu_(x)
+        return x
+
+
+class IntegerHead(MultiLevelHead):
     """
-    A multi-level head in integers: per FPN level, the towers (conv, integer BN of that level,
-    requantization, ReLU) and the predictors, whose int32 outputs leave the network multiplied by
-    their scales (``output_scales``: a float, or one per channel with per-channel weights) — the
-    only float multiply of the head. Returns the
-    float head's structure (one list per output, one tensor per level).
+    The quantized multi-level head (its declaration, names and ``forward``) on integers: its
+    towers are :class:`IntegerTower`, its predictors :class:`IntConvUnit`, whose int32 outputs
+    leave the network multiplied by their scales (``output_scales``: a float, or one per channel
+    with per-channel weights) — the only float multiply of the head. Returns the float head's
+    structure (one list per output, one tensor per level).
     """
 
-    def __init__(self, towers: Dict[str, List[nn.Module]], predictors: Dict[str, IntConvUnit], predictor_inputs: Dict[str, str]):
-        super().__init__()
-        self.towers = nn.ModuleDict({k: nn.ModuleList(v) for k, v in towers.items()})
-        self.predictors = nn.ModuleDict(predictors)
-        self.predictor_inputs = dict(predictor_inputs)
-        self.output_names = list(predictor_inputs)
+    def __init__(self, head: MultiLevelHead, *, towers: Dict[str, IntegerTower], predictors: Dict[str, IntConvUnit]):
+        adopt_state(self, head)
+        for name, module in {**towers, **predictors}.items():
+            replace_child(self, name, module)
+        self.output_names = list(self.spec.predictors)
         self.output_scales = [predictors[k].acc_scale for k in self.output_names]
+
+    def predict(self, name: str, x: Tensor, level: int) -> Tensor:
+        return self._modules[name](x, level)
 
     def forward_integer(self, features: List[Tensor]) -> List[List[Tensor]]:
         """The predictors' integer outputs (int64), per output and level."""
-        outs = {k: [] for k in self.output_names}
-        for level, feature in enumerate(features):
-            tower_out = {}
-            for name, tower in self.towers.items():
-                q = feature
-                for op in tower:
-                    if isinstance(op, IntConvUnit):
-                        q = op(q, level)
-                    else:
-                        q = relu(q) if q is feature else relu_(q)
-                tower_out[name] = q
-            for k in self.output_names:
-                outs[k].append(self.predictors[k](tower_out[self.predictor_inputs[k]], level))
-        return [outs[k] for k in self.output_names]
+        return list(super().forward(features))
 
     def forward(self, features: List[Tensor]):
         if self.training:
@@ -133,6 +137,5 @@ class IntegerHead(nn.Module):
 
 
 class IntReLU(nn.Module):
-    def forward(self, q, level=0):
-        return relu_(q)
+    """A ReLU of an :class:`IntegerTower`."""
 

@@ -3,7 +3,7 @@ Save / load of an integer model: the file holds what the model is made from — 
 YAML) and the state dict of the trained fake-quant detector — and :func:`load_integer_model`
 rebuilds the model with :func:`~.export.to_integer`, which is deterministic: the same integers.
 The file is plain data (tensors, strings, numbers). Files of format version 1 (a pickled integer
-module) still load, as data with an allow-list of classes.
+module, written by earlier versions) are refused with the command that exports them again.
 """
 import os
 import tempfile
@@ -12,23 +12,12 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from . import network, ops
 from .export import to_integer
 
 __all__ = ["INTEGER_FORMAT", "INTEGER_FORMAT_VERSION", "save_integer_model", "load_integer_model"]
 
 INTEGER_FORMAT = "hqod-integer-detector"
-INTEGER_FORMAT_VERSION = 2  # 1: the pickled integer module
-
-
-def legacy_globals():
-    """The engine's classes under the names that files saved before it was split into modules
-    give them (``hqod.quantization.integer.<class>``; ``IntReLU`` was ``_IntReLU``): the same
-    classes, so those files still load."""
-    classes = {name: getattr(m, name) for m in (ops, network) for name in m.__all__}
-    classes = {name: c for name, c in classes.items() if isinstance(c, type) and issubclass(c, nn.Module)}
-    classes["_IntReLU"] = network.IntReLU
-    return [(c, f"hqod.quantization.integer.{name}") for name, c in classes.items()]
+INTEGER_FORMAT_VERSION = 2  # 1: the pickled integer module (no longer read)
 
 
 def _config_yaml(cfg) -> str:
@@ -106,20 +95,27 @@ def load_integer_model(path: str, map_location="cpu") -> nn.Module:
     """Load a model saved by :func:`save_integer_model`; returns it in eval mode with
     ``.metadata``. The file is read as data (``torch.load(weights_only=True)``); a file holding
     other objects is refused with a ValueError naming them, unless the environment variable
-    ``HQOD_TRUST_CHECKPOINTS=1`` (full unpickling, with a warning). Version-1 files (a pickled
-    module) load with the module classes of torch.nn, detectron2 and hqod and the plain objects
-    detectors hold allowed (:func:`~hqod.quantization.checkpoint.integer_model_globals`)."""
-    from ..checkpoint import integer_model_globals, load_torch_file
+    ``HQOD_TRUST_CHECKPOINTS=1`` (full unpickling, with a warning). A file of format 1 (a
+    pickled integer module) is refused with the command that exports it again."""
+    from ..checkpoint import load_torch_file
 
-    obj = load_torch_file(path, integer_model_globals() + legacy_globals(), map_location=map_location)
+    try:  # a static read of the pickle's globals: nothing runs
+        pickled = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError):  # not a zip file: load_torch_file says what it is
+        pickled = []
+    if any(name.startswith("hqod.quantization.integer") for name in pickled):
+        raise ValueError(
+            f"{path} is an integer model of format 1 (a pickled module, written by an earlier "
+            "version); integer models are now rebuilt from their config and trained weights. "
+            "Export it again from its fake-quant checkpoint: python tools/export_integer.py "
+            "--config-file <config> --checkpoint <model_final.pth>"
+        )
+    obj = load_torch_file(path, map_location=map_location)
     if not isinstance(obj, dict) or obj.get("format") != INTEGER_FORMAT:
         raise ValueError(f"{path} is not an integer model saved by save_integer_model().")
     version = obj.get("version")
-    if version == 1:
-        model = obj["model"]
-    elif version == INTEGER_FORMAT_VERSION:
-        model = _rebuild(obj, path)
-    else:
-        raise ValueError(f"{path}: integer model format version {version}, expected 1 or {INTEGER_FORMAT_VERSION}.")
+    if version != INTEGER_FORMAT_VERSION:
+        raise ValueError(f"{path}: integer model format version {version}, expected {INTEGER_FORMAT_VERSION}.")
+    model = _rebuild(obj, path)
     model.metadata = obj.get("metadata", {})
     return model.eval()
