@@ -96,10 +96,8 @@ def test_initialization_and_mse_search_per_channel(method):
     w = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0))
     w[1] *= 10.0  # channels of very different ranges
     w[3] *= 0.01
-    per_channel = QUANTIZERS.get(method)(bits=3, signed=True, granularity="channel", channels=4)
-    singles = [QUANTIZERS.get(method)(bits=3, signed=True) for _ in range(4)]
-    for q in [per_channel] + singles:
-        q.step_init = "mse"
+    per_channel = QUANTIZERS.get(method)(bits=3, signed=True, granularity="channel", channels=4, step_init="mse")
+    singles = [QUANTIZERS.get(method)(bits=3, signed=True, step_init="mse") for _ in range(4)]
     per_channel.observe(w)
     for c, q in enumerate(singles):
         q.observe(w[c : c + 1])

@@ -177,9 +177,9 @@ class ConversionContext:
         channel of dim 0. ``output=True`` for quantizers of layer outputs, which a later op may
         modify in place (the output is then not saved)."""
         granularity = {} if channels is None else {"granularity": "channel", "channels": channels}
-        q = QUANTIZERS.get(self.qcfg.method)(bits=bits, signed=signed, **granularity)
-        q.save_output = not output
-        q.step_init = self.qcfg.step_init
+        q = QUANTIZERS.get(self.qcfg.method)(
+            bits=bits, signed=signed, step_init=self.qcfg.step_init, save_output=not output, **granularity
+        )
         kind = ("signed" if signed else "unsigned") + ("" if channels is None else ", per channel")
         self.num_quantizers[(bits, kind)] += 1
         return q

@@ -129,8 +129,16 @@ class Quantizer(nn.Module):
 
     eps = STEP_EPS
 
-    def __init__(self, *, bits: int, signed: bool, granularity: str = "tensor", channels: Optional[int] = None):
+    def __init__(
+        self, *, bits: int, signed: bool, granularity: str = "tensor", channels: Optional[int] = None,
+        step_init: str = "paper", save_output: bool = True,
+    ):
+        """``step_init``: how calibration sets the step (one of ``STEP_INITS``, read by
+        :func:`~.calibration.calibrate`); ``save_output=False`` where a later op may modify the
+        output in place (see :func:`~.functional.fake_quantize_ste`)."""
         super().__init__()
+        if step_init not in STEP_INITS:
+            raise ValueError(f"step_init must be one of {list(STEP_INITS)}; got {step_init!r}.")
         if not isinstance(signed, bool):
             raise ValueError(f"signed must be a bool; got {signed!r}.")
         if granularity not in GRANULARITIES:
@@ -151,11 +159,10 @@ class Quantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
         self.fake_quant_enabled = True
         self.observer_enabled = False
-        # Set False where a later op may modify the output in place (see fake_quantize_ste).
-        self.save_output = True
+        self.save_output = save_output
         self._num_observed = 0
         self._known_initialized = False  # cache of ``initialized`` (avoids a device sync per call)
-        self.step_init = "paper"  # one of STEP_INITS (quant.step_init): read by calibrate()
+        self.step_init = step_init
         self._search_base = self._search_errors = None  # the step search, while it runs
 
     # ---- modes ----
@@ -343,8 +350,8 @@ class LSQQuantizer(Quantizer):
     ``2 * mean|x| / sqrt(Qp)`` from the first batch or the calibration data.
     """
 
-    def __init__(self, *, bits: int, signed: bool, **granularity):
-        super().__init__(bits=bits, signed=signed, **granularity)
+    def __init__(self, *, bits: int, signed: bool, **options):
+        super().__init__(bits=bits, signed=signed, **options)
         self.scale = self._new_param(1.0)
 
     def _param(self):
@@ -381,8 +388,8 @@ class TQTQuantizer(Quantizer):
     calibration, ``t = min(max|x|, 3 * rms(x))``.
     """
 
-    def __init__(self, *, bits: int, signed: bool, **granularity):
-        super().__init__(bits=bits, signed=signed, **granularity)
+    def __init__(self, *, bits: int, signed: bool, **options):
+        super().__init__(bits=bits, signed=signed, **options)
         self.log2_threshold = self._new_param(0.0)
         self._log2_levels = bits - 1 if signed else bits
 
@@ -434,8 +441,8 @@ class LQQuantizer(Quantizer):
     ``nu``: the interval whose step equals LSQ's initial step (AQD used 1.0 or a warm-up).
     """
 
-    def __init__(self, *, bits: int, signed: bool, **granularity):
-        super().__init__(bits=bits, signed=signed, **granularity)
+    def __init__(self, *, bits: int, signed: bool, **options):
+        super().__init__(bits=bits, signed=signed, **options)
         self.interval = self._new_param(1.0)
         self._levels = 2**bits - 1  # L
         # The zero-free signed grid has the step 2 nu / L and is offset by half the range.
@@ -486,8 +493,8 @@ class TorchLSQQuantizer(Quantizer):
     Eq. 3 where ``x/s`` lies within half a step outside the range). Kept for comparison.
     """
 
-    def __init__(self, *, bits: int, signed: bool, **granularity):
-        super().__init__(bits=bits, signed=signed, **granularity)
+    def __init__(self, *, bits: int, signed: bool, **options):
+        super().__init__(bits=bits, signed=signed, **options)
         self.scale = nn.Parameter(torch.ones(self.channels or 1))
         self.register_buffer("zero_point", torch.zeros(self.channels or 1))
 
