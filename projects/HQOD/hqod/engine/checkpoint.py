@@ -208,16 +208,17 @@ class Checkpointer(DetectionCheckpointer):
                 f"checkpoint (embedded dataset: {pretrain_command(ours)}; COCO/VOC: "
                 f"{convert_command(ours)}), or set the depth to {theirs}."
             )
-        if self.strict and not checkpoint.get("matching_heuristics"):
-            strip = "module." if state and all(k.startswith("module.") for k in state) else ""
+        if self.strict and not checkpoint.get("matching_heuristics"):  # before anything loads
+            strip = len("module.") if state and all(k.startswith("module.") for k in state) else 0
+            shapes = {k[strip:]: tuple(v.shape) for k, v in state.items()}
             self._refuse_shapes(path, [
-                (k[len(strip):], tuple(v.shape), tuple(model_state[k[len(strip):]].shape))
-                for k, v in state.items()
-                if k[len(strip):] in model_state and tuple(v.shape) != tuple(model_state[k[len(strip):]].shape)
+                (k, shape, tuple(model_state[k].shape))
+                for k, shape in shapes.items() if k in model_state and shape != tuple(model_state[k].shape)
             ])  # fmt: skip
-        quantizers = tuple(f"{n}." for n, m in _unwrap(self.model).named_modules() if isinstance(m, Quantizer))
+        # (fvcore's Checkpointer keeps the model unwrapped from DDP)
+        quantizers = tuple(f"{n}." for n, m in self.model.named_modules() if isinstance(m, Quantizer))
         fp32_into_quantized = bool(quantizers) and not any(k.startswith(quantizers) for k in model_state if k in state)
-        expanded = shared_bn_keys(_unwrap(self.model), state) if fp32_into_quantized else []
+        expanded = shared_bn_keys(self.model, state) if fp32_into_quantized else []
         incompatible = super()._load_model(checkpoint)
         if incompatible is None:
             return None

@@ -6,8 +6,9 @@ it names the float types it converts (``float_types``, exact types), and
 ``from_float(module, name=..., ctx=...)`` constructs the quantized layer from the float one and
 its new quantizers (``__init__(float_module, *, <quantizers>)``): the new layer holds the float
 layer's parameters, buffers and children, the same objects under the same names
-(:func:`hqod.utils.adopt_state`), so FP32 state-dict keys are unchanged; the quantizers add keys of their own (``*.weight_quant.*``,
-``*.input_quant.*``, ``*.output_quant.*``, ``*.add_quant.*``, ``*.fuse_quants.*``).
+(:func:`hqod.utils.adopt_state`), so FP32 state-dict keys are unchanged; the quantizers add
+keys of their own (``*.weight_quant.*``, ``*.input_quant.*``, ``*.output_quant.*``,
+``*.add_quant.*``, ``*.fuse_quants.*``).
 ``from_float`` returns None to leave the module as it is (another scope, or a layer kept FP32).
 
 Supporting a new layer type = registering one class. Where quantizers sit:
@@ -186,6 +187,7 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
     """
 
     float_types = (nn.Conv2d, Conv2d)
+
     def __init__(self, conv: nn.Conv2d, *, weight_quant, input_quant, integer_aware: bool = False):
         """``conv`` with the given quantizers; ``integer_aware`` (scope ``aqd``): integer bias
         and integer BN (AQD Eq. 4-6)."""

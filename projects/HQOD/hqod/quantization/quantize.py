@@ -3,8 +3,8 @@
 QAT model, in place, through ``QUANT_MODULES``.
 
 Order of use (tools/train_net.py): build the FP32 model -> ``quantize_model`` -> load the FP32
-checkpoint (``hqod.engine.Checkpointer``) -> ``calibrate`` -> optimizer with ``get_qat_optimizer_params`` (zero
-weight decay on steps) -> DDP -> train.
+checkpoint (``hqod.engine.Checkpointer``) -> ``calibrate`` -> optimizer with
+``get_qat_optimizer_params`` (zero weight decay on steps) -> DDP -> train.
 """
 import logging
 from collections import Counter

@@ -36,7 +36,7 @@ class IntBlock(nn.Module):
         self.add = add
 
     def forward(self, q: Tensor) -> Tensor:
-        out = q  # the grid of q is known to the Eq. 7 add (exported with it)
+        out = q
         for i, unit in enumerate(self.convs):
             out = unit(out)
             if i < len(self.convs) - 1:
