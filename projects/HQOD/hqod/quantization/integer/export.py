@@ -22,7 +22,7 @@ from ..integer_layers import INT32_MAX, IntegerGrid, integer_bias_value, integer
 from ..modules import QBottleneckBlock, QConv2d, QFPN, QResNet, QuantizedModule, _OutputQuantBN, _QuantAddBlock, add_alignment
 from ..multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead
 from ..quantizers import Quantizer
-from .network import IntBlock, IntegerFPN, IntegerHead, IntegerResNet, IntegerTower, IntReLU, IntStem
+from .network import IntBlock, IntegerFPN, IntegerHead, IntegerResNet, IntegerTower, IntStem
 from .ops import IntAdd, IntConv, IntConvUnit, IntegerConversionError, IntLevel, IntQuantizeInput, IntRequant
 
 __all__ = ["to_integer", "integer_summary"]
@@ -312,7 +312,7 @@ def _export_head(ex: _Exporter, head: MultiLevelHead, feature_vals: List[_Val]) 
                 ops.append(unit)
                 vals = [_unit_val(unit)] * len(vals)
             elif isinstance(layer, nn.ReLU):
-                ops.append(IntReLU())
+                ops.append(nn.ReLU())
             else:
                 raise _refuse("not convertible", f"head.{tname}.{i} is a {type(layer).__name__}")
             i += 1

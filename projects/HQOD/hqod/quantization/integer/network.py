@@ -12,7 +12,7 @@ from ..modules import QFPN, QResNet
 from ..multilevel import MultiLevelHead
 from .ops import IntAdd, IntConvUnit, IntQuantizeInput, max_pool, relu, relu_, scale_output, upsample2
 
-__all__ = ["IntStem", "IntBlock", "IntegerResNet", "IntegerFPN", "IntegerTower", "IntegerHead", "IntReLU"]
+__all__ = ["IntStem", "IntBlock", "IntegerResNet", "IntegerFPN", "IntegerTower", "IntegerHead"]
 
 
 class IntStem(nn.Module):
@@ -93,7 +93,8 @@ class IntegerFPN(QFPN):
 
 class IntegerTower(nn.Sequential):
     """A head tower on integers, called as the quantized tower is (``tower(q, level)``): conv
-    units (conv + the level's integer BN + requantization) and ReLUs."""
+    units (conv + the level's integer BN + requantization) and ``nn.ReLU`` (applied on the
+    integers)."""
 
     def forward(self, q: Tensor, level: int) -> Tensor:
         x = q
@@ -134,8 +135,3 @@ class IntegerHead(MultiLevelHead):
         outs = self.forward_integer(features)
         # where the outputs leave the network: the per-output scale alpha_conv, applied once
         return tuple([scale_output(q, scale) for q in per_level] for per_level, scale in zip(outs, self.output_scales))
-
-
-class IntReLU(nn.Module):
-    """A ReLU of an :class:`IntegerTower`."""
-
