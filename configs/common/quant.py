@@ -31,7 +31,8 @@ Fields (validated by ``hqod.quantization.QuantConfig``, which documents them in 
   keep_unknown_fp32 False: a layer type without a quantized version is an error naming it
   multi_level_bn    one BN per FPN level in the shared head, indexed by level (AQD)
   step_init         "mse": each quantizer's initial step minimizes its squared quantization
-                    error on the calibration data; "paper": the quantizer's own rule
+                    error on the calibration data; "paper": the quantizer's own rule; "minmax":
+                    the largest |x| seen is the largest level (post-training quantization)
   weight_granularity "tensor" (the papers') | "channel": one learned step per output channel
   calib_images      images of the calibration pass before QAT (0: init on the first batch)
 """

@@ -23,7 +23,7 @@ from hqod.pretrain import (
     pretrain_command,
     pretrained_backbone_path,
 )
-from hqod.quantization import QuantConfig, calibrate, quantize_model
+from hqod.quantization import QuantConfig, calibrate, quantize_model, uninitialized_quantizers
 
 from .amp import trainer_class
 from .checkpoint import Checkpointer, ExtraTrainingState
@@ -41,7 +41,8 @@ def _dataset_names(loader_cfg):
 
 
 def build_model(cfg):
-    """``cfg.model``, quantized by ``cfg.quant`` when the config has that node, on its device.
+    """``cfg.model``, quantized by ``cfg.quant`` when the config has that node (with a ``ptq``
+    node: BN folded and the head quantizer PTQ uses, :func:`hqod.ptq.prepare_model`), on its device.
     Dense detectors keep their loss-normalizer EMAs in buffers, over all processes
     (:mod:`hqod.engine.loss_normalizers`); in several processes BN is synchronized everywhere
     (:mod:`hqod.engine.distributed`): N processes train as one with the same total batch."""
@@ -56,10 +57,15 @@ def build_model(cfg):
         ) from e
     if cfg.get("quant") is not None:
         try:
-            model = quantize_model(model, cfg.quant)
+            if cfg.get("ptq") is not None:  # the structure post-training quantization made
+                from hqod.ptq import prepare_model
+
+                model = prepare_model(model, cfg.quant, cfg.ptq)
+            else:
+                model = quantize_model(model, cfg.quant)
         except ValueError as e:  # bad bits, method, scope, layer names: the message says which
             msg = str(e)
-            raise UserError(msg if msg.startswith("quant.") else f"quant: {msg}") from e
+            raise UserError(msg if msg.startswith(("quant.", "ptq.")) else f"quant: {msg}") from e
     track_loss_normalizers(model)
     model.to(resolve_device(cfg.train.device))
     if comm.get_world_size() > 1:
@@ -93,6 +99,9 @@ def init_qat(cfg, model, data_loader):
         Checkpointer(model, strict=True).load(path)
     else:
         logger.warning("QAT from scratch: train.init_checkpoint is empty (no FP32 detector).")
+    if not uninitialized_quantizers(model):  # a quantized checkpoint (PTQ -> QAT): calibrated
+        logger.info("Every quantizer was restored from the checkpoint: no calibration pass.")
+        return
     with torch.no_grad():
         # QuantConfig holds the default of a node without the key, as for every quant field
         calibrate(model, data_loader, QuantConfig.from_cfg(cfg.quant).calib_images)

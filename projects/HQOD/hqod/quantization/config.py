@@ -37,7 +37,8 @@ Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
   step of least squared quantization error, searched in a second pass over as many images from
   1/8 to 4 times the quantizer's own rule in steps of 2^(1/8) (the HQOD authors' code
   initializes activation steps by MSE); ``"paper"`` the quantizer's own rule (LSQ and LQ:
-  LSQ's ``2 * mean|x| / sqrt(Qp)``; TQT: its 3-sigma threshold). Without calibration
+  LSQ's ``2 * mean|x| / sqrt(Qp)``; TQT: its 3-sigma threshold); ``"minmax"`` the grid whose
+  largest level is the largest |x| seen (the plain observer of post-training quantization). Without calibration
   (``calib_images = 0``) the first batch initializes by the own rule.
 * ``weight_granularity``: ``"tensor"`` (default; the papers' setting): one learned step per
   weight tensor; ``"channel"``: one per output channel (torch.ao's per-channel weights), each

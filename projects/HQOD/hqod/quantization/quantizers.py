@@ -111,7 +111,7 @@ def _all_reduce_mean(t: Tensor) -> Tensor:
     return t
 
 
-STEP_INITS = ("mse", "paper")
+STEP_INITS = ("mse", "paper", "minmax")
 GRANULARITIES = ("tensor", "channel")
 # The search of step_init="mse": steps 2^(k/8) times the quantizer's own initial step, from 1/8
 # to 4 times it, on evenly strided elements of each row (at most MSE_SAMPLES_PER_ROW).
@@ -214,6 +214,11 @@ class Quantizer(nn.Module):
     def _initial_value(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _range_value(self, amax: Tensor) -> Tensor:
+        """The learned parameter of the grid whose largest level is ``amax`` (step_init
+        "minmax", the plain min-max observer of post-training quantization)."""
+        raise NotImplementedError
+
     def _step(self) -> Tensor:
         raise NotImplementedError
 
@@ -266,10 +271,18 @@ class Quantizer(nn.Module):
         """Update the learned parameter from ``x`` by the quantizer's own rule
         (:meth:`_initial_value`, averaged over the calls since the observer was enabled and over
         processes) and mark the quantizer initialized."""
-        value = _all_reduce_mean(self._initial_value(x.detach().float()))
+        x = x.detach().float()
         param = self._param()
         n = self._num_observed if self.observer_enabled else 0
-        param.copy_(((param.detach().float() * n + value.reshape(param.shape)) / (n + 1)))
+        if self.step_init == "minmax":  # the running maximum of |x| (over processes too)
+            amax = self._rows(x).abs().amax(dim=1) if self.per_channel else x.abs().amax()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX)
+            value = self._range_value(amax.clamp_min(self.eps)).reshape(param.shape)
+            param.copy_(value if n == 0 else torch.maximum(param.detach().float(), value))
+        else:
+            value = _all_reduce_mean(self._initial_value(x))
+            param.copy_(((param.detach().float() * n + value.reshape(param.shape)) / (n + 1)))
         self._num_observed = n + 1
         self.initialized.fill_(1)
         self._known_initialized = True
@@ -360,6 +373,9 @@ class LSQQuantizer(Quantizer):
     def _initial_value(self, x):
         return self._lsq_init_step(x)
 
+    def _range_value(self, amax):
+        return amax / self.qmax
+
     def _step(self):
         return step_from_param(self.scale, "linear", 1.0)
 
@@ -403,6 +419,9 @@ class TQTQuantizer(Quantizer):
         else:
             t = torch.minimum(x.abs().max(), 3.0 * x.pow(2).mean().sqrt())
         return torch.log2(t.clamp_min(self.eps))
+
+    def _range_value(self, amax):
+        return torch.log2(amax)  # the threshold t = max|x|
 
     def _scaled(self, value, factor):
         return value + (torch.log2(factor) if isinstance(factor, Tensor) else math.log2(factor))
@@ -454,6 +473,9 @@ class LQQuantizer(Quantizer):
     def _initial_value(self, x):
         return self._lsq_init_step(x) / self._step_per_nu
 
+    def _range_value(self, amax):
+        return amax  # the interval [0, nu] or [-nu, nu]
+
     def _step(self):
         return step_from_param(self.interval, "linear", self._step_per_nu)
 
@@ -503,6 +525,9 @@ class TorchLSQQuantizer(Quantizer):
 
     def _initial_value(self, x):
         return self._lsq_init_step(x)
+
+    def _range_value(self, amax):
+        return amax / self.qmax
 
     def _step(self):
         step = step_from_param(self.scale, "linear", 1.0)

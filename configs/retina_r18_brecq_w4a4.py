@@ -1,0 +1,7 @@
+"""RetinaNet-R18, post-training quantization W4A4 by brecq (tools/ptq.py), from
+configs/retina_r18_fp32.py's detector; other bits: quant.weight_bits=2 quant.act_bits=4."""
+from .common.ptq import ptq_config, to_ptq
+from .retina_r18_lsq_w4 import dataloader, lr_multiplier, model, optimizer, quant, train
+
+ptq = ptq_config("brecq")
+to_ptq(train, quant, name="retina_r18_brecq_w4a4")

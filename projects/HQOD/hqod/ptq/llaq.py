@@ -1,0 +1,162 @@
+"""
+Reg-PTQ's learnable logarithmic-affine quantizer (LLAQ) for the weights of the regression
+branch, whose distribution is roughly Laplacian around a location ``mu``.
+
+The paper gives the idea (split at ``mu``, map each side with ``psi(m) = k * log(m) + a``, four
+learnable parameters ``k+, a+, k-, a-``, quantize ``psi`` uniformly, map back) but not the
+details; ours (../shared/notes/regptq.md):
+
+* ``mu``: the median of the weight tensor (a buffer, set once from the weight);
+  ``d = w - mu``, side ``sign(d)``, magnitude ``m = |d|``.
+* Codes: a ``b``-bit signed code ``q`` in ``[-2^(b-1), 2^(b-1) - 1]``; ``q = 0`` is ``mu``,
+  the positive side has ``L+ = 2^(b-1) - 1`` levels, the negative ``L- = 2^(b-1)``.
+* Per side, ``j = clamp(round(k * log(m) + a), 0, L)``; ``w_hat = mu + sign(d) *
+  exp((j - a) / k)`` for ``j >= 1``, ``mu`` for ``j = 0``: levels ``exp((j - a) / k)`` are
+  geometric with ratio ``exp(1 / k)``, denser near ``mu``.
+* Gradients: the code ``j`` is held constant for ``k`` and ``a`` (as LSQ holds ``round(x/s)``),
+  so ``d w_hat / d a = -sign(d) * m_hat / k`` and ``d w_hat / d k = -sign(d) * m_hat * (j - a)
+  / k^2`` on ``j >= 1``, 0 on ``j = 0``; the weight's gradient passes straight through where
+  ``psi(m) <= L + 1/2`` (not clipped above).
+* Initialization: ratio 2 between levels (``k = 1 / ln 2``, so that the levels are powers of
+  two times a scale: integer multiply and shift at inference), the largest level searched
+  between 1/4 and 1 times the side's largest magnitude for the least squared error.
+
+The levels are not uniform: the integer-only engine (uniform grids) refuses LLAQ layers.
+"""
+import math
+from fnmatch import fnmatchcase
+from typing import Iterable, List
+
+import torch
+from torch import Tensor, nn
+
+from hqod.quantization import QConv2d, Quantizer
+
+__all__ = ["LLAQQuantizer", "use_llaq", "default_llaq_layers"]
+
+_SEARCH = tuple(2.0 ** (-k / 8) for k in range(0, 17))  # largest level / max|d|, 1 .. 1/4
+
+
+def _side_value(m: Tensor, k: Tensor, a: Tensor, levels: int):
+    """The quantized magnitudes of one side (autograd w.r.t. k and a) and the mask where the
+    input's gradient passes."""
+    psi = k * torch.log(m.clamp_min(1e-30)) + a
+    j = psi.detach().round().clamp(0, levels)
+    value = torch.where(j >= 1, torch.exp((j - a) / k), torch.zeros_like(m))
+    return value, psi.detach() <= levels + 0.5
+
+
+class LLAQQuantizer(Quantizer):
+    """LLAQ on a weight tensor (see the module docstring); ``bits`` 2..8, signed."""
+
+    def __init__(self, *, bits: int, signed: bool = True, **options):
+        options.pop("granularity", None), options.pop("channels", None)
+        super().__init__(bits=bits, signed=True, step_init="paper", **options)
+        self.register_buffer("mu", torch.zeros(()))
+        self.k_pos = nn.Parameter(torch.tensor(1.0 / math.log(2.0)))
+        self.a_pos = nn.Parameter(torch.tensor(0.0))
+        self.k_neg = nn.Parameter(torch.tensor(1.0 / math.log(2.0)))
+        self.a_neg = nn.Parameter(torch.tensor(0.0))
+        self.levels_pos, self.levels_neg = self.qmax, -self.qmin
+
+    def _param(self):
+        return self.a_pos
+
+    def _quantize(self, x: Tensor, k_pos, a_pos, k_neg, a_neg) -> Tensor:
+        d = x - self.mu
+        m = d.abs()
+        pos, pos_pass = _side_value(m, k_pos, a_pos, self.levels_pos)
+        neg, neg_pass = _side_value(m, k_neg, a_neg, self.levels_neg)
+        positive = d >= 0
+        value = torch.where(positive, pos, -neg)
+        passes = torch.where(positive, pos_pass, neg_pass)
+        return self.mu + value + (x - x.detach()) * passes
+
+    def _fake_quantize(self, x: Tensor) -> Tensor:
+        return self._quantize(x, self.k_pos, self.a_pos, self.k_neg, self.a_neg)
+
+    @torch.no_grad()
+    def observe(self, x: Tensor):
+        """Set ``mu`` and the four parameters from the weight (deterministic: the same weight
+        gives the same state, so repeated calls change nothing)."""
+        x = x.detach().float()
+        self.mu.copy_(x.flatten().median())
+        d = x - self.mu
+        k = 1.0 / math.log(2.0)
+        params = {}
+        for side, mask, levels in (("pos", d >= 0, self.levels_pos), ("neg", d < 0, self.levels_neg)):
+            m = d[mask].abs()
+            top = float(m.max()) if m.numel() else 1.0
+            best = None
+            for factor in _SEARCH:
+                # the largest level exp((L - a) / k) = factor * top
+                a = torch.tensor(levels - k * math.log(max(factor * top, 1e-12)))
+                value, _ = _side_value(m, torch.tensor(k), a, levels)
+                err = float((value - m).pow(2).sum())
+                if best is None or err < best[0]:
+                    best = (err, a)
+            params[side] = best[1]
+        self.k_pos.fill_(k), self.k_neg.fill_(k)
+        self.a_pos.copy_(params["pos"]), self.a_neg.copy_(params["neg"])
+        self.initialized.fill_(1)
+        self._known_initialized = True
+
+    def start_step_search(self):  # its own search runs in observe()
+        pass
+
+    def finish_step_search(self):
+        pass
+
+    def step_value(self):
+        raise NotImplementedError("LLAQ levels are not uniform: it has no single step.")
+
+    def integer_grid(self):
+        raise ValueError(
+            "LLAQ (ptq.head_quantizer='llaq') has non-uniform levels, which the integer-only "
+            "engine and the uniform Q/DQ export cannot represent; calibrate with "
+            "ptq.head_quantizer='uniform' to export."
+        )
+
+    @property
+    def step(self) -> Tensor:
+        raise NotImplementedError("LLAQ levels are not uniform: it has no single step.")
+
+    def extra_repr(self):
+        return f"LLAQ bits={self.bits}, levels +{self.levels_pos}/-{self.levels_neg}, fake_quant={self.fake_quant_enabled}"
+
+
+def default_llaq_layers(model: nn.Module) -> List[str]:
+    """The regression branch of every declared dense head: the convs of the tower that feeds
+    ``bbox_pred`` and ``bbox_pred`` itself."""
+    from hqod.quantization.quantize import _head_spec
+
+    names = []
+    for name, m in model.named_modules():
+        spec = _head_spec(m)
+        if spec is None or "bbox_pred" not in spec.predictors:
+            continue
+        prefix = f"{name}." if name else ""
+        tower = spec.predictors["bbox_pred"]
+        names += [f"{prefix}{tower}.{n}" for n, c in getattr(m, tower).named_children() if isinstance(c, nn.Conv2d)]
+        names.append(f"{prefix}bbox_pred")
+    return names
+
+
+def use_llaq(model: nn.Module, patterns: Iterable[str] = None) -> List[str]:
+    """Give the quantized convs named by ``patterns`` (globs; None: :func:`default_llaq_layers`)
+    an LLAQ weight quantizer of their weight bits, in place. Returns their names."""
+    names = default_llaq_layers(model) if patterns is None else None
+    done = []
+    for name, m in model.named_modules():
+        if not isinstance(m, QConv2d):
+            continue
+        if (names is not None and name in names) or (names is None and any(fnmatchcase(name, p) for p in patterns)):
+            old = m.weight_quant
+            m._init_weight_quant(LLAQQuantizer(bits=old.bits).to(m.weight.device))
+            done.append(name)
+    if not done:
+        raise ValueError(
+            f"ptq.head_quantizer='llaq': no quantized conv matches ptq.llaq_layers={list(patterns) if patterns else None} "
+            "(None: the regression tower and bbox_pred of a declared dense head)."
+        )
+    return done
