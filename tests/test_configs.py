@@ -63,8 +63,9 @@ def test_config_loads_and_builds(path):
         if parts[2] == "fp32":
             assert "quant" not in cfg and not quantizers_of(model)
         else:
-            bits = int(parts[3][1:])
-            assert cfg.quant.weight_bits == cfg.quant.act_bits == bits
+            # w<bits> (QAT matrix) or w<weight bits>a<act bits> (PTQ configs)
+            w_bits, _, a_bits = parts[3][1:].partition("a")
+            assert (cfg.quant.weight_bits, cfg.quant.act_bits) == (int(w_bits), int(a_bits or w_bits))
             assert cfg.train.init_checkpoint == f"output/{parts[0]}_{parts[1]}_fp32/model_final.pth"
             assert cfg.train.output_dir == f"./output/{name}"
             assert quantizers_of(model)

@@ -91,7 +91,8 @@ def init_qat(cfg, model, data_loader):
     """FP32 -> QAT: load the FP32 detector named by ``train.init_checkpoint`` into the quantized
     model (hqod's Checkpointer, strict: a checkpoint of another architecture is refused), then
     the calibration pass over ``quant.calib_images`` training images (observers on, fake
-    quantization off), which gives the quantizers the state the FP32 checkpoint cannot hold."""
+    quantization off), which gives the quantizers the state the FP32 checkpoint cannot hold. A
+    quantized checkpoint (``tools/ptq.py``'s, for PTQ -> QAT) restores every quantizer: no pass."""
     path = cfg.train.init_checkpoint
     if path:
         if "://" not in path and not os.path.isfile(path):
