@@ -535,5 +535,5 @@ def test_step_init_reaches_every_quantizer_and_is_checked():
         block = quantize_model(block, {"scope": "aqd", "method": "lq", **given})
         inits = [m.step_init for m in block.modules() if isinstance(m, Quantizer)]
         assert len(inits) == 7 and set(inits) == {expected}  # 2 weights, 2 inputs, 2 BN outputs, 1 add
-    with pytest.raises(ValueError, match=r"quant.step_init must be one of \['mse', 'paper'\]; got 'minmax'"):
-        quantize_model(BasicBlock(8, 8, norm="BN"), {"step_init": "minmax"})
+    with pytest.raises(ValueError, match=r"quant.step_init must be one of \['mse', 'paper', 'minmax'\]; got 'percentile'"):
+        quantize_model(BasicBlock(8, 8, norm="BN"), {"step_init": "percentile"})

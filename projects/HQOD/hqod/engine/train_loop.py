@@ -100,7 +100,7 @@ def init_qat(cfg, model, data_loader):
         Checkpointer(model, strict=True).load(path)
     else:
         logger.warning("QAT from scratch: train.init_checkpoint is empty (no FP32 detector).")
-    if not uninitialized_quantizers(model):  # a quantized checkpoint (PTQ -> QAT): calibrated
+    if model is not None and not uninitialized_quantizers(model):  # a quantized checkpoint (PTQ -> QAT)
         logger.info("Every quantizer was restored from the checkpoint: no calibration pass.")
         return
     with torch.no_grad():
