@@ -107,9 +107,7 @@ class LLAQQuantizer(Quantizer):
     def finish_step_search(self):
         pass
 
-    def step_value(self):
-        raise NotImplementedError("LLAQ levels are not uniform: it has no single step.")
-
+    # a uniform grid's step, integer grid and per-channel steps do not exist for LLAQ
     def integer_grid(self):
         raise ValueError(
             "LLAQ (ptq.head_quantizer='llaq') has non-uniform levels, which the integer-only "
@@ -117,9 +115,11 @@ class LLAQQuantizer(Quantizer):
             "ptq.head_quantizer='uniform' to export."
         )
 
+    step_value = grid_step = integer_grid
+
     @property
     def step(self) -> Tensor:
-        raise NotImplementedError("LLAQ levels are not uniform: it has no single step.")
+        return self.integer_grid()
 
     def extra_repr(self):
         return f"LLAQ bits={self.bits}, levels +{self.levels_pos}/-{self.levels_neg}, fake_quant={self.fake_quant_enabled}"

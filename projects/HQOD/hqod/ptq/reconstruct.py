@@ -43,7 +43,9 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.utils.events import EventStorage
 
-from hqod.quantization import QConv2d, QLinear, Quantizer
+from detectron2.layers import FrozenBatchNorm2d
+
+from hqod.quantization import LQQuantizer, MultiLevelBatchNorm, QConv2d, QLinear, Quantizer
 from hqod.quantization.quantize import _head_spec
 
 from .config import PTQConfig
@@ -89,7 +91,7 @@ class AdaRoundWeight(nn.Module):
 
 def _uniform_grid(q: Quantizer) -> bool:
     """A grid ``step * integer`` with a zero level (LSQ, TQT), which AdaRound rounds on."""
-    return q.fake_quant_enabled and q.is_initialized and not isinstance(q, LLAQQuantizer) and getattr(q, "_levels", None) is None
+    return q.fake_quant_enabled and q.is_initialized and not isinstance(q, (LLAQQuantizer, LQQuantizer))
 
 
 def reconstruction_units(model: nn.Module, block_wise: bool) -> List[str]:
@@ -147,7 +149,7 @@ def _detach_args(args):
 
 def _eval_norms(model):
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__ in ("MultiLevelBatchNorm", "FrozenBatchNorm2d"):
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, MultiLevelBatchNorm, FrozenBatchNorm2d)):
             m.eval()
 
 
@@ -255,13 +257,7 @@ def _unit_parameters(unit: nn.Module, cfg: PTQConfig):
                 roundings.append(ada)
                 swapped.append((m, wq, ada))
     if cfg.learn_act:
-        weight_quants = {id(q) for q in unit.modules() if isinstance(q, Quantizer)} & {
-            id(m.weight_quant) for m in unit.modules() if isinstance(m, _LAYERS)
-        }
-        for q in unit.modules():
-            if isinstance(q, Quantizer) and not isinstance(q, LLAQQuantizer) and id(q) not in weight_quants:
-                if q.fake_quant_enabled and q.is_initialized:
-                    act_params.append(q._param())
+        act_params = [q._param() for q in _activation_quantizers(unit) if q.fake_quant_enabled and q.is_initialized]
 
     def finish():
         """Hard rounding written into the weights; the model's own quantizers back."""
@@ -274,20 +270,21 @@ def _unit_parameters(unit: nn.Module, cfg: PTQConfig):
     return roundings, act_params, llaq_params, finish
 
 
+def _activation_quantizers(unit: nn.Module):
+    """The quantizers of the unit that are not weight quantizers."""
+    weight_quants = {id(m.weight_quant) for m in unit.modules() if isinstance(m, _LAYERS)}
+    return [q for q in unit.modules() if isinstance(q, Quantizer) and id(q) not in weight_quants]
+
+
 def _drop_hooks(unit: nn.Module, p: float, generator: torch.Generator):
     """QDrop: each activation quantizer of the unit passes its input unquantized with
     probability ``p`` (elementwise), during reconstruction only."""
-    weight_quants = {id(m.weight_quant) for m in unit.modules() if isinstance(m, _LAYERS)}
 
     def hook(module, args, output):
         keep = torch.rand(output.shape, generator=generator).to(output.device) < p
         return torch.where(keep, args[0], output)
 
-    return [
-        q.register_forward_hook(hook)
-        for q in unit.modules()
-        if isinstance(q, Quantizer) and id(q) not in weight_quants and not isinstance(q, AdaRoundWeight)
-    ]
+    return [q.register_forward_hook(hook) for q in _activation_quantizers(unit)]
 
 
 def _mix(q_args, fp_args, p, generator):
