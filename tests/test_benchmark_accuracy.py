@@ -1,5 +1,6 @@
 """tools/benchmark_accuracy.py without training: its plan and commands, and its report (tables,
 paired differences, target verdicts) on hand-made records whose answers are written out here."""
+import hashlib
 import json
 import os
 import re
@@ -157,7 +158,7 @@ def test_run_writes_records_and_retrains_a_missing_fp32_model(tool, tmp_path, mo
     tool.run("fp32", 0, out, records, None)
     tool.run("lsq_w2", 0, out, records, None)
     fp32, qat = (tool.read_record(tool.record_path(records, n, 0)) for n in ("fp32", "lsq_w2"))
-    sha = tool.hashlib.sha256(b"fp32 weights").hexdigest()
+    sha = hashlib.sha256(b"fp32 weights").hexdigest()
     assert fp32["model_sha256"] == sha and qat["init_sha256"] == sha
     assert qat["results"]["bbox"]["AP"] == 12.5 and qat["commit"] == "abc1234"
     assert qat["fp32_bbox"] == {"AP": 12.5, "AP50": 20.0, "AP75": 10.0}  # its FP32 model's (the fake's)
@@ -172,7 +173,7 @@ def test_run_writes_records_and_retrains_a_missing_fp32_model(tool, tmp_path, mo
     assert [c[c.index("--config-file") + 1] for c in calls[2:]] == ["configs/retina_r18_fp32.py", "configs/retina_r18_lsq_w2.py"]
     assert "differs from its record" in capsys.readouterr().out
     lines = tool.fp32_model_lines(tool.finished_records(records))
-    other = tool.hashlib.sha256(b"other weights").hexdigest()
+    other = hashlib.sha256(b"other weights").hexdigest()
     assert lines == [f"- lsq_w2 seed 1 fine-tuned FP32 model {other[:12]}, not the recorded {sha[:12]}"]
 
 

@@ -14,7 +14,7 @@ from detectron2.layers import Conv2d
 
 from helpers import ROOT, load_tool, tiny_overrides
 from hqod.ptq import LLAQQuantizer, PTQConfig, box_filter_mask, fold_batch_norms
-from hqod.ptq.reconstruct import _Cache, _optimize_unit
+from hqod.ptq.reconstruct import _Cache, _choose_window, _optimize_unit, _same_output
 from hqod.quantization import LSQQuantizer, quantize_model
 
 
@@ -133,6 +133,55 @@ def test_reconstruction_lowers_a_layers_output_error():
     torch.testing.assert_close(q.weight_quant(q.weight), q.weight, rtol=0, atol=1e-6)
 
 
+def test_windows_compute_the_whole_maps_output_in_the_window():
+    from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 70, 53)
+    stem = BasicStem(3, 8, norm="BN").eval()  # stride 4: conv 7x7 / 2, max-pool 3x3 / 2
+    block = BasicBlock(8, 16, stride=2, norm="BN").eval()
+    for unit, inp in ((stem, x), (block, stem(x))):
+        out = unit(inp)
+        for key in range(8):
+            win = _choose_window(inp.shape, out.shape, 5, f"0/{key}")
+            assert out[..., win.out[0], win.out[1]].shape[-2:] == (5, 5)
+            assert _same_output(unit, (inp,), out, win)
+    # a receptive field wider than the window's margin is not reproduced (the unit then uses
+    # whole maps), nor is a map no larger than the window cropped
+    wide = nn.Conv2d(3, 4, 21, padding=10)
+    out = wide(x)
+    assert not _same_output(wide, (x,), out, _choose_window(x.shape, out.shape, 5, "0"))
+    assert _choose_window(x.shape, (2, 4, 5, 5), 5, "0") is None
+
+
+def test_replayed_modules_give_the_quantized_inputs_they_replace(tiny_digits):
+    from detectron2.config import instantiate
+
+    from hqod.ptq import calibration_batches, prepare_model
+    from hqod.ptq.reconstruct import _call_counts, _q_pass
+    from hqod.quantization import calibrate
+
+    cfg = LazyConfig.apply_overrides(
+        LazyConfig.load(os.path.join(ROOT, "configs/retina_r18_minmax_w4a4.py")),
+        tiny_overrides() + ["dataloader.train.dataset.names=digits_tiny_train"],
+    )
+    torch.manual_seed(0)
+    q = prepare_model(instantiate(cfg.model).eval(), cfg.quant, cfg.ptq)
+    batches = calibration_batches(cfg, 2, 1, 0)
+    calibrate(q, batches, 2)
+    calls = _call_counts(q, batches[0])
+    assert calls["head.cls_subnet.3"] == 5 and calls["backbone"] == 1  # one call per level
+    unit, finished = "head.cls_subnet.3", ["backbone", "head.cls_subnet.0"]
+    computed = _Cache()
+    replays = _q_pass(q, batches, unit, computed, {}, finished, calls)
+    assert sorted(replays) == finished and [len(r) for r in replays["head.cls_subnet.0"]] == [5, 5]
+    replayed = _Cache()
+    assert _q_pass(q, batches, unit, replayed, replays, [], calls) == {}
+    assert len(computed.q_in) == len(replayed.q_in) == 10  # 2 batches x 5 levels
+    for a, b in zip(computed.q_in, replayed.q_in):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+
+
 def test_every_ptq_config_loads_and_validates():
     files = sorted(glob.glob(os.path.join(ROOT, "configs", "*_w4a4.py")))
     assert len(files) >= 8
@@ -171,8 +220,9 @@ def _tiny_ptq_cfg(tmp_path, method, *extra):
 
 def test_ptq_command_writes_a_checkpoint_that_eval_only_reads(tiny_digits, tmp_path):
     ptq_tool, train_net = load_tool("ptq"), load_tool("train_net")
-    overrides = _tiny_ptq_cfg(tmp_path, "minmax", "ptq.calib_images=8")
-    config = os.path.join(ROOT, "configs/retina_r18_minmax_w4a4.py")
+    # Reg-PTQ, the method with every part: windows, replay, Fisher and global terms, LLAQ
+    overrides = _tiny_ptq_cfg(tmp_path, "regptq", "ptq.calib_images=2", "ptq.iters=2", "ptq.window=8")
+    config = os.path.join(ROOT, "configs/retina_r18_regptq_w4a4.py")
     results = ptq_tool.main(ptq_tool.parse_args(["--config-file", config, *overrides]))
     assert "bbox" in results
     final = tmp_path / "ptq" / "model_final.pth"

@@ -31,10 +31,8 @@ RetinaNet QAT runs fine-tune it.
 import argparse
 import datetime
 import glob
-import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -44,6 +42,7 @@ import numpy as np
 
 import hqod  # noqa: F401
 
+from hqod.benchmark import git_commit, machine, relative_to, sha256
 from hqod.evaluation import harmony_metrics
 from hqod.evaluation.harmony_plots import (
     load_tp_records,
@@ -183,24 +182,6 @@ def command(name, seed, output_dir, fp32_checkpoint=None):
     return cmd + opts
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def git_commit():
-    """The checkout's commit (with ``+changes`` when the tree differs from it); None outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+changes" if dirty.strip() else "")
-
-
 def train(name, seed, output_dir, fp32_checkpoint):
     """Run one entry's command (resuming an interrupted one); its wall seconds."""
     out = run_dir(output_dir, name, seed)
@@ -248,7 +229,7 @@ def run(name, seed, output_dir, records_dir, fp32_checkpoint):
         "command": " ".join(["python", *cmd[1:]]),
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "wall_s": wall,
         "results": results,
         # 6 decimals: the harmony metrics' bins and correlation are unchanged at the reported digits
@@ -517,7 +498,7 @@ def report(records_dir, output_dir):
     mismatches = fp32_model_lines(records)
     text = "\n".join(
         [
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores; {datetime.date.today().isoformat()}",
+            f"Machine: {machine()}; {datetime.date.today().isoformat()}",
             "",
             results_table(records),
             "",
@@ -540,12 +521,6 @@ def report(records_dir, output_dir):
     return text
 
 
-def _from_root(path):
-    """``path`` relative to the repository root when inside it (commands run there)."""
-    path = os.path.abspath(path)
-    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="default: all; a QAT run brings its FP32 run")
@@ -565,8 +540,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.fp32_checkpoint and not os.path.isfile(args.fp32_checkpoint):
         sys.exit(f"error: --fp32-checkpoint {args.fp32_checkpoint} does not exist.")
-    output_dir, records_dir = _from_root(args.output_dir), _from_root(args.records_dir)
-    fp32 = args.fp32_checkpoint and _from_root(args.fp32_checkpoint)
+    output_dir, records_dir = relative_to(ROOT, args.output_dir), relative_to(ROOT, args.records_dir)
+    fp32 = args.fp32_checkpoint and relative_to(ROOT, args.fp32_checkpoint)
     os.chdir(ROOT)  # the commands (and the paths above) are relative to the repository root
     entries = plan(args.runs, args.seeds)
     if args.list:

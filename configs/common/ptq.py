@@ -24,7 +24,9 @@ Fields (validated by ``hqod.ptq.PTQConfig``, which documents them in full):
   lam, p          weight (1) and exponent (1) of the global loss's box term
   head_quantizer  uniform | llaq (None: llaq for regptq); llaq_layers: None = regression branch
   fold_bn         fold BN into the convs (True; False for quant.scope="aqd")
-  cache_mb        memory for cached FP32 activations per pass (2048); seed (0)
+  window          a sample is a call of a block/layer cropped to window x window output
+                  pixels (32; 0: whole maps)
+  cache_mb        memory for the samples cached per FP32 pass (2048); seed (0)
 """
 import copy
 from dataclasses import asdict

@@ -28,8 +28,11 @@ Fields (None = the method's default, :data:`METHOD_DEFAULTS`):
 * ``fold_bn``: fold every conv's BN into its weight and bias before quantizing (the heads'
   per-level BN cannot be folded into one shared conv; it stays as the per-level affine of the
   multi-level BN). Scope ``aqd`` keeps BN as AQD's integer BN: ``fold_bn=False`` there.
-* ``cache_mb``: memory for the FP32 activations cached per pass (more units per pass, fewer
-  passes); ``seed``: which training images, the drop masks and the batch order.
+* ``window``: a reconstruction sample is one call of a unit cropped to a ``window`` x
+  ``window`` window of its output (``hqod.ptq.reconstruct``: memory and time divided by the
+  map's area over the window's); 0: whole maps.
+* ``cache_mb``: memory for the samples cached per pass of the FP32 model (more units per pass,
+  fewer passes); ``seed``: which training images, the drop masks and the batch order.
 """
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional, Tuple
@@ -73,6 +76,7 @@ class PTQConfig:
     head_quantizer: Optional[str] = None
     llaq_layers: Optional[Tuple[str, ...]] = None
     fold_bn: bool = True
+    window: int = 32
     cache_mb: int = 2048
     seed: int = 0
 
@@ -92,9 +96,9 @@ class PTQConfig:
         method = kw.get("method", cls.method)
         if method not in METHOD_DEFAULTS:
             raise ValueError(f"ptq.method must be one of {sorted(METHOD_DEFAULTS)}; got {method!r}.")
-        for key in ("calib_images", "batch_size", "iters", "cache_mb"):
+        for key in ("calib_images", "batch_size", "iters", "window", "cache_mb"):
             v = kw.get(key, getattr(cls, key))
-            low = 0 if key == "iters" else 1
+            low = 0 if key in ("iters", "window") else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"ptq.{key} must be an int >= {low}; got {v!r}.")
         for key in ("lr", "round_lr", "round_weight", "lam", "p", "theta_c", "theta_i", "warmup", "drop_prob"):

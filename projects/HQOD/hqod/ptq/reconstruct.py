@@ -9,9 +9,9 @@ granularity every quantized layer. For each unit:
    the squared gradient of the detection loss at those outputs (``fisher``, BRECQ's diagonal
    Fisher; the calibration images are training images, so their boxes give the loss), and the
    unit's inputs in the quantized model as the units before it left it;
-2. optimized for ``iters`` steps, one cached batch (one call of the unit) per step: AdaRound's
-   rounding variables of its weights (the weight steps fixed), the steps of its activation
-   quantizers and LLAQ's parameters, with Adam, on
+2. optimized for ``iters`` steps, one cached sample per step: AdaRound's rounding variables of
+   its weights (the weight steps fixed), the steps of its activation quantizers and LLAQ's
+   parameters, with Adam, on
 
        sum_features(F * (O_hat - O)^2), averaged over the batch
        + round_weight * sum_weights(1 - |2h(V) - 1|^beta)  [+ the global term]
@@ -24,17 +24,32 @@ granularity every quantized layer. For each unit:
 3. the rounding made hard and written into the weight (on its grid, so that the model's own
    quantizer reproduces it exactly).
 
-Reg-PTQ's global term (``hqod.ptq.global_loss``) is computed exactly where the unit is a head
-predictor (its output is the head output); for the other units it enters through the Fisher
-weight: ``F = g_det^2 + g_glob^2`` with ``g_glob`` the gradient of the global loss at the
-unit's output in the quantized model, cached before the unit is optimized (its diagonal
-Gauss-Newton form). Exact everywhere would cost a forward and backward pass of the rest of the
-detector per step.
+Our choices for two CPU cores (the papers run 2,000-20,000 steps of 32 images on a GPU):
+
+* **windows** (``ptq.window``): a sample is one call of the unit (a batch of images; one
+  pyramid level in the head) cropped to a ``window`` x ``window`` window of its output, placed
+  at random per call, with the input crop that computes it plus ``WINDOW_MARGIN`` output pixels
+  of context that are computed but not compared. Neighbouring positions of a feature map say
+  much the same; the crops divide the caches' memory and a step's cost by the map's area over
+  the window's. Each unit's first window is checked against its whole-map output (a unit
+  whose receptive field the margin does not cover uses whole maps). ``window=0``: whole maps.
+* **replay**: a unit's quantized inputs come from one pass of the quantized model in which
+  every finished module (the largest whose units are all reconstructed) returns the outputs it
+  had in an earlier pass instead of computing them, so that the pass costs only the layers
+  between the finished modules and the unit.
+* Reg-PTQ's global term (``hqod.ptq.global_loss``) is computed exactly where the unit is a
+  head predictor (its output is the head output); for the other units it enters through the
+  Fisher weight: ``F = g_det^2 + g_glob^2`` with ``g_glob`` the gradient of the global loss at
+  the unit's output in the quantized model, taken in one pass per group of cached units,
+  before the group is reconstructed (its diagonal Gauss-Newton form). Exact everywhere would
+  cost a forward and backward pass of the rest of the detector per step.
 """
 import logging
+import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +60,9 @@ from detectron2.utils.events import EventStorage
 
 from detectron2.layers import FrozenBatchNorm2d
 
-from hqod.quantization import LQQuantizer, MultiLevelBatchNorm, QConv2d, QLinear, Quantizer
+from hqod.quantization import (
+    LQQuantizer, MultiLevelBatchNorm, QConv2d, QLinear, Quantizer, cached_quantized_weights,
+)
 from hqod.quantization.quantize import _head_spec
 
 from .config import PTQConfig
@@ -58,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 BLOCK_TYPES = (BasicStem, BasicBlock, BottleneckBlock)
 _LAYERS = (QConv2d, QLinear)
+WINDOW_MARGIN = 4  # output pixels of context on each side of a window, computed, not compared
 
 
 class AdaRoundWeight(nn.Module):
@@ -134,17 +152,70 @@ class _Stop(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class _Window:
+    """Where one sample lies in a call's ``(N, C, H, W)`` input and output (pairs of slices,
+    rows then columns): the input crop ``inp``, the compared output region ``out``, and that
+    region inside the output of the cropped input, ``inner``."""
+
+    inp: Tuple[slice, slice]
+    out: Tuple[slice, slice]
+    inner: Tuple[slice, slice]
+
+
+def _crop(t, region):
+    return t if region is None or not isinstance(t, Tensor) or t.dim() != 4 else t[..., region[0], region[1]]
+
+
+def _choose_window(in_shape, out_shape, size: int, key: str) -> Optional[_Window]:
+    """A ``size`` x ``size`` window of the output placed by ``key`` (the same in every pass of
+    the same call), its input crop with ``WINDOW_MARGIN`` output pixels of context on each
+    side; None (whole maps) for a map no larger than the window or a unit that is not a
+    strided map-to-map function."""
+    if size <= 0 or len(in_shape) != 4 or len(out_shape) != 4:
+        return None
+    (h_in, w_in), (h, w) = in_shape[-2:], out_shape[-2:]
+    if h <= size and w <= size:
+        return None
+    stride = round(h_in / h)
+    if stride < 1 or round(w_in / w) != stride:
+        return None
+    rng = random.Random(key)
+    inp, out, inner = [], [], []
+    for n_in, n_out in ((h_in, h), (w_in, w)):
+        length = min(size, n_out)
+        start = rng.randrange(n_out - length + 1)
+        first = max(0, start - WINDOW_MARGIN)  # output row of the crop's first input row
+        inp.append(slice(first * stride, min(n_in, (start + length + WINDOW_MARGIN) * stride)))
+        out.append(slice(start, start + length))
+        inner.append(slice(start - first, start - first + length))
+    return _Window(tuple(inp), tuple(out), tuple(inner))
+
+
+def _crop_args(args, win: Optional[_Window]):
+    """The unit's call arguments cropped to the window's input, detached copies."""
+    return tuple(_crop(a, win and win.inp).detach().clone() if isinstance(a, Tensor) else a for a in args)
+
+
 @dataclass
 class _Cache:
+    """A unit's samples, one per call: its window, FP32 inputs (QDrop) and outputs, squared
+    loss gradients at the outputs, and inputs in the quantized model."""
+
+    windows: List[Optional[_Window]] = field(default_factory=list)
     fp_in: List[tuple] = field(default_factory=list)
     fp_out: List[Tensor] = field(default_factory=list)
     grad_sq: List[Tensor] = field(default_factory=list)
     q_in: List[tuple] = field(default_factory=list)
-    first_call: int = -1
 
+    def window(self, k: int) -> Optional[_Window]:
+        return self.windows[k] if self.windows else None
 
-def _detach_args(args):
-    return tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args)
+    def output(self, unit: nn.Module, k: int, args) -> Tensor:
+        """The unit's output on ``args`` (sample ``k``'s input), in the sample's window."""
+        out = unit(*args)
+        win = self.window(k)
+        return out if win is None else _crop(out, win.inner)
 
 
 def _eval_norms(model):
@@ -153,20 +224,128 @@ def _eval_norms(model):
             m.eval()
 
 
-def _fp_pass(fp_model, batches, names: List[str], fisher: bool) -> Dict[str, _Cache]:
-    """FP32 inputs, outputs and (``fisher``) squared detection-loss gradients of the units
-    ``names``, over all batches."""
+def _clone(x, grad: bool = False):
+    if isinstance(x, Tensor):
+        return x.detach().clone().requires_grad_(grad and x.is_floating_point())
+    if isinstance(x, dict):
+        return {k: _clone(v, grad) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v, grad) for v in x)
+    return x
+
+
+class _Replay(nn.Module):
+    """Stands in for a finished module in the passes of the quantized model: returns, call by
+    call, the outputs it had on batch ``batch`` (copies, which the layers after it may change
+    in place; requiring grad when grad is enabled, so that gradients reach the layers after),
+    and the module's attributes (e.g. a backbone's ``size_divisibility``)."""
+
+    def __init__(self, module: nn.Module, outputs: List[list]):
+        super().__init__()
+        object.__setattr__(self, "original", module)  # not a submodule: no parameters here
+        self.outputs = outputs
+        self.batch, self.calls = 0, 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.original, name)
+
+    def forward(self, *args, **kwargs):
+        out = self.outputs[self.batch][self.calls]
+        self.calls += 1
+        return _clone(out, grad=torch.is_grad_enabled())
+
+
+@contextmanager
+def _replaying(model: nn.Module, replays: Dict[str, List[list]]):
+    """``model`` with each module named in ``replays`` swapped for its :class:`_Replay`; yields
+    a function that points the replays at batch ``b``."""
+    swapped = []
+    for name, outputs in replays.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        original = getattr(owner, child)
+        swapped.append((owner, child, original, _Replay(original, outputs)))
+    for owner, child, _, replay in swapped:
+        setattr(owner, child, replay)
+
+    def to_batch(b):
+        for *_, replay in swapped:
+            replay.batch, replay.calls = b, 0
+
+    try:
+        yield to_batch
+    finally:
+        for owner, child, original, _ in swapped:
+            setattr(owner, child, original)
+
+
+def _call_counts(model: nn.Module, batch) -> Dict[str, int]:
+    """How many times each module of ``model`` runs on one batch."""
+    counts: Dict[str, int] = {}
+
+    def hook(name):
+        def count(module, args, output):
+            counts[name] = counts.get(name, 0) + 1
+
+        return count
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad(), cached_quantized_weights(model.modules()):
+            detector_forward(model.eval(), batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def _same_output(module, args, output, win: _Window) -> bool:
+    """Whether the window's crop computes the whole map's output in the window."""
+    with torch.no_grad():
+        crop = _crop(module(*_crop_args(args, win)), win.inner)
+        ref = _crop(output, win.out).detach()
+    return crop.shape == ref.shape and torch.allclose(crop, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-7)
+
+
+def _fp_pass(fp_model, batches, names: List[str], window: Dict[str, int], seed: int, fisher: bool,
+             keep_inputs: bool, check: bool = False):
+    """The FP32 samples of the units ``names`` over all batches (windows of ``window[name]``
+    output pixels, placed by ``seed``; ``check``: a unit whose first window differs from its whole-map output is
+    set to whole maps in ``window``), with ``fisher`` the squared detection-loss gradients.
+    Returns the caches and the units in the order they first ran."""
     caches = {n: _Cache() for n in names}
-    handles, outs = [], []
-    for n in names:
-        def hook(module, args, output, n=n):
-            if caches[n].first_call < 0:
-                caches[n].first_call = sum(len(c.fp_out) for c in caches.values())
-            caches[n].fp_in.append(_detach_args(args))
-            caches[n].fp_out.append(output.detach().clone())
+    order, outs, busy = [], [], []
+
+    def make_hook(n):
+        def hook(module, args, output):
+            if busy:  # the window check's own call
+                return
+            c = caches[n]
+            if not c.fp_out:
+                order.append(n)
+            k = len(c.fp_out)
+            win = _choose_window(args[0].shape, output.shape, window[n], f"{seed}/{k}/{tuple(output.shape[-2:])}")
+            if check and k == 0 and win is not None:
+                busy.append(n)
+                try:
+                    if not _same_output(module, args, output, win):
+                        logger.info(f"{n}: a {window[n]}-pixel window does not reproduce its output; whole maps.")
+                        window[n], win = 0, None
+                finally:
+                    busy.pop()
+            c.windows.append(win)
+            c.fp_out.append(_crop(output, win and win.out).detach().clone())
+            if keep_inputs:
+                c.fp_in.append(_crop_args(args, win))
             if fisher:
-                outs.append((n, output))
-        handles.append(fp_model.get_submodule(n).register_forward_hook(hook))
+                outs.append((c, output, win))
+
+        return hook
+
+    handles = [fp_model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
     fp_model.train(fisher)
     _eval_norms(fp_model)
     try:
@@ -175,53 +354,88 @@ def _fp_pass(fp_model, batches, names: List[str], fisher: bool) -> Dict[str, _Ca
             with torch.set_grad_enabled(fisher), EventStorage():  # the losses log statistics
                 _, _, loss = detector_forward(fp_model, batch, losses=fisher, image_grad=fisher)
             if fisher:
-                total = sum(loss.values())
-                grads = torch.autograd.grad(total, [o for _, o in outs], allow_unused=True)
-                for (n, o), g in zip(outs, grads):
-                    caches[n].grad_sq.append(torch.zeros_like(o.detach()) if g is None else g.detach().pow(2))
+                grads = torch.autograd.grad(sum(loss.values()), [o for _, o, _ in outs], allow_unused=True)
+                for (c, o, win), g in zip(outs, grads):
+                    g = torch.zeros_like(o) if g is None else g
+                    c.grad_sq.append(_crop(g, win and win.out).detach().pow(2))
     finally:
         for h in handles:
             h.remove()
         fp_model.eval()
-    return caches
+    return caches, order
 
 
-def _q_pass(q_model, batches, name: str, cache: _Cache, glob: Optional["_Global"]):
-    """The unit's inputs in the quantized model; with ``glob``, also adds the squared gradient
-    of the global loss at its outputs to the cached Fisher weights."""
-    unit = q_model.get_submodule(name)
-    calls_per_batch = []
+def _global_fisher(q_model, batches, caches: Dict[str, _Cache], glob: "_Global", replays):
+    """Adds the squared gradient of Reg-PTQ's global loss at each unit's outputs (in the
+    quantized model as it is before the units are reconstructed) to their cached Fisher
+    weights, in their windows."""
     outs = []
+    handles = [
+        q_model.get_submodule(n).register_forward_hook(lambda m, a, o, c=c: outs.append((c, o)))
+        for n, c in caches.items()
+    ]
+    q_model.eval()
+    seen = {id(c): 0 for c in caches.values()}
+    try:  # the weights do not change during the pass: quantized once
+        with _replaying(q_model, replays) as to_batch, cached_quantized_weights(q_model.modules()):
+            for b, batch in enumerate(batches):
+                to_batch(b)
+                outs.clear()
+                with torch.enable_grad():
+                    preds, _, _ = detector_forward(q_model, batch, image_grad=True)
+                    loss = global_loss(glob.fp_preds[b], preds, glob.fp_anchors[b], glob.box2box, glob.cfg)
+                    grads = torch.autograd.grad(loss, [o for _, o in outs], allow_unused=True)
+                for (c, _), g in zip(outs, grads):
+                    k = seen[id(c)]
+                    seen[id(c)] += 1
+                    if g is not None:
+                        win = c.window(k)
+                        c.grad_sq[k] = c.grad_sq[k] + _crop(g, win and win.out).detach().pow(2)
+    finally:
+        for h in handles:
+            h.remove()
 
-    def hook(module, args, output):
-        cache.q_in.append(_detach_args(args))
-        if glob is not None:
-            outs.append(output)
-        elif calls_per_batch and len(cache.q_in) % calls_per_batch[0] == 0:
+
+def _q_pass(q_model, batches, name: str, cache: _Cache, replays, capture: List[str], calls: Dict[str, int]):
+    """The unit's inputs in the quantized model, cropped to its windows, into ``cache.q_in``;
+    the finished modules in ``replays`` replay. Returns the outputs of the modules ``capture``
+    per batch (for those whose every call ran)."""
+    captured = {m: [[] for _ in batches] for m in capture}
+    seen: Dict[str, int] = {}
+
+    def count(n):
+        seen[n] = seen.get(n, 0) + 1
+        if all(seen.get(m, 0) >= calls.get(m, 0) for m in [name] + capture):
             raise _Stop  # the rest of the network is not needed
 
-    handle = unit.register_forward_hook(hook)
+    def unit_hook(module, args, output):
+        cache.q_in.append(_crop_args(args, cache.window(len(cache.q_in))))
+        count(name)
+
+    def capture_hook(m):
+        def hook(module, args, output):
+            captured[m][b].append(_clone(output))
+            count(m)
+
+        return hook
+
     q_model.eval()
-    try:
-        for b, batch in enumerate(batches):
-            outs.clear()
-            before = len(cache.q_in)
-            try:
-                with torch.set_grad_enabled(glob is not None):
-                    preds, _, _ = detector_forward(q_model, batch, image_grad=glob is not None)
-                if glob is not None:
-                    loss = global_loss(glob.fp_preds[b], preds, glob.fp_anchors[b], glob.box2box, glob.cfg)
-                    grads = torch.autograd.grad(loss, outs, allow_unused=True)
-                    for i, g in enumerate(grads):
-                        if g is not None:
-                            k = before + i
-                            cache.grad_sq[k] = cache.grad_sq[k] + g.detach().pow(2)
-            except _Stop:
-                pass
-            if not calls_per_batch:
-                calls_per_batch.append(len(cache.q_in) - before)
-    finally:
-        handle.remove()
+    with _replaying(q_model, replays) as to_batch, cached_quantized_weights(q_model.modules()):
+        handles = [q_model.get_submodule(name).register_forward_hook(unit_hook)]
+        handles += [q_model.get_submodule(m).register_forward_hook(capture_hook(m)) for m in capture]
+        try:
+            for b, batch in enumerate(batches):
+                to_batch(b)
+                seen.clear()
+                try:
+                    with torch.no_grad():
+                        detector_forward(q_model, batch)
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+    return {m: outs for m, outs in captured.items() if all(len(o) == calls.get(m, -1) for o in outs)}
 
 
 @dataclass
@@ -300,12 +514,12 @@ def _mix(q_args, fp_args, p, generator):
 
 
 def _output_error(unit, cache: _Cache, norm) -> float:
-    """Mean (Fisher-weighted) squared error of the unit's outputs over the cached calls."""
+    """Mean (Fisher-weighted) squared error of the unit's outputs over the cached samples."""
     total = 0.0
     with torch.no_grad():
         for k, args in enumerate(cache.q_in):
             w = cache.grad_sq[k] * norm if norm is not None else 1.0
-            total += float((w * (unit(*args) - cache.fp_out[k]).pow(2)).mean())
+            total += float((w * (cache.output(unit, k, args) - cache.fp_out[k]).pow(2)).mean())
     return total / max(1, len(cache.q_in))
 
 
@@ -343,10 +557,11 @@ def _optimize_unit(unit, cache: _Cache, cfg: PTQConfig, role, glob: Optional[_Gl
     try:
         for it in range(cfg.iters):
             k = int(torch.randint(n, (1,), generator=generator))
-            out = unit(*_mix(cache.q_in[k], cache.fp_in[k], cfg.drop_prob, generator))
+            args = _mix(cache.q_in[k], cache.fp_in[k], cfg.drop_prob, generator) if cfg.drop_prob > 0 else cache.q_in[k]
+            out = cache.output(unit, k, args)
             loss = error(k, out)
             if role is not None and glob is not None:
-                loss = loss + _exact_global(out, k, role, glob, calls_per_batch)
+                loss = loss + _exact_global(out, k, cache.window(k), role, glob, calls_per_batch)
             if roundings and it >= warm:
                 beta = 20 - (20 - 2) * (it - warm) / max(1, cfg.iters - warm)
                 loss = loss + cfg.round_weight * sum(r.regularizer(beta) for r in roundings)
@@ -363,14 +578,19 @@ def _optimize_unit(unit, cache: _Cache, cfg: PTQConfig, role, glob: Optional[_Gl
     return before, _output_error(unit, cache, norm)
 
 
-def _exact_global(out, k, role, glob: _Global, calls_per_batch):
-    """Reg-PTQ's global term on one level, where the unit is the predictor ``role``."""
-    index, is_box = role
+def _exact_global(out, k, win: Optional[_Window], role, glob: _Global, calls_per_batch):
+    """Reg-PTQ's global term on one level (in the sample's window), where the unit is the
+    predictor ``role``."""
+    index, _ = role
     b, level = divmod(k, calls_per_batch)
-    fp = glob.fp_preds[b]
+    fp = [p[level] for p in glob.fp_preds[b]]
     anchors = glob.fp_anchors[b][level]
-    preds_fp = tuple([p[level]] for p in fp)
-    preds_q = tuple([out if i == index else p[level]] for i, p in enumerate(fp))
+    if win is not None:  # anchors are laid out (H, W, anchors per location)
+        h, w = fp[0].shape[-2:]
+        anchors = anchors.view(h, w, -1, 4)[win.out[0], win.out[1]].reshape(-1, 4)
+        fp = [_crop(p, win.out) for p in fp]
+    preds_fp = tuple([p] for p in fp)
+    preds_q = tuple([out if i == index else p] for i, p in enumerate(fp))
     return global_loss(preds_fp, preds_q, [anchors], glob.box2box, glob.cfg, only=index)
 
 
@@ -383,6 +603,22 @@ def _groups(names, per_unit_bytes, budget):
         current.append(n)
         size += per_unit_bytes[n]
     return groups + ([current] if current else [])
+
+
+def _finished_module(name: str, units: List[str], done) -> str:
+    """The largest module holding unit ``name`` whose units are all done (the unit itself at
+    least; never the whole model)."""
+    top = name
+    while "." in top:
+        parent = top.rpartition(".")[0]
+        if not all(u in done for u in units if u.startswith(parent + ".")):
+            break
+        top = parent
+    return top
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
 def reconstruct(q_model: DenseDetector, fp_model: DenseDetector, batches: List[list], cfg: PTQConfig):
@@ -400,31 +636,41 @@ def reconstruct(q_model: DenseDetector, fp_model: DenseDetector, batches: List[l
         with torch.no_grad():
             outs = [detector_forward(fp_model, b) for b in batches]
         glob = _Global(cfg, fp_model.box2box_transform, [o[0] for o in outs], [[a.tensor for a in o[1]] for o in outs])
-    # bytes per unit over all batches, measured on the first batch
-    probe = _fp_pass(fp_model, batches[:1], names, fisher=False)
-    first_call = {n: c.first_call for n, c in probe.items()}
-    names = sorted(names, key=first_call.get)  # the order the network runs them
-    factor = (3 if cfg.fisher else 2) * len(batches)
-    per_unit = {n: factor * sum(t.numel() * 4 for t in c.fp_out) for n, c in probe.items()}
-    calls = {n: len(c.fp_out) for n, c in probe.items()}
+    # on the first batch: the order the units run in, their windows, the bytes they cache
+    window = {n: cfg.window for n in names}
+    probe, names = _fp_pass(fp_model, batches[:1], names, window, cfg.seed, fisher=False, keep_inputs=True, check=True)
+    per_unit = {  # FP32 outputs (+ Fisher weights) and inputs (quantized + FP32 for QDrop)
+        n: len(batches) * (
+            _bytes(c.fp_out) * (2 if cfg.fisher else 1) + _bytes(sum(c.fp_in, ())) * (2 if cfg.drop_prob > 0 else 1)
+        )
+        for n, c in probe.items()
+    }
     del probe
-    report, done, start = [], 0, time.perf_counter()
+    calls = _call_counts(q_model, batches[0])
+    replays: Dict[str, List[list]] = {}  # finished modules -> their outputs per batch, call by call
+    finished: List[str] = []  # to capture in the next pass
+    report, done, start = [], set(), time.perf_counter()
     for group in _groups(names, per_unit, cfg.cache_mb * 2**20):
-        caches = _fp_pass(fp_model, batches, group, fisher=cfg.fisher)
+        caches, _ = _fp_pass(fp_model, batches, group, window, cfg.seed, fisher=cfg.fisher, keep_inputs=cfg.drop_prob > 0)
+        if glob is not None and cfg.fisher:
+            others = {n: c for n, c in caches.items() if _predictor_role(q_model, n) is None}
+            _global_fisher(q_model, batches, others, glob, replays)
+            del others
         for name in group:
             cache = caches.pop(name)
-            role = _predictor_role(q_model, name)
-            _q_pass(q_model, batches, name, cache, glob if (glob is not None and role is None and cfg.fisher) else None)
+            for module, outputs in _q_pass(q_model, batches, name, cache, replays, finished, calls).items():
+                for inner in [m for m in replays if m.startswith(module + ".")]:
+                    del replays[inner]
+                replays[module] = outputs
             unit = q_model.get_submodule(name)
-            for p in unit.parameters():
-                p.requires_grad_(False)
+            role = _predictor_role(q_model, name)
             before, after = _optimize_unit(unit, cache, cfg, role, glob, generator, calls[name])
             del cache
-            done += 1
+            done.add(name)
+            finished = [_finished_module(name, names, done)]
             elapsed = time.perf_counter() - start
-            eta = elapsed / done * (len(names) - done)
-            if before is not None:
-                logger.info(f"[{done}/{len(names)}] {name}: output error {before:.4g} -> {after:.4g}  (eta {eta:.0f}s)")
+            eta = elapsed / len(done) * (len(names) - len(done))
+            logger.info(f"[{len(done)}/{len(names)}] {name}: output error {before:.4g} -> {after:.4g}  (eta {eta:.0f}s)")
             report.append((name, before, after))
     for p in q_model.parameters():
         p.requires_grad_(True)

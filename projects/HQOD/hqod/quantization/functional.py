@@ -354,6 +354,8 @@ def _fake_quantize_per_channel(x: Tensor, param: Tensor, qmin, qmax, kind, k, of
     step = step_from_param(param.double(), kind, k).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
     v = x / step + offset
     rounded = torch.round(v)
+    if not (torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)):
+        return (torch.clamp(rounded, qmin, qmax) - offset) * step  # the same values, no graph
     t = rounded if rounded_mask else v
     inside = (t >= qmin) & (t <= qmax)  # inclusive (torch.clamp's gradient is not at the ends)
     # inside: round(v), straight-through; outside: the clipped level, a constant in x

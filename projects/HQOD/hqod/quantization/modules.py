@@ -166,9 +166,10 @@ def cached_quantized_weights(modules: Iterable[nn.Module]):
     """
     Within this context each given quantized conv/linear quantizes its weight once and reuses
     it (same autograd node) on later calls: a head shared over 5 FPN levels fake-quantizes its
-    weights 5x less. The cache is dropped on exit, so a new forward pass quantizes again.
+    weights 5x less. The cache is dropped on exit, so a new forward pass quantizes again; in a
+    context of the same modules, it is the outer one's.
     """
-    modules = [m for m in modules if isinstance(m, _WeightQuantMixin)]
+    modules = [m for m in modules if isinstance(m, _WeightQuantMixin) and not m._weight_cache_enabled]
     for m in modules:
         m._set_weight_cache(True)
     try:
