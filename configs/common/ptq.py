@@ -13,7 +13,9 @@ the same detector plus this node::
 Fields (validated by ``hqod.ptq.PTQConfig``, which documents them in full):
   method          minmax | mse | adaround | brecq | qdrop | regptq
   calib_images    training images of the calibration (256; never val)
-  batch_size      images per calibration batch / reconstruction step (4)
+  batch_size      images per calibration batch / reconstruction step (1)
+  init_images     images the observers set the steps on (64)
+  samples         calls cached per block/layer, at random (128; 0: all)
   iters           optimization steps per block or layer (500; the papers use 2,000-20,000)
   lr, round_lr    Adam: activation steps (4e-5, QDrop's), AdaRound and LLAQ parameters (1e-3)
   round_weight    AdaRound's regularizer (0.01), annealed from 20 to 2 after warmup (0.2)
@@ -26,7 +28,7 @@ Fields (validated by ``hqod.ptq.PTQConfig``, which documents them in full):
   fold_bn         fold BN into the convs (True; False for quant.scope="aqd")
   window          a sample is a call of a block/layer cropped to window x window output
                   pixels (32; 0: whole maps)
-  cache_mb        memory for the samples cached per FP32 pass (2048); seed (0)
+  cache_mb        memory for the samples cached per FP32 pass (4096); seed (0)
 """
 import copy
 from dataclasses import asdict

@@ -11,7 +11,13 @@ Fields (None = the method's default, :data:`METHOD_DEFAULTS`):
   ``qdrop`` (BRECQ + dropping activation quantization with ``drop_prob``), ``regptq`` (QDrop's
   reconstruction + the filtered global loss + LLAQ on the regression branch).
 * ``calib_images``: training images used for calibration (never val), default 256.
-* ``batch_size``: images per calibration batch (one reconstruction step reads one batch).
+* ``batch_size``: images per calibration batch (1): a reconstruction sample is one call of a
+  unit on one batch, and one step reads one sample.
+* ``init_images``: images the observers set the quantizers' steps on before reconstruction (64
+  of the calibration images; ``mse``: the steps of least error searched on the next 64).
+* ``samples``: calls cached per unit, drawn at random from its calls over the calibration
+  images (128; 0: all): a step reads one, so a few hundred steps need no more, and the caches of
+  every unit fit one pass of the FP32 model.
 * ``iters``: optimization steps per block / layer; ``lr``: Adam's learning rate of the
   activation steps (QDrop: 4e-5); ``round_lr``: of AdaRound's rounding variables (1e-3).
 * ``round_weight``: AdaRound's regularizer weight (0.01), its exponent annealed from 20 to 2
@@ -59,7 +65,7 @@ METHOD_DEFAULTS = {
 class PTQConfig:
     method: str = "regptq"
     calib_images: int = 256
-    batch_size: int = 4
+    batch_size: int = 1
     iters: int = 500
     lr: float = 4e-5
     round_lr: float = 1e-3
@@ -77,7 +83,9 @@ class PTQConfig:
     llaq_layers: Optional[Tuple[str, ...]] = None
     fold_bn: bool = True
     window: int = 32
-    cache_mb: int = 2048
+    samples: int = 128
+    init_images: int = 64
+    cache_mb: int = 4096
     seed: int = 0
 
     @classmethod
@@ -96,9 +104,9 @@ class PTQConfig:
         method = kw.get("method", cls.method)
         if method not in METHOD_DEFAULTS:
             raise ValueError(f"ptq.method must be one of {sorted(METHOD_DEFAULTS)}; got {method!r}.")
-        for key in ("calib_images", "batch_size", "iters", "window", "cache_mb"):
+        for key in ("calib_images", "batch_size", "iters", "window", "samples", "init_images", "cache_mb"):
             v = kw.get(key, getattr(cls, key))
-            low = 0 if key in ("iters", "window") else 1
+            low = 0 if key in ("iters", "window", "samples") else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"ptq.{key} must be an int >= {low}; got {v!r}.")
         for key in ("lr", "round_lr", "round_weight", "lam", "p", "theta_c", "theta_i", "warmup", "drop_prob"):

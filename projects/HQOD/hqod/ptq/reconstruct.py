@@ -199,14 +199,20 @@ def _crop_args(args, win: Optional[_Window]):
 
 @dataclass
 class _Cache:
-    """A unit's samples, one per call: its window, FP32 inputs (QDrop) and outputs, squared
-    loss gradients at the outputs, and inputs in the quantized model."""
+    """A unit's samples, one per sampled call (``keep``: the calls sampled, None: all; ``calls``:
+    each sample's call, counted over the calibration batches): its window, FP32 inputs (QDrop)
+    and outputs, squared loss gradients at the outputs, and inputs in the quantized model."""
 
+    keep: Optional[frozenset] = None
+    calls: List[int] = field(default_factory=list)
     windows: List[Optional[_Window]] = field(default_factory=list)
     fp_in: List[tuple] = field(default_factory=list)
     fp_out: List[Tensor] = field(default_factory=list)
     grad_sq: List[Tensor] = field(default_factory=list)
     q_in: List[tuple] = field(default_factory=list)
+
+    def sampled(self, call: int) -> bool:
+        return self.keep is None or call in self.keep
 
     def window(self, k: int) -> Optional[_Window]:
         return self.windows[k] if self.windows else None
@@ -311,24 +317,27 @@ def _same_output(module, args, output, win: _Window) -> bool:
 
 
 def _fp_pass(fp_model, batches, names: List[str], window: Dict[str, int], seed: int, fisher: bool,
-             keep_inputs: bool, check: bool = False):
+             keep_inputs: bool, check: bool = False, keep: Optional[Dict[str, frozenset]] = None):
     """The FP32 samples of the units ``names`` over all batches (windows of ``window[name]``
     output pixels, placed by ``seed``; ``check``: a unit whose first window differs from its whole-map output is
     set to whole maps in ``window``), with ``fisher`` the squared detection-loss gradients.
-    Returns the caches and the units in the order they first ran."""
-    caches = {n: _Cache() for n in names}
-    order, outs, busy = [], [], []
+    ``keep``: the calls sampled per unit (default all). Returns the caches and the units in the
+    order they first ran."""
+    caches = {n: _Cache(keep=(keep or {}).get(n)) for n in names}
+    order, outs, busy, seen = [], [], [], {n: 0 for n in names}
 
     def make_hook(n):
         def hook(module, args, output):
             if busy:  # the window check's own call
                 return
-            c = caches[n]
-            if not c.fp_out:
+            c, call = caches[n], seen[n]
+            seen[n] += 1
+            if call == 0:
                 order.append(n)
-            k = len(c.fp_out)
-            win = _choose_window(args[0].shape, output.shape, window[n], f"{seed}/{k}/{tuple(output.shape[-2:])}")
-            if check and k == 0 and win is not None:
+            if not c.sampled(call):
+                return
+            win = _choose_window(args[0].shape, output.shape, window[n], f"{seed}/{call}/{tuple(output.shape[-2:])}")
+            if check and not c.windows and win is not None:
                 busy.append(n)
                 try:
                     if not _same_output(module, args, output, win):
@@ -336,6 +345,7 @@ def _fp_pass(fp_model, batches, names: List[str], window: Dict[str, int], seed: 
                         window[n], win = 0, None
                 finally:
                     busy.pop()
+            c.calls.append(call)
             c.windows.append(win)
             c.fp_out.append(_crop(output, win and win.out).detach().clone())
             if keep_inputs:
@@ -376,6 +386,7 @@ def _global_fisher(q_model, batches, caches: Dict[str, _Cache], glob: "_Global",
     ]
     q_model.eval()
     seen = {id(c): 0 for c in caches.values()}
+    sample = {id(c): {call: i for i, call in enumerate(c.calls)} for c in caches.values()}
     try:  # the weights do not change during the pass: quantized once
         with _replaying(q_model, replays) as to_batch, cached_quantized_weights(q_model.modules()):
             for b, batch in enumerate(batches):
@@ -386,11 +397,11 @@ def _global_fisher(q_model, batches, caches: Dict[str, _Cache], glob: "_Global",
                     loss = global_loss(glob.fp_preds[b], preds, glob.fp_anchors[b], glob.box2box, glob.cfg)
                     grads = torch.autograd.grad(loss, [o for _, o in outs], allow_unused=True)
                 for (c, _), g in zip(outs, grads):
-                    k = seen[id(c)]
+                    i = sample[id(c)].get(seen[id(c)])
                     seen[id(c)] += 1
-                    if g is not None:
-                        win = c.window(k)
-                        c.grad_sq[k] = c.grad_sq[k] + _crop(g, win and win.out).detach().pow(2)
+                    if g is not None and i is not None:
+                        win = c.window(i)
+                        c.grad_sq[i] = c.grad_sq[i] + _crop(g, win and win.out).detach().pow(2)
     finally:
         for h in handles:
             h.remove()
@@ -401,7 +412,8 @@ def _q_pass(q_model, batches, name: str, cache: _Cache, replays, capture: List[s
     the finished modules in ``replays`` replay. Returns the outputs of the modules ``capture``
     per batch (for those whose every call ran)."""
     captured = {m: [[] for _ in batches] for m in capture}
-    seen: Dict[str, int] = {}
+    seen: Dict[str, int] = {}  # calls in this batch
+    calls_before = [0]  # the unit's calls in the batches before
 
     def count(n):
         seen[n] = seen.get(n, 0) + 1
@@ -409,7 +421,8 @@ def _q_pass(q_model, batches, name: str, cache: _Cache, replays, capture: List[s
             raise _Stop  # the rest of the network is not needed
 
     def unit_hook(module, args, output):
-        cache.q_in.append(_crop_args(args, cache.window(len(cache.q_in))))
+        if cache.sampled(calls_before[0] + seen.get(name, 0)):
+            cache.q_in.append(_crop_args(args, cache.window(len(cache.q_in))))
         count(name)
 
     def capture_hook(m):
@@ -432,6 +445,7 @@ def _q_pass(q_model, batches, name: str, cache: _Cache, replays, capture: List[s
                         detector_forward(q_model, batch)
                 except _Stop:
                     pass
+                calls_before[0] += seen.get(name, 0)
         finally:
             for h in handles:
                 h.remove()
@@ -561,7 +575,7 @@ def _optimize_unit(unit, cache: _Cache, cfg: PTQConfig, role, glob: Optional[_Gl
             out = cache.output(unit, k, args)
             loss = error(k, out)
             if role is not None and glob is not None:
-                loss = loss + _exact_global(out, k, cache.window(k), role, glob, calls_per_batch)
+                loss = loss + _exact_global(out, cache.calls[k], cache.window(k), role, glob, calls_per_batch)
             if roundings and it >= warm:
                 beta = 20 - (20 - 2) * (it - warm) / max(1, cfg.iters - warm)
                 loss = loss + cfg.round_weight * sum(r.regularizer(beta) for r in roundings)
@@ -578,11 +592,11 @@ def _optimize_unit(unit, cache: _Cache, cfg: PTQConfig, role, glob: Optional[_Gl
     return before, _output_error(unit, cache, norm)
 
 
-def _exact_global(out, k, win: Optional[_Window], role, glob: _Global, calls_per_batch):
+def _exact_global(out, call, win: Optional[_Window], role, glob: _Global, calls_per_batch):
     """Reg-PTQ's global term on one level (in the sample's window), where the unit is the
     predictor ``role``."""
     index, _ = role
-    b, level = divmod(k, calls_per_batch)
+    b, level = divmod(call, calls_per_batch)
     fp = [p[level] for p in glob.fp_preds[b]]
     anchors = glob.fp_anchors[b][level]
     if win is not None:  # anchors are laid out (H, W, anchors per location)
@@ -636,22 +650,26 @@ def reconstruct(q_model: DenseDetector, fp_model: DenseDetector, batches: List[l
         with torch.no_grad():
             outs = [detector_forward(fp_model, b) for b in batches]
         glob = _Global(cfg, fp_model.box2box_transform, [o[0] for o in outs], [[a.tensor for a in o[1]] for o in outs])
-    # on the first batch: the order the units run in, their windows, the bytes they cache
+    # on the first batch: the order the units run in, their calls, windows and bytes per call
     window = {n: cfg.window for n in names}
     probe, names = _fp_pass(fp_model, batches[:1], names, window, cfg.seed, fisher=False, keep_inputs=True, check=True)
-    per_unit = {  # FP32 outputs (+ Fisher weights) and inputs (quantized + FP32 for QDrop)
-        n: len(batches) * (
-            _bytes(c.fp_out) * (2 if cfg.fisher else 1) + _bytes(sum(c.fp_in, ())) * (2 if cfg.drop_prob > 0 else 1)
-        )
-        for n, c in probe.items()
-    }
-    del probe
     calls = _call_counts(q_model, batches[0])
+    keep, per_unit = {}, {}
+    for n, c in probe.items():
+        total = calls[n] * len(batches)
+        if 0 < cfg.samples < total:  # a random subset of the unit's calls
+            keep[n] = frozenset(random.Random(f"{cfg.seed}/{n}").sample(range(total), cfg.samples))
+        # FP32 outputs (+ Fisher weights) and inputs (quantized + FP32 for QDrop)
+        per_call = _bytes(c.fp_out) * (2 if cfg.fisher else 1) + _bytes(sum(c.fp_in, ())) * (2 if cfg.drop_prob > 0 else 1)
+        per_unit[n] = per_call / len(c.fp_out) * min(total, cfg.samples or total)
+    del probe
     replays: Dict[str, List[list]] = {}  # finished modules -> their outputs per batch, call by call
     finished: List[str] = []  # to capture in the next pass
     report, done, start = [], set(), time.perf_counter()
     for group in _groups(names, per_unit, cfg.cache_mb * 2**20):
-        caches, _ = _fp_pass(fp_model, batches, group, window, cfg.seed, fisher=cfg.fisher, keep_inputs=cfg.drop_prob > 0)
+        caches, _ = _fp_pass(
+            fp_model, batches, group, window, cfg.seed, fisher=cfg.fisher, keep_inputs=cfg.drop_prob > 0, keep=keep
+        )
         if glob is not None and cfg.fisher:
             others = {n: c for n, c in caches.items() if _predictor_role(q_model, n) is None}
             _global_fisher(q_model, batches, others, glob, replays)

@@ -76,7 +76,7 @@ def run_ptq(cfg, fp32_model: nn.Module):
     model = prepare_model(copy.deepcopy(fp), cfg.quant, cfg.ptq)
     batches = calibration_batches(cfg, ptq.calib_images, ptq.batch_size, ptq.seed)
     with torch.no_grad():
-        calibrate(model, batches, ptq.calib_images)
+        calibrate(model, batches, min(ptq.init_images, ptq.calib_images))
     report = []
     if ptq.reconstruct:
         report = reconstruct(model, fp, batches, ptq)
