@@ -158,7 +158,7 @@ def test_replayed_modules_give_the_quantized_inputs_they_replace(tiny_digits):
     from detectron2.config import instantiate
 
     from hqod.ptq import calibration_batches, prepare_model
-    from hqod.ptq.reconstruct import _call_counts, _q_pass
+    from hqod.ptq.reconstruct import _call_counts, _fp_pass, _q_pass
     from hqod.quantization import calibrate
 
     cfg = LazyConfig.apply_overrides(
@@ -180,6 +180,10 @@ def test_replayed_modules_give_the_quantized_inputs_they_replace(tiny_digits):
     assert len(computed.q_in) == len(replayed.q_in) == 10  # 2 batches x 5 levels
     for a, b in zip(computed.q_in, replayed.q_in):
         torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    # a group of units none of whose sampled calls is in a batch: that batch adds nothing
+    caches, _ = _fp_pass(q, batches, ["head.bbox_pred"], {"head.bbox_pred": 0}, 0, fisher=True, keep_inputs=False,
+                         keep={"head.bbox_pred": frozenset({7})})  # batch 1, level 2
+    assert caches["head.bbox_pred"].calls == [7] and len(caches["head.bbox_pred"].grad_sq) == 1
 
 
 def test_every_ptq_config_loads_and_validates():
@@ -218,10 +222,15 @@ def _tiny_ptq_cfg(tmp_path, method, *extra):
     return overrides + [f"train.init_checkpoint={tmp_path / 'fp32' / 'model_final.pth'}"]
 
 
+# every path of the reconstruction in seconds: windows, one call sampled per unit (the other
+# batch has none), several FP32 passes (replays and global-loss passes across groups)
+REGPTQ_TINY = ("ptq.calib_images=2", "ptq.iters=2", "ptq.window=8", "ptq.samples=1", "ptq.cache_mb=1")
+
+
 def test_ptq_command_writes_a_checkpoint_that_eval_only_reads(tiny_digits, tmp_path):
     ptq_tool, train_net = load_tool("ptq"), load_tool("train_net")
     # Reg-PTQ, the method with every part: windows, replay, Fisher and global terms, LLAQ
-    overrides = _tiny_ptq_cfg(tmp_path, "regptq", "ptq.calib_images=2", "ptq.iters=2", "ptq.window=8")
+    overrides = _tiny_ptq_cfg(tmp_path, "regptq", *REGPTQ_TINY)
     config = os.path.join(ROOT, "configs/retina_r18_regptq_w4a4.py")
     results = ptq_tool.main(ptq_tool.parse_args(["--config-file", config, *overrides]))
     assert "bbox" in results

@@ -363,7 +363,7 @@ def _fp_pass(fp_model, batches, names: List[str], window: Dict[str, int], seed: 
             outs.clear()
             with torch.set_grad_enabled(fisher), EventStorage():  # the losses log statistics
                 _, _, loss = detector_forward(fp_model, batch, losses=fisher, image_grad=fisher)
-            if fisher:
+            if fisher and outs:  # (no call of these units sampled in this batch: nothing to do)
                 grads = torch.autograd.grad(sum(loss.values()), [o for _, o, _ in outs], allow_unused=True)
                 for (c, o, win), g in zip(outs, grads):
                     g = torch.zeros_like(o) if g is None else g
@@ -379,6 +379,8 @@ def _global_fisher(q_model, batches, caches: Dict[str, _Cache], glob: "_Global",
     """Adds the squared gradient of Reg-PTQ's global loss at each unit's outputs (in the
     quantized model as it is before the units are reconstructed) to their cached Fisher
     weights, in their windows."""
+    if not caches:
+        return
     outs = []
     handles = [
         q_model.get_submodule(n).register_forward_hook(lambda m, a, o, c=c: outs.append((c, o)))
