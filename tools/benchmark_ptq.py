@@ -32,8 +32,6 @@ import sys
 import time
 from typing import List, NamedTuple, Optional
 
-import hqod  # noqa: F401
-
 from hqod.benchmark import git_commit, machine, relative_to, sha256
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
