@@ -1,5 +1,6 @@
 """Shared by the tests that run tools/train_net.py or build detectors: the overrides of a tiny,
-fast RetinaNet/FCOS (FPN width 32, 128 px images, no data-loading workers)."""
+fast RetinaNet/FCOS (FPN width 32, 128 px images, no data-loading workers); synthetic batches
+and small calibrated detectors."""
 import importlib.util
 import os
 
@@ -37,3 +38,44 @@ def tiny_config(config, batch_size=4):
     cfg.dataloader.train.dataset.names = "digits_tiny_train"
     cfg.dataloader.test.dataset.names = "digits_tiny_val"
     return cfg
+
+
+def synthetic_batches(n, size=96, seed=0, per_batch=2):
+    """``n`` detectron2 batches of random images with one box each."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        inst = Instances((size, size), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 60.0, 70.0]])),
+                         gt_classes=torch.tensor([1]))
+        yield [
+            {"image": torch.rand(3, size, size, generator=g) * 255, "instances": inst, "height": size, "width": size}
+            for _ in range(per_batch)
+        ]
+
+
+def calibrated_detector(config, quant=None):
+    """The detector of ``config`` (3 classes, FPN width 32, every score kept) with BN statistics
+    from two float forwards on synthetic batches, then quantized with ``quant`` (a ``quant``
+    node as a dict; None: FP32) and calibrated on two images, in eval mode."""
+    import torch
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.utils.events import EventStorage
+
+    from hqod.quantization import calibrate, quantize_model
+
+    torch.manual_seed(0)
+    cfg = LazyConfig.load(os.path.join(ROOT, config))
+    cfg.model.num_classes = 3
+    cfg.model.backbone.out_channels = 32
+    cfg.model.test_score_thresh = 0.0
+    model = instantiate(cfg.model)
+    model.train()
+    with torch.no_grad(), EventStorage():
+        for batch in synthetic_batches(2, seed=1):
+            model(batch)
+    if quant is not None:
+        quantize_model(model, quant)
+        calibrate(model, synthetic_batches(1, seed=2), num_images=2)
+    return model.eval()

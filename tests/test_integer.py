@@ -22,7 +22,6 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.backbone.resnet import BasicBlock
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from hqod.engine import build_model
@@ -45,7 +44,7 @@ from hqod.quantization import (
 from hqod.quantization import functional
 from hqod.quantization.integer_layers import INT32_MAX, add_max_shift, integer_batch_norm
 
-from helpers import ROOT, load_tool, tiny_config
+from helpers import ROOT, calibrated_detector, load_tool, synthetic_batches, tiny_config
 AQD = {"method": "lq", "scope": "aqd", "weight_bits": 4, "act_bits": 4}
 
 
@@ -450,33 +449,10 @@ def test_integer_engine_matches_fake_quant(trained_aqd, tmp_path):
     assert int(a["p3"].abs().max()) <= int_model.backbone.feature_max_abs["p3"]
 
 
-def synthetic_batches(n, size=96, seed=0, per_batch=2):
-    g = torch.Generator().manual_seed(seed)
-    for i in range(n):
-        inst = Instances((size, size), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 60.0, 70.0]])),
-                         gt_classes=torch.tensor([1]))
-        yield [
-            {"image": torch.rand(3, size, size, generator=g) * 255, "instances": inst, "height": size, "width": size}
-            for _ in range(per_batch)
-        ]
-
-
 def calibrated_aqd(config, **quant):
-    """A detector (3 classes, width 32) with BN statistics from two float forwards, then
-    AQD-quantized with ``quant`` and calibrated, in eval mode."""
-    torch.manual_seed(0)
-    cfg = LazyConfig.load(os.path.join(ROOT, config))
-    cfg.model.num_classes = 3
-    cfg.model.backbone.out_channels = 32
-    cfg.model.test_score_thresh = 0.0
-    model = instantiate(cfg.model)
-    model.train()
-    with torch.no_grad(), EventStorage():
-        for batch in synthetic_batches(2, seed=1):
-            model(batch)
-    quantize_model(model, dict(AQD, **quant))
-    calibrate(model, synthetic_batches(1, seed=2), num_images=2)
-    return model.eval()
+    """A detector (3 classes, width 32) AQD-quantized with ``quant`` and calibrated, in eval
+    mode (:func:`helpers.calibrated_detector`)."""
+    return calibrated_detector(config, dict(AQD, **quant))
 
 
 @pytest.mark.parametrize("arch", ["fcos", "atss"])

@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 import torch
 
@@ -33,7 +32,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
 from detectron2.utils.logger import setup_logger
 
-from hqod.engine import USER_ERRORS, Checkpointer, UserError, build_model, do_test, load_config, user_error_message
+from hqod.engine import Checkpointer, UserError, build_model, do_test, load_config, run_tool
 from hqod.evaluation.harmony_plots import (
     draw_detections,
     load_tp_records,
@@ -145,10 +144,4 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
-    try:
-        main(args)
-    except USER_ERRORS as e:
-        if args.debug:
-            raise
-        print(f"error: {user_error_message(e)}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(main, args)

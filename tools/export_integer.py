@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import sys
 
 import torch
 
@@ -29,13 +28,12 @@ from detectron2.config import instantiate
 from detectron2.utils.logger import setup_logger
 
 from hqod.data import ensure_datasets
-from hqod.engine import USER_ERRORS, Checkpointer, UserError, build_model, load_config, user_error_message
+from hqod.engine import UserError, load_config, load_trained_model, run_tool
 from hqod.quantization import (
     IntegerConversionError,
     compare_integer_model,
     load_integer_model,
     save_integer_model,
-    uninitialized_quantizers,
 )
 
 logger = logging.getLogger("hqod")
@@ -66,23 +64,6 @@ def _names(loader_cfg):
     return [names] if isinstance(names, str) else list(names)
 
 
-def load_qat_model(cfg, config_file, checkpoint):
-    model = build_model(cfg)
-    if not os.path.isfile(checkpoint):
-        raise UserError(
-            f"Checkpoint {checkpoint} does not exist. Train the model first (python tools/train_net.py "
-            f"--config-file {config_file}) or pass --checkpoint."
-        )
-    Checkpointer(model).load(checkpoint)
-    model.to("cpu")  # the integer engine runs on the CPU; compare on the same device
-    if cfg.get("quant") is not None and uninitialized_quantizers(model):
-        raise UserError(
-            f"{checkpoint} holds no quantizer state for this config (an FP32 checkpoint, or another "
-            "config's): pass the QAT checkpoint that tools/train_net.py wrote for it."
-        )
-    return model.eval()
-
-
 def verdict(report):
     """One line per reference: the integer engine issue's three tolerances."""
     lines = []
@@ -109,7 +90,7 @@ def verdict(report):
 def main(args):
     cfg = load_config(args.config_file, args.opts)
     checkpoint = args.checkpoint or os.path.join(cfg.train.output_dir, "model_final.pth")
-    model = load_qat_model(cfg, args.config_file, checkpoint)
+    model = load_trained_model(cfg, args.config_file, checkpoint)
     output = args.output or os.path.join(os.path.dirname(checkpoint) or ".", "model_integer.pth")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     try:  # converts (to_integer) and saves the config and the fake-quant state it comes from
@@ -138,13 +119,7 @@ def main(args):
 
 
 def run(args):
-    try:
-        return main(args)
-    except USER_ERRORS as e:
-        if args.debug:
-            raise
-        print(f"error: {user_error_message(e)}", file=sys.stderr)
-        sys.exit(2)
+    return run_tool(main, args)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import resource
-import sys
 
 import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 
@@ -30,7 +29,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser
 from detectron2.utils.logger import setup_logger
 
-from hqod.engine import USER_ERRORS, Checkpointer, UserError, do_test, load_config, user_error_message
+from hqod.engine import Checkpointer, UserError, do_test, load_config, run_tool
 from hqod.engine.train_loop import _fp32_checkpoint_missing
 from hqod.ptq import PTQConfig, run_ptq
 from hqod.quantization import QuantConfig
@@ -85,10 +84,4 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
-    try:
-        main(args)
-    except USER_ERRORS as e:
-        if args.debug:
-            raise
-        print(f"error: {user_error_message(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_tool(main, args)

@@ -6,7 +6,9 @@ from .defaults import (
     check_output_dir,
     config_differences,
     load_config,
+    load_trained_model,
     resolve_device,
+    run_tool,
     setup_determinism,
     user_error_message,
 )
@@ -28,6 +30,8 @@ __all__ = [
     "convert_sync_batchnorm",
     "do_test",
     "do_train",
+    "load_trained_model",
+    "run_tool",
     "launch",
     "load_config",
     "read_checkpoint",

@@ -6,6 +6,7 @@ change; tools/train_net.py prints it without a traceback (:data:`USER_ERRORS`).
 import difflib
 import logging
 import os
+import sys
 import tempfile
 
 import torch
@@ -35,6 +36,43 @@ def user_error_message(error):
     if isinstance(error, InterpolationResolutionError):
         return str(error).splitlines()[0]
     return str(error)
+
+
+def run_tool(main, args):
+    """``main(args)`` of a command-line tool, a user error reported in one line on stderr (exit
+    code 2) unless ``args.debug`` asks for its traceback."""
+    try:
+        return main(args)
+    except USER_ERRORS as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {user_error_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def load_trained_model(cfg, config_file: str, checkpoint: str):
+    """The detector of ``cfg`` with the weights (and quantizer state) of ``checkpoint``, on the
+    CPU, in eval mode: what the export tools read. A missing checkpoint, or one without the
+    quantizer state a quantized config needs, is a :class:`UserError`."""
+    from hqod.quantization import uninitialized_quantizers
+
+    from .checkpoint import Checkpointer
+    from .train_loop import build_model
+
+    model = build_model(cfg)
+    if not os.path.isfile(checkpoint):
+        raise UserError(
+            f"Checkpoint {checkpoint} does not exist. Train the model first (python tools/train_net.py "
+            f"--config-file {config_file}) or pass --checkpoint."
+        )
+    Checkpointer(model).load(checkpoint)
+    model.to("cpu")
+    if cfg.get("quant") is not None and uninitialized_quantizers(model):
+        raise UserError(
+            f"{checkpoint} holds no quantizer state for this config (an FP32 checkpoint, or another "
+            "config's): pass the QAT checkpoint that tools/train_net.py wrote for it."
+        )
+    return model.eval()
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,0 +1,189 @@
+"""
+Deployment to ONNX / ONNX Runtime (issue 17, hqod.deploy, tools/export_onnx.py): the Q/DQ conv
+against the fake-quant conv it replaces (a bound derived from the int32 bias), the weight-unit
+refinement by hand, FP32 export against PyTorch within 1e-4, quantized export run by ONNX
+Runtime on integer kernels (QLinearConv) and equal to its PyTorch form, the detectron2 model
+interface, clear refusals, the tool.
+"""
+import pytest
+import torch
+
+from hqod.deploy import (
+    DetectorNetwork,
+    OnnxDetector,
+    OnnxExportError,
+    QDQConv2d,
+    compare_onnx_model,
+    executed_kernels,
+    export_onnx,
+    output_names,
+    prepare_for_export,
+)
+from hqod.deploy.export import _refine_weight_units
+from hqod.quantization import QConv2d
+
+from helpers import calibrated_detector, load_tool, synthetic_batches
+
+LSQ_W4 = {"method": "lsq", "scope": "aqd_star", "weight_bits": 4, "act_bits": 4}
+
+
+def _images(model, seed=3):
+    return model.preprocess_image(next(synthetic_batches(1, seed=seed))).tensor
+
+
+def _ort_outputs(path, images, optimize=True):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in session.run(None, {"images": images.numpy()})]
+
+
+def test_refine_weight_units_by_hand():
+    # 2-bit weights (|q| <= 2) after a 4-bit unsigned input (<= 15): k = min(127, 32767 // 30) // 2
+    q = torch.tensor([-2, 1, 0, 1]).view(1, 4, 1, 1).repeat(2, 1, 1, 1)
+    q[1] = torch.tensor([1, -1, 0, 1]).view(4, 1, 1)
+    refined, scale = _refine_weight_units(q, torch.tensor([0.1, 0.2], dtype=torch.float64), (0, 15))
+    assert refined[0].flatten().tolist() == [-126, 63, 0, 63] and refined[1].flatten().tolist() == [127, -127, 0, 127]
+    assert scale.tolist() == pytest.approx([0.1 / 63, 0.2 / 127])
+    # an 8-bit signed input (uint8 up to 255 with zero point 128): 32767 // 510 = 64 -> k = 32
+    refined, _ = _refine_weight_units(q, torch.ones(2, dtype=torch.float64), (-128, 127))
+    assert refined[0].flatten().tolist() == [-64, 32, 0, 32]
+    # the same real weights
+    assert torch.equal(refined.double() * torch.tensor([1 / 32, 1 / 64]).view(-1, 1, 1, 1), q.double())
+
+
+def test_qdq_conv_is_the_fake_quant_conv():
+    """Every quantized conv of a calibrated RetinaNet (its BN folded) against the fake-quant
+    conv on the same input: they differ only by the int32 bias's rounding, at most half a unit
+    of the accumulator step per channel (plus float32 rounding)."""
+    model = calibrated_detector("configs/retina_r18_fp32.py", LSQ_W4)
+    exported = prepare_for_export(model)
+    convs = {n: m for n, m in model.backbone.named_modules() if isinstance(m, QConv2d)}
+    assert len(convs) == 28  # stem, 16 block convs, 3 shortcuts, 6 FPN convs, P6, P7
+    g = torch.Generator().manual_seed(0)
+    for name, conv in convs.items():
+        qdq = exported.backbone.get_submodule(name)
+        assert isinstance(qdq, QDQConv2d) and qdq.weight_int.dtype == torch.int8
+        assert qdq.weight_int.abs().max() <= 127 and qdq.bias_int.dtype == torch.int32
+        assert conv.activation is None  # detectron2's backbone applies its ReLUs in forward
+        x = torch.randn(2, conv.in_channels, 12, 12, generator=g) * 2
+        with torch.no_grad():
+            ref, out = conv(x), qdq(x)
+        bound = 0.5 * qdq.bias_scale[0].double().view(1, -1, 1, 1) + 1e-5 * ref.abs().max()
+        assert ((ref.double() - out.double()).abs() <= bound).all(), name
+
+
+def test_export_fp32_equals_pytorch(tmp_path):
+    model = calibrated_detector("configs/retina_r18_fp32.py")
+    path = str(tmp_path / "fp32.onnx")
+    info = export_onnx(model, path, image_size=(96, 96))
+    assert info["quantized_convs"] == 0 and info["outputs"] == output_names(model)
+    assert output_names(model) == [f"{p}.{l}" for p in ("cls_score", "bbox_pred") for l in range(5)]
+    images = _images(model)
+    with torch.no_grad():
+        ref = DetectorNetwork(model)(images)
+    out = _ort_outputs(path, images)
+    assert len(out) == 10
+    for r, o in zip(ref, out):
+        assert r.shape == o.shape and (r - o).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "arch,quant,integer_convs",
+    [
+        # 8 block conv1 + 2 towers x 4 convs x 5 levels: every conv whose output only one
+        # quantizer reads; the others (residual and FPN adds, predictors) stay float
+        ("retina", LSQ_W4, 48),
+        # FCOS's last bbox-tower conv feeds two quantized predictors (bbox_pred, ctrness)
+        ("fcos", dict(LSQ_W4, method="tqt", weight_bits=2, act_bits=2), 43),
+        ("atss", dict(LSQ_W4, weight_bits=8, act_bits=8, weight_granularity="channel"), 43),
+    ],
+)
+def test_export_quantized_runs_integer_kernels(tmp_path, arch, quant, integer_convs):
+    model = calibrated_detector(f"configs/{arch}_r18_fp32.py", quant)
+    path, optimized = str(tmp_path / "q.onnx"), str(tmp_path / "opt.onnx")
+    info = export_onnx(model, path, image_size=(96, 96))
+    assert info["quantized_convs"] == 38 + (arch != "retina")  # + ctrness
+    detector = OnnxDetector(model, path, optimized_model=optimized)
+    kernels = executed_kernels(optimized)
+    assert kernels["QLinearConv"] == integer_convs
+    assert ("Clip" in kernels) == (quant["act_bits"] < 8)  # low-bit ranges clipped on the integers
+    images = _images(model)
+    with torch.no_grad():
+        ref = DetectorNetwork(prepare_for_export(model))(images)
+    plain = _ort_outputs(path, images, optimize=False)  # Q/DQ as float ops: the graph's semantics
+    fused = [p for per_pred in detector.predictions(images) for p in per_pred]
+    for r, p, f in zip(ref, plain, fused):
+        scale = float(r.abs().max())
+        assert (r - p).abs().max() <= 1e-5 * scale + 1e-6  # the file computes the PyTorch form
+        assert (p - f).abs().max() <= 1e-3 * scale + 1e-6  # integer kernels: requantization rounding
+
+
+def test_onnx_detector_is_a_detectron2_model(tmp_path):
+    model = calibrated_detector("configs/retina_r18_fp32.py")
+    path = str(tmp_path / "m.onnx")
+    export_onnx(model, path, image_size=(96, 96))
+    detector = OnnxDetector(model, path)
+    batch = next(synthetic_batches(1, seed=3))
+    with torch.no_grad():
+        ref, out = model(batch), detector(batch)
+    assert len(out) == 2 and all(len(o["instances"]) == len(r["instances"]) == 100 for o, r in zip(out, ref))
+    assert out[0]["instances"].image_size == (96, 96)
+    report = compare_onnx_model(model, detector, synthetic_batches(2, seed=3))
+    assert report.num_images == 4 and report.max_abs_diff <= 1e-4
+    # FP32: outputs equal to 1e-5; the only mismatches are near-ties in the top-100 cut
+    assert report.match_rate >= 0.9
+    assert report.seconds_onnx > 0 and report.seconds_torch > 0
+
+
+@pytest.mark.parametrize(
+    "quant,match",
+    [
+        (dict(LSQ_W4, method="lq", scope="aqd"), "scope 'aqd'"),
+        (dict(LSQ_W4, method="lq"), r"head\.cls_subnet\.0\.input_quant: a signed grid without a zero level"),
+    ],
+)
+def test_refuses_what_has_no_qdq_form(quant, match):
+    model = calibrated_detector("configs/retina_r18_fp32.py", quant)
+    with pytest.raises(OnnxExportError, match=match):
+        prepare_for_export(model)
+
+
+def test_refuses_uncalibrated_model_and_old_opset(tmp_path):
+    from hqod.quantization import quantize_model
+
+    model = calibrated_detector("configs/retina_r18_fp32.py")
+    with pytest.raises(OnnxExportError, match="opset 12"):
+        export_onnx(model, str(tmp_path / "m.onnx"), image_size=(96, 96), opset=12)
+    quantize_model(model, LSQ_W4)
+    with pytest.raises(OnnxExportError, match=r"76 quantizers were never calibrated \(backbone\.fpn_lateral3\.weight_quant, \.\.\.\)"):
+        prepare_for_export(model)
+
+
+def test_export_tool(tiny_digits, tmp_path, capsys):
+    tool = load_tool("export_onnx")
+    model = calibrated_detector("configs/retina_r18_fp32.py")
+    checkpoint = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict()}, checkpoint)
+    common = ["--config-file", "configs/retina_r18_fp32.py", "model.num_classes=3", "model.backbone.out_channels=32"]
+    overrides = [
+        "dataloader.test.dataset.names=digits_tiny_val",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=128",
+        "dataloader.test.num_workers=0",
+    ]
+    result = tool.run(tool.parse_args(
+        ["--checkpoint", str(checkpoint), "--verify", "--num-images", "2", "--report-json", str(tmp_path / "r.json")]
+        + common + overrides
+    ))
+    out = capsys.readouterr().out
+    assert (tmp_path / "model_final.onnx").is_file() and (tmp_path / "r.json").is_file()
+    assert "ONNX Runtime runs 0 convolutions as integer kernels" in out and "COCO AP: PyTorch" in out
+    assert result["verify"]["num_images"] == 2 and result["verify"]["max_abs_diff"] <= 1e-4
+    with pytest.raises(SystemExit) as e:
+        tool.run(tool.parse_args(["--checkpoint", str(tmp_path / "missing.pth")] + common))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.pth does not exist" in err[0]
