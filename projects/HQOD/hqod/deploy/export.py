@@ -32,7 +32,7 @@ from hqod.quantization.modules import QConv2d
 from hqod.quantization.multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead
 from hqod.quantization.quantizers import Quantizer
 
-from .qdq import QDQConv2d
+from .qdq import QDQConv2d, fits_uint8
 
 __all__ = ["OnnxExportError", "DetectorNetwork", "export_onnx", "output_names", "prepare_for_export"]
 
@@ -63,17 +63,11 @@ def _active_grid(quantizer: Quantizer, name: str):
     return quantizer.integer_grid()
 
 
-def _input_grid(conv: QConv2d, name: str) -> Tuple[float, Tuple[int, int]]:
+def _input_grid(conv: QConv2d, name: str):
     grid = _active_grid(conv.input_quant, f"{name}.input_quant")
-    if grid.m != 1:
-        raise OnnxExportError(
-            f"{name}.input_quant: a signed grid without a zero level (AQD Eq. 3, the LQ quantizer) "
-            "cannot be expressed by QuantizeLinear, which rounds to integers around a zero point; "
-            "export a model of unsigned or LSQ/TQT activations."
-        )
-    if not (-128 <= grid.q_min and grid.q_max <= (127 if grid.q_min < 0 else 255)):
+    if grid.m == 1 and not fits_uint8(grid.q_min, grid.q_max):
         raise OnnxExportError(f"{name}.input_quant: the range [{grid.q_min}, {grid.q_max}] does not fit 8 bits.")
-    return float(grid.scale), (grid.q_min, grid.q_max)
+    return grid
 
 
 def _weight_integers(conv: QConv2d, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -87,11 +81,6 @@ def _weight_integers(conv: QConv2d, name: str) -> Tuple[torch.Tensor, torch.Tens
     q = torch.round(w_hat / scale.view(-1, 1, 1, 1))
     if not torch.allclose(q * scale.view(-1, 1, 1, 1), w_hat, rtol=1e-6, atol=0):
         raise RuntimeError(f"{name}: the fake-quantized weight is not on its quantizer's grid.")
-    if q.min() < -128 or q.max() > 127:
-        raise OnnxExportError(
-            f"{name}.weight_quant: weight integers in [{int(q.min())}, {int(q.max())}] do not fit int8 "
-            "(an 8-bit grid without a zero level needs 9 bits)."
-        )
     return q.long(), scale
 
 
@@ -108,25 +97,31 @@ def _refine_weight_units(q_w: torch.Tensor, scale: torch.Tensor, input_range) ->
     ``alpha_x * scale``, which at 2-4 bits is too coarse for a BN shift (a half-unit rounding error
     of up to ~2 % of an activation step, the same in every pixel); ``k`` makes the unit finer.
     """
-    max_input = input_range[1] + (0 if input_range[0] >= 0 else 128)  # as uint8
+    max_input = input_range[1] + (0 if input_range[0] >= 0 else 128)  # as uint8 (zero point 128 if signed)
     largest = q_w.abs().flatten(1).amax(dim=1).clamp_min(1)
     limit = min(127, _INT16_PAIR_MAX // (2 * max(max_input, 1)))
     k = torch.clamp(limit // largest, min=1)
     return q_w * k.view(-1, 1, 1, 1), scale / k.double()
 
 
+def _scope_aqd(what: str) -> str:
+    return (
+        f"{what} of scope 'aqd' (integer BN outputs, c/2^d-aligned adds) has no Q/DQ form here yet; "
+        "export a model of scope 'aqd_star' (LSQ, TQT, AQD*) or use the integer engine "
+        "(tools/export_integer.py)."
+    )
+
+
 def qdq_conv(conv: QConv2d, name: str, norms: List[Optional[nn.Module]]) -> QDQConv2d:
     """The :class:`QDQConv2d` of a quantized conv followed by ``norms`` (one BN per level, or
     ``[None]``): the BN folded into the weight scale and the int32 bias."""
     if conv.integer_aware:
-        raise OnnxExportError(
-            f"{name}: an integer-aware conv of scope 'aqd' (integer BN outputs, c/2^d-aligned adds) "
-            "has no Q/DQ form here yet; export a model of scope 'aqd_star' (LSQ, TQT, AQD*) or use "
-            "the integer engine (tools/export_integer.py)."
-        )
-    input_scale, input_range = _input_grid(conv, name)
+        raise OnnxExportError(_scope_aqd(f"{name}: an integer-aware conv"))
+    input_grid = _input_grid(conv, name)
     q_w, w_scale = _weight_integers(conv, name)
-    q_w, w_scale = _refine_weight_units(q_w, w_scale, input_range)
+    integer_weights = bool(q_w.abs().max() <= 127)  # else an 8-bit grid without a zero level
+    if integer_weights:
+        q_w, w_scale = _refine_weight_units(q_w, w_scale, (input_grid.q_min, input_grid.q_max))
     bias = conv.bias.double() if conv.bias is not None else torch.zeros(q_w.shape[0], dtype=torch.float64)
     scales, biases = [], []
     for level, norm in enumerate(norms):
@@ -134,19 +129,21 @@ def qdq_conv(conv: QConv2d, name: str, norms: List[Optional[nn.Module]]) -> QDQC
             (torch.ones_like(bias), torch.zeros_like(bias)) if norm is None
             else _bn_affine(norm, f"{name} (its norm, level {level})")
         )
-        scale = w_scale * mult
-        scales.append(scale)
-        # Q/DQ convs take their bias in units of the accumulator step alpha_x * scale
-        biases.append(torch.round((bias * mult + shift) / (input_scale * scale)))
-    bias_int = torch.stack(biases)
+        scales.append(w_scale * mult)
+        biases.append(bias * mult + shift)
+    scales, biases = torch.stack(scales), torch.stack(biases)
+    common = dict(
+        input_grid=input_grid, weight_scale=scales, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, activation=conv.activation,
+    )
+    if not integer_weights:
+        weights = q_w.double()[None] * scales.view(scales.shape + (1, 1, 1))
+        return QDQConv2d(weight_int=None, weight_float=weights, bias_float=biases, **common)
+    # Q/DQ convs take their bias in units of the accumulator step alpha_x * scale
+    bias_int = torch.round(biases / (input_grid.scale * scales))
     if bias_int.abs().max() >= 2**31:
         raise OnnxExportError(f"{name}: the folded bias does not fit int32 in accumulator units.")
-    return QDQConv2d(
-        weight_int=q_w, weight_scale=torch.stack(scales), bias_int=bias_int,
-        input_scale=input_scale, input_range=input_range,
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        activation=conv.activation,
-    )
+    return QDQConv2d(weight_int=q_w, bias_int=bias_int, **common)
 
 
 class QDQTower(nn.Module):
@@ -175,7 +172,7 @@ def _qdq_tower(tower: LevelSequential, name: str) -> QDQTower:
             nxt = layers[i + 1][1] if i + 1 < len(layers) else None
             if isinstance(nxt, MultiLevelBatchNorm):
                 if nxt.output_quant is not None:
-                    raise OnnxExportError(f"{name}.{layers[i + 1][0]}: a quantized BN output (scope 'aqd').")
+                    raise OnnxExportError(_scope_aqd(f"{name}.{layers[i + 1][0]}: a BN with a quantized output"))
                 skip.add(i + 1)
                 norms = nxt.levels
             else:
@@ -217,10 +214,7 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
             _replace(model, name, qdq_conv(module, name, [module.norm]))
     left = [n for n, m in model.named_modules() if isinstance(m, Quantizer)]
     if left:
-        raise OnnxExportError(
-            f"Quantizers outside quantized convs have no Q/DQ form here (scope 'aqd' BN outputs and "
-            f"adds): {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}."
-        )
+        raise OnnxExportError(_scope_aqd(f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''}: quantizers outside quantized convs"))
     return model
 
 

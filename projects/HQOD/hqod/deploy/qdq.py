@@ -25,7 +25,7 @@ Run in PyTorch the module computes the same values in float (the reference the t
 ONNX Runtime with); traced by ``torch.onnx.export`` the autograd functions below emit the Q/DQ
 nodes (their ``symbolic``).
 """
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,37 +34,67 @@ from torch import nn
 __all__ = ["QDQConv2d", "quantize_dequantize", "dequantize"]
 
 
+def _const(g, value, dtype=torch.float32):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+def _q_dq(g, x, scale: float, q_min: int, q_max: int):
+    """QuantizeLinear, a Clip of the integers when the range is narrower than 8 bits,
+    DequantizeLinear; uint8, with the zero point 128 for a signed range."""
+    zero_point = 0 if q_min >= 0 else 128
+    scale_node, zero = _const(g, scale), _const(g, zero_point, torch.uint8)
+    q = g.op("QuantizeLinear", x, scale_node, zero)
+    low, high = q_min + zero_point, q_max + zero_point
+    if (low, high) != (0, 255):
+        q = g.op("Clip", q, _const(g, low, torch.uint8), _const(g, high, torch.uint8))
+    return g.op("DequantizeLinear", q, scale_node, zero)
+
+
+def fits_uint8(q_min: int, q_max: int) -> bool:
+    """Whether the integers ``[q_min, q_max]`` fit uint8 (zero point 0) or, shifted by the zero
+    point 128, a signed range."""
+    return 0 <= q_min <= q_max <= 255 or -128 <= q_min <= q_max <= 127
+
+
 class _QuantizeDequantize(torch.autograd.Function):
-    """``clip(round(x / scale), q_min, q_max) * scale``; ONNX: Q, Clip of the integers, DQ, in
-    uint8 (a signed grid with the zero point 128: the values are the same, and ONNX Runtime's
-    x86 integer kernels take uint8 activations)."""
+    """
+    ``(clip(round(x / step + offset), eta_min, eta_max) - offset) * step``, the fake quantizers'
+    grid (:class:`~hqod.quantization.IntegerGrid`, ``offset = offset2 / 2``). ONNX:
+
+    * integer offset (LSQ, TQT, unsigned LQ): ``QuantizeLinear``, a ``Clip`` of the integers for
+      2..7 bits, ``DequantizeLinear`` — uint8, a signed grid with the zero point 128 (the same
+      values; ONNX Runtime's x86 integer kernels take uint8 activations);
+    * half-integer offset (AQD Eq. 3's signed grid without a zero level, whose levels
+      ``q * step / 2`` with odd ``q`` ``QuantizeLinear`` cannot round to): the same rounding as
+      float ops, then, where the odd integers fit 8 bits (up to 7 bits), a ``QuantizeLinear`` /
+      ``DequantizeLinear`` pair on the grid of step / 2 (exact on those values) so that the next
+      conv still reads integers.
+    """
 
     @staticmethod
-    def forward(ctx, x, scale: float, q_min: int, q_max: int):
-        return torch.clamp(torch.round(x / scale), q_min, q_max) * scale
+    def forward(ctx, x, step: float, eta_min: int, eta_max: int, offset2: int):
+        offset = offset2 / 2
+        return (torch.clamp(torch.round(x / step + offset), eta_min, eta_max) - offset) * step
 
     @staticmethod
-    def symbolic(g, x, scale: float, q_min: int, q_max: int):
-        zero_point = 0 if q_min >= 0 else 128
-        scale_node = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
-        zero = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
-        q = g.op("QuantizeLinear", x, scale_node, zero)
-        low, high = q_min + zero_point, q_max + zero_point
-        if (low, high) != (0, 255):  # a 2..7-bit grid in an 8-bit type
-            q = g.op(
-                "Clip", q,
-                g.op("Constant", value_t=torch.tensor(low, dtype=torch.uint8)),
-                g.op("Constant", value_t=torch.tensor(high, dtype=torch.uint8)),
-            )
-        return g.op("DequantizeLinear", q, scale_node, zero)
+    def symbolic(g, x, step: float, eta_min: int, eta_max: int, offset2: int):
+        if offset2 % 2 == 0:
+            offset = offset2 // 2
+            return _q_dq(g, x, step, eta_min - offset, eta_max - offset)
+        offset = offset2 / 2
+        eta = g.op("Round", g.op("Add", g.op("Div", x, _const(g, step)), _const(g, offset)))
+        eta = g.op("Clip", eta, _const(g, float(eta_min)), _const(g, float(eta_max)))
+        x_hat = g.op("Mul", g.op("Sub", eta, _const(g, offset)), _const(g, step))
+        q_min, q_max = 2 * eta_min - offset2, 2 * eta_max - offset2
+        return _q_dq(g, x_hat, step / 2, q_min, q_max) if fits_uint8(q_min, q_max) else x_hat
 
 
-def quantize_dequantize(x: torch.Tensor, scale: float, q_min: int, q_max: int) -> torch.Tensor:
-    """``x`` on the grid ``{q * scale : q_min <= q <= q_max}`` (round half to even, as the fake
-    quantizers and ``QuantizeLinear``)."""
-    if not (-128 <= q_min < q_max <= 255) or (q_min < 0 and q_max > 127):
-        raise ValueError(f"The integer range [{q_min}, {q_max}] does not fit int8 or uint8.")
-    return _QuantizeDequantize.apply(x, float(scale), int(q_min), int(q_max))
+def quantize_dequantize(x: torch.Tensor, grid) -> torch.Tensor:
+    """``x`` on the grid of a quantizer (its :class:`~hqod.quantization.IntegerGrid`, per
+    tensor), rounding half to even as the fake quantizers and ``QuantizeLinear`` do."""
+    if grid.m == 1 and not fits_uint8(grid.q_min, grid.q_max):
+        raise ValueError(f"The integer range [{grid.q_min}, {grid.q_max}] does not fit 8 bits.")
+    return _QuantizeDequantize.apply(x, float(grid.step), int(grid.eta_min), int(grid.eta_max), int(grid.offset2))
 
 
 class _Dequantize(torch.autograd.Function):
@@ -87,24 +117,33 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 class QDQConv2d(nn.Module):
     """
-    A quantized conv (+ folded BN, + activation) as Q/DQ (module docstring). Buffers:
-    ``weight_int`` (int8, the conv's weight shape), ``weight_scale`` (float32, levels x C_out),
-    ``bias_int`` (int32, levels x C_out), ``bias_scale`` (float32, levels x C_out,
-    ``alpha_x * weight_scale``).
+    A quantized conv (+ folded BN, + activation) as Q/DQ (module docstring). ``input_grid``: the
+    input quantizer's :class:`~hqod.quantization.IntegerGrid`. Buffers: ``weight_int`` (int8,
+    the conv's weight shape), ``weight_scale`` (float32, levels x C_out), ``bias_int`` (int32,
+    levels x C_out), ``bias_scale`` (float32, levels x C_out, ``alpha_x * weight_scale``).
+    Weight integers that do not fit int8 (an 8-bit grid without a zero level: 9 bits) are held
+    as float weights instead (``weight_float``, levels x the weight shape, and ``bias_float``):
+    the same values, a float conv.
     """
 
     def __init__(
-        self, *, weight_int: torch.Tensor, weight_scale: torch.Tensor, bias_int: torch.Tensor,
-        input_scale: float, input_range: Sequence[int], stride, padding, dilation, groups,
-        activation: Optional[nn.Module] = None,
+        self, *, input_grid, weight_int: Optional[torch.Tensor], weight_scale: torch.Tensor,
+        bias_int: Optional[torch.Tensor] = None, weight_float: Optional[torch.Tensor] = None,
+        bias_float: Optional[torch.Tensor] = None, stride, padding, dilation, groups, activation=None,
     ):
         super().__init__()
-        self.register_buffer("weight_int", weight_int.to(torch.int8))
+        if (weight_int is None) == (weight_float is None):
+            raise ValueError("QDQConv2d takes either weight_int (+ bias_int) or weight_float (+ bias_float).")
+        self.input_grid = input_grid
+        self.integer_weights = weight_int is not None
+        if self.integer_weights:
+            self.register_buffer("weight_int", weight_int.to(torch.int8))
+            self.register_buffer("bias_int", bias_int.to(torch.int32))
+        else:
+            self.register_buffer("weight_float", weight_float.to(torch.float32))
+            self.register_buffer("bias_float", bias_float.to(torch.float32))
         self.register_buffer("weight_scale", weight_scale.to(torch.float32))
-        self.register_buffer("bias_int", bias_int.to(torch.int32))
-        self.register_buffer("bias_scale", (input_scale * weight_scale.double()).to(torch.float32))
-        self.input_scale = float(input_scale)
-        self.input_range = (int(input_range[0]), int(input_range[1]))
+        self.register_buffer("bias_scale", (input_grid.scale * weight_scale.double()).to(torch.float32))
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.activation = activation
 
@@ -113,16 +152,19 @@ class QDQConv2d(nn.Module):
         return self.weight_scale.shape[0]
 
     def forward(self, x, level: int = 0):
-        x = quantize_dequantize(x, self.input_scale, *self.input_range)
-        weight = dequantize(self.weight_int, self.weight_scale[level])
-        bias = dequantize(self.bias_int[level], self.bias_scale[level])
+        x = quantize_dequantize(x, self.input_grid)
+        if self.integer_weights:
+            weight = dequantize(self.weight_int, self.weight_scale[level])
+            bias = dequantize(self.bias_int[level], self.bias_scale[level])
+        else:
+            weight, bias = self.weight_float[level], self.bias_float[level]
         x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return x if self.activation is None else self.activation(x)
 
     def extra_repr(self):
-        w = self.weight_int
+        g = self.input_grid
+        shape = tuple((self.weight_int if self.integer_weights else self.weight_float[0]).shape)
         return (
-            f"{w.shape[1] * self.groups}, {w.shape[0]}, kernel_size={tuple(w.shape[2:])}, stride={self.stride}, "
-            f"input grid=[{self.input_range[0]}, {self.input_range[1]}] x {self.input_scale:.4g}, "
-            f"levels={self.num_levels}"
+            f"weight {shape} ({'int8' if self.integer_weights else 'float'}), stride={self.stride}, "
+            f"input grid=[{g.q_min}, {g.q_max}] x {g.scale:.4g}, levels={self.num_levels}"
         )
