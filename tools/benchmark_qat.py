@@ -46,6 +46,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from hqod.benchmark import cpu_name
 from hqod.quantization import calibrate, quantize_model, set_integer_aware
 from hqod.quantization.functional import get_backend, set_backend
 
@@ -96,17 +97,6 @@ PROFILE_ROWS = {
     "metrics (_write_metrics)": [("engine/train_loop.py", "_write_metrics")],
     "hooks after_step": [("engine/train_loop.py", "after_step")],
 }
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_batch(batch_size, size, num_classes, seed=0):
@@ -236,7 +226,7 @@ def main_loop(args):
     cmd = "python tools/benchmark_qat.py " + " ".join(sys.argv[1:])
     lines = [
         f"Command: `{cmd.strip()}`  ",
-        f"Machine: {_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {datetime.date.today().isoformat()}  ",
         f"Loop: tools/train_net.py's trainer, hooks and data path; shape {args.shape} "
         f"({' '.join(LOOP_SHAPES[args.shape]) or 'the configs as they are'}); {args.iters} timed iterations "
@@ -329,7 +319,7 @@ def main(argv=None):
     cmd = "python tools/benchmark_qat.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"Command: `{cmd.strip()}`  ",
-        f"Machine: {_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, "
+        f"Machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} threads; "
         f"{datetime.date.today().isoformat()}  ",
         f"Model: {args.config} ({args.num_classes} classes), {args.size}x{args.size}, batch "

@@ -6,7 +6,7 @@ import platform
 import subprocess
 from typing import Optional
 
-__all__ = ["git_commit", "machine", "sha256", "relative_to"]
+__all__ = ["cpu_name", "git_commit", "machine", "sha256", "relative_to"]
 
 
 def sha256(path: str) -> str:
@@ -25,6 +25,18 @@ def git_commit() -> Optional[str]:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+changes" if dirty.strip() else "")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def machine() -> str:
