@@ -162,11 +162,14 @@ def test_export_quantized_runs_integer_kernels(tmp_path, arch, quant, integer_co
     kernels = executed_kernels(optimized)
     assert kernels["QLinearConv"] == integer_convs
     assert ("Clip" in kernels) == (quant["act_bits"] < 8)  # low-bit ranges clipped on the integers
+    exported = prepare_for_export(model)
+    # every weight in int8, the 8-bit predictors' -128 included
+    assert all(m.integer_weights for m in exported.modules() if isinstance(m, QDQConv2d))
     if quant["method"] == "lq":
         return
     images = _images(model)
     with torch.no_grad():
-        ref = DetectorNetwork(prepare_for_export(model))(images)
+        ref = DetectorNetwork(exported)(images)
     plain = _ort_outputs(path, images, optimize=False)  # Q/DQ as float ops: the graph's semantics
     fused = [p for per_pred in detector.predictions(images) for p in per_pred]
     levels = len(model.head_in_features)

@@ -119,7 +119,7 @@ def qdq_conv(conv: QConv2d, name: str, norms: List[Optional[nn.Module]]) -> QDQC
         raise OnnxExportError(_scope_aqd(f"{name}: an integer-aware conv"))
     input_grid = _input_grid(conv, name)
     q_w, w_scale = _weight_integers(conv, name)
-    integer_weights = bool(q_w.abs().max() <= 127)  # else an 8-bit grid without a zero level
+    integer_weights = bool(q_w.min() >= -128 and q_w.max() <= 127)  # else 9-bit: LQ's zero-free 8 bits
     if integer_weights:
         q_w, w_scale = _refine_weight_units(q_w, w_scale, (input_grid.q_min, input_grid.q_max))
     bias = conv.bias.double() if conv.bias is not None else torch.zeros(q_w.shape[0], dtype=torch.float64)
@@ -270,6 +270,7 @@ def export_onnx(model: nn.Module, path: str, *, image_size: Tuple[int, int], ops
         torch.onnx.export(
             network, (torch.zeros(1, 3, *image_size),), path, dynamo=False, opset_version=opset,
             input_names=["images"], output_names=names, dynamic_axes=dynamic,
+            do_constant_folding=False,
         )
     onnx.checker.check_model(path)
     return {
