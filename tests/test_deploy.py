@@ -207,6 +207,17 @@ def test_refuses_scope_aqd():
         prepare_for_export(model)
 
 
+def test_refuses_non_uniform_ptq_weights():
+    from hqod.ptq import use_llaq
+    from hqod.quantization import calibrate
+
+    model = calibrated_detector("configs/retina_r18_fp32.py", LSQ_W4)
+    use_llaq(model, ["head.bbox_pred"])  # Reg-PTQ's log-affine levels on the box predictor
+    calibrate(model, synthetic_batches(1, seed=2), num_images=2)
+    with pytest.raises(OnnxExportError, match=r"head\.bbox_pred\.weight_quant: LLAQ .* non-uniform levels"):
+        prepare_for_export(model)
+
+
 def test_refuses_uncalibrated_model_and_old_opset(tmp_path):
     from hqod.quantization import quantize_model
 

@@ -60,7 +60,10 @@ def _active_grid(quantizer: Quantizer, name: str):
             f"{name}: fake quantization is off; turn it on (hqod.quantization.set_fake_quant) to export "
             "the quantized model."
         )
-    return quantizer.integer_grid()
+    try:
+        return quantizer.integer_grid()
+    except ValueError as e:  # a grid that is not integers times a step (PTQ's log-affine LLAQ)
+        raise OnnxExportError(f"{name}: {e}") from e
 
 
 def _input_grid(conv: QConv2d, name: str):
