@@ -57,7 +57,9 @@ def test_config_loads_and_builds(path):
     name = os.path.basename(path)[:-3]
     parts = name.split("_")
     if len(parts) >= 3 and parts[0] in DETS:
-        assert isinstance(model, DETS[parts[0]]) == name.endswith("_hqod")
+        assert isinstance(model, DETS[parts[0]]) == name.endswith(("_hqod", "_hardet"))
+        if name.endswith(("_hqod", "_hardet")):
+            assert model.harmony == ("hardet" if name.endswith("_hardet") else "hqod")
         depth = {"r18": 18, "r50": 50}[parts[1]]
         assert len(model.backbone.bottom_up.res4) == {18: 2, 50: 6}[depth]
         if parts[2] == "fp32":

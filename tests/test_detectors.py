@@ -370,3 +370,53 @@ def test_hqod_variant_comes_from_the_classes():
         hqod_variant(FCOS)  # detectron2's own FCOS: the configs use hqod's
     assert str(e.value).startswith("detectron2.modeling.meta_arch.fcos.FCOS has no HQOD variant; the detectors with one: ")
     assert "hqod.modeling.meta_arch.fcos.FCOS" in str(e.value) and "detectron2.modeling.meta_arch.retinanet.RetinaNet" in str(e.value)
+
+
+def test_hardet_on_retinanet_positive_losses_and_terms():
+    """HarDet* on RetinaNet: the per-positive losses sum to RetinaNet's own (box loss, and the
+    positives' part of the focal loss), and the HarDet terms are those of hqod.losses on them."""
+    from fvcore.nn import sigmoid_focal_loss
+
+    from hqod.losses import hardet_losses
+
+    model = small_model("retinanet", hqod=True, harmony="hardet")
+    batch = make_batch()
+    losses = train_losses(model, batch)
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_hardet_cls", "loss_hardet_reg"}
+    assert_finite_losses(losses)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.head.parameters() if p.requires_grad)
+
+    model.zero_grad()
+    with torch.no_grad(), EventStorage():
+        images = model.preprocess_image(batch)
+        features = model.backbone(images.tensor)
+        features = [features[f] for f in model.head_in_features]
+        logits, deltas = model._transpose_dense_predictions(model.head(features), [NUM_CLASSES, 4])
+        anchors = model.anchor_generator(features)
+        gt_labels, gt_boxes = model.label_anchors(anchors, [x["instances"] for x in batch])
+        own = RetinaNet.losses(model, anchors, logits, gt_labels, deltas, gt_boxes)
+        normalizer = model.loss_normalizer
+        l_cls, l_reg, scores = model.positive_losses(anchors, logits, gt_labels, deltas, gt_boxes)
+        p, u = model.harmony_pairs(anchors, logits, gt_labels, deltas, gt_boxes)
+        labels = torch.stack(gt_labels)
+        negatives = labels == NUM_CLASSES
+        neg_focal = sigmoid_focal_loss(
+            torch.cat(logits, 1)[negatives], torch.zeros_like(torch.cat(logits, 1)[negatives]),
+            alpha=0.25, gamma=2.0, reduction="sum",
+        )
+        assert len(l_cls) == len(l_reg) == len(p) == int(((labels >= 0) & ~negatives).sum()) > 0
+        assert float(l_reg.sum() / normalizer) == pytest.approx(float(own["loss_box_reg"]), rel=1e-5)
+        assert float((l_cls.sum() + neg_focal) / normalizer) == pytest.approx(float(own["loss_cls"]), rel=1e-5)
+        assert torch.allclose(scores.gather(1, labels[(labels >= 0) & ~negatives][:, None]).squeeze(1), p)
+        again = model.losses(anchors, logits, gt_labels, deltas, gt_boxes)  # moves the EMA normalizer
+        terms = hardet_losses(l_cls, l_reg, p, u, scores, model.loss_normalizer)
+    for key in ("loss_hardet_cls", "loss_hardet_reg"):
+        assert float(again[key]) == pytest.approx(float(terms[key]), rel=1e-6)
+
+
+def test_hardet_needs_per_positive_losses():
+    with pytest.raises(ValueError, match="HQODFCOS has no per-positive losses for HarDet"):
+        small_model("fcos", hqod=True, harmony="hardet")
+    with pytest.raises(ValueError, match=r"model.harmony must be one of \['hqod', 'hardet'\]; got 'harmdet'"):
+        small_model("retinanet", hqod=True, harmony="harmdet")

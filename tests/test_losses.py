@@ -7,6 +7,7 @@ import torch
 from hqod.losses import (
     aligned_box_iou,
     gt_class_scores,
+    hardet_losses,
     hiou_loss,
     hqod_losses,
     task_correlation,
@@ -189,3 +190,67 @@ def test_aligned_box_iou_and_gt_class_scores():
     torch.testing.assert_close(p, torch.tensor([2.0, 0.0]).sigmoid())
     p.sum().backward()
     assert logits.grad[0, 0] == 0 and logits.grad[0, 1] > 0  # only the GT-class logit
+
+
+# ---------------------------------------------------------------- HarDet* (HQOD Table III)
+def _hardet_by_hand(l_cls, l_reg, p, u, scores, sigma=1.5, gamma=0.8):
+    """The four steps of the notes, one positive, plain floats."""
+    l_reg1 = l_reg + sigma * (1 - u) * (1 + u) ** gamma
+    l_reg2 = (1 + math.exp(-l_cls)) * l_reg1
+    l_cls3 = (1 + math.exp(-l_reg2)) * l_cls
+    delta = abs(p - u) if abs(p - u) >= 0.2 else 0.0
+    beta = math.exp(sum(-q * math.log(q) for q in scores if q > 0))
+    return l_cls3, l_reg2 + delta / (1 + beta)
+
+
+HARDET_CASES = [
+    # (l_cls, l_reg, p, u, scores of the positive): |p - u| = 0.5, 0.1 (below 0.2: no step 4), 0.6
+    (0.5, 0.3, 0.9, 0.4, [0.9, 0.05, 0.2]),
+    (1.2, 0.8, 0.5, 0.6, [0.1, 0.5, 0.0]),
+    (0.05, 2.0, 0.1, 0.7, [0.1, 0.3, 0.02]),
+]
+
+
+def test_hardet_values_follow_the_four_steps():
+    # first case by hand: L_reg1 = 0.3 + 1.5 * 0.6 * 1.4**0.8 = 0.3 + 0.9 * 1.308888 = 1.477999;
+    # L_reg2 = (1 + e^-0.5) * 1.477999 = 1.606531 * 1.477999 = 2.374451;
+    # L_cls' = (1 + e^-2.374451) * 0.5 = 1.093066 * 0.5 = 0.546533;
+    # beta = exp(-(0.9 ln 0.9 + 0.05 ln 0.05 + 0.2 ln 0.2)) = exp(0.094825 + 0.149787 + 0.321888)
+    #      = exp(0.566499) = 1.762087; L_reg' = 2.374451 + 0.5 / 2.762087 = 2.555473
+    assert _hardet_by_hand(*HARDET_CASES[0]) == pytest.approx((0.546533, 2.555473), abs=2e-6)
+    l_cls, l_reg, p, u = (_f64(*[c[i] for c in HARDET_CASES]) for i in range(4))
+    scores = torch.tensor([c[4] for c in HARDET_CASES], dtype=torch.float64)
+    out = hardet_losses(l_cls, l_reg, p, u, scores, normalizer=2.0)
+    expected = [_hardet_by_hand(*c) for c in HARDET_CASES]
+    # the returned terms are the differences to the detector's own sums, divided by P = 2
+    assert float(out["loss_hardet_cls"]) == pytest.approx(sum(e[0] - c[0] for e, c in zip(expected, HARDET_CASES)) / 2, rel=1e-12)
+    assert float(out["loss_hardet_reg"]) == pytest.approx(sum(e[1] - c[1] for e, c in zip(expected, HARDET_CASES)) / 2, rel=1e-12)
+
+
+def test_hardet_gradients_match_the_formulas():
+    """Nothing is detached: the gradients with respect to all five inputs are the finite
+    differences of the plain-float formula above (central, h = 1e-6)."""
+    for case in HARDET_CASES:
+        inputs = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in case[:4]]
+        scores = torch.tensor([case[4]], dtype=torch.float64, requires_grad=True)
+        out = hardet_losses(*(t.view(1) for t in inputs), scores, normalizer=1.0)
+        (out["loss_hardet_cls"] + out["loss_hardet_reg"]).backward()
+
+        def total(values, q):
+            l_cls, l_reg = _hardet_by_hand(*values, q)
+            return l_cls - values[0] + l_reg - values[1]
+
+        h = 1e-6
+        for i, t in enumerate(inputs):
+            up, down = list(case[:4]), list(case[:4])
+            up[i] += h
+            down[i] -= h
+            assert float(t.grad) == pytest.approx((total(up, case[4]) - total(down, case[4])) / (2 * h), abs=1e-6), (case, i)
+        for j, q in enumerate(case[4]):
+            if q == 0:
+                continue  # -q ln q has no finite derivative at 0
+            up, down = list(case[4]), list(case[4])
+            up[j] += h
+            down[j] -= h
+            numeric = (total(case[:4], up) - total(case[:4], down)) / (2 * h)
+            assert float(scores.grad[0, j]) == pytest.approx(numeric, abs=1e-6), (case, j)

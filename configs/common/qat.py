@@ -1,7 +1,7 @@
 """
 What every QAT config of the matrix ``configs/<det>_<backbone>_<qat>_w<bits>[_hqod].py`` shares:
 the QAT methods (``QAT_METHODS``), fine-tuning from the FP32 detector (:func:`to_qat`) and the
-HQOD switch (:func:`with_hqod`). A matrix file is a few lines over these, e.g.::
+HQOD switch (:func:`with_hqod`; HarDet*, the baseline: :func:`with_hardet`). A matrix file is a few lines over these, e.g.::
 
     from .common.qat import quant_config, to_qat
     from .retina_r18_fp32 import dataloader, lr_multiplier, model, optimizer, train
@@ -67,5 +67,14 @@ def with_hqod(model, train):
     """Add the HQOD losses (TCorr + HIoU, sigma 1.5, gamma 0.8) to the detector: its HQOD
     subclass. Ablations are overrides: ``model.tcorr=False`` (HIoU only), ``model.hiou=False``."""
     model._target_ = hqod_variant(model._target_)
-    model.update(tcorr=True, hiou=True, sigma=1.5, gamma=0.8)
+    model.update(harmony="hqod", tcorr=True, hiou=True, sigma=1.5, gamma=0.8)
     train.output_dir = train.output_dir + "_hqod"
+
+
+def with_hardet(model, train):
+    """Train the detector with HarDet* instead (HQOD's Table III baseline, the HQOD authors'
+    re-implementation: ``hqod.losses.hardet_losses``; its harmonic IoU term with sigma 1.5,
+    gamma 0.8): the same HQOD subclass with ``harmony="hardet"``."""
+    model._target_ = hqod_variant(model._target_)
+    model.update(harmony="hardet", sigma=1.5, gamma=0.8)
+    train.output_dir = train.output_dir + "_hardet"

@@ -1,6 +1,6 @@
 """
-The two HQOD losses (Harmonious Quantization for Object Detection, Eq. 5-9) and the helpers the
-HQOD detectors use to feed them.
+The two HQOD losses (Harmonious Quantization for Object Detection, Eq. 5-9), the HarDet*
+baseline of HQOD's Table III, and the helpers the detectors use to feed them.
 
 Notation of the paper, for the i-th positive sample (anchor or point assigned to a ground truth):
 
@@ -27,6 +27,7 @@ __all__ = [
     "tcorr_loss",
     "hiou_loss",
     "hqod_losses",
+    "hardet_losses",
     "aligned_box_iou",
     "gt_class_scores",
 ]
@@ -142,6 +143,55 @@ def hqod_losses(
     if hiou:
         losses["loss_hiou"] = hiou_loss(u, gamma=gamma, sigma=sigma).sum() / normalizer
     return losses
+
+
+def hardet_losses(
+    l_cls: Tensor,
+    l_reg: Tensor,
+    p: Tensor,
+    u: Tensor,
+    scores: Tensor,
+    normalizer,
+    *,
+    sigma: float = 1.5,
+    gamma: float = 0.8,
+    delta_min: float = 0.2,
+) -> Dict[str, Tensor]:
+    """
+    HarDet* (Wang & Zhang, ICCV 2021, as the HQOD authors re-implemented it for their Table III
+    baseline; ../shared/notes/lightweight-detectors.md), on the positives' own losses::
+
+        1. L_reg1 = L_reg + sigma * (1 - u) * (1 + u) ** gamma       (the harmonic IoU term)
+        2. L_reg2 = (1 + exp(-L_cls)) * L_reg1
+        3. L_cls' = (1 + exp(-L_reg2)) * L_cls
+        4. L_reg' = L_reg2 + delta / (1 + beta),   delta = |p - u| (0 below ``delta_min``),
+           beta = exp(sum_c -q_c ln q_c), q the positive's per-class sigmoid scores
+
+    Nothing is detached. Returned as the differences to the detector's own losses, summed over
+    the positives and divided by its normalizer: ``loss_hardet_cls = sum(L_cls' - L_cls) / P``,
+    ``loss_hardet_reg = sum(L_reg' - L_reg) / P``, so that the detector's ``loss_cls`` and
+    ``loss_box_reg`` plus these are HarDet's losses.
+
+    Args:
+        l_cls (Tensor): (P,) each positive's classification loss (focal loss summed over classes).
+        l_reg (Tensor): (P,) each positive's box loss (summed over coordinates).
+        p, u (Tensor): (P,) the ground-truth class's score and the IoU, see :func:`tcorr_loss`.
+        scores (Tensor): (P, K) the positives' per-class sigmoid scores.
+        normalizer (float or Tensor): the detector's box-loss normalizer.
+        sigma, gamma (float): the harmonic IoU term of step 1 (:func:`hiou_loss`).
+        delta_min (float): |p - u| below this counts as 0 in step 4.
+    """
+    l_reg1 = l_reg + hiou_loss(u, gamma=gamma, sigma=sigma)
+    l_reg2 = (1.0 + torch.exp(-l_cls)) * l_reg1
+    l_cls_new = (1.0 + torch.exp(-l_reg2)) * l_cls
+    delta = (p - u).abs()
+    delta = torch.where(delta < delta_min, torch.zeros_like(delta), delta)
+    beta = torch.exp(-torch.special.xlogy(scores, scores).sum(dim=1))
+    l_reg_new = l_reg2 + delta / (1.0 + beta)
+    return {
+        "loss_hardet_cls": (l_cls_new - l_cls).sum() / normalizer,
+        "loss_hardet_reg": (l_reg_new - l_reg).sum() / normalizer,
+    }
 
 
 def aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:

@@ -12,21 +12,26 @@ from detectron2.layers import cat
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
-from ...losses import aligned_box_iou, gt_class_scores, hqod_losses
+from ...losses import aligned_box_iou, gt_class_scores, hardet_losses, hqod_losses
 from ...utils import all_subclasses
 
-__all__ = ["HQODLossMixin", "hqod_args_from_cfg", "hqod_variant", "dense_detectors"]
+__all__ = ["HQODLossMixin", "HARMONY_LOSSES", "hqod_args_from_cfg", "hqod_variant", "dense_detectors"]
+
+#: The harmony losses a detector's HQOD variant trains with (``harmony=``): HQOD's TCorr + HIoU
+#: (Eq. 5-9), or HarDet* (HQOD's Table III baseline, :func:`hqod.losses.hardet_losses`).
+HARMONY_LOSSES = ("hqod", "hardet")
 
 
 def hqod_args_from_cfg(cfg) -> Dict:
     """
     HQOD switches from a yacs config, for the ``from_config`` of the HQOD detectors: keys
-    ``MODEL.HQOD.{TCORR, HIOU, SIGMA, GAMMA}``, each optional (the constructor defaults apply).
+    ``MODEL.HQOD.{HARMONY, TCORR, HIOU, SIGMA, GAMMA}``, each optional (the constructor defaults
+    apply).
     """
     node = cfg.MODEL.get("HQOD", None)
     if node is None:
         return {}
-    keys = {"TCORR": "tcorr", "HIOU": "hiou", "SIGMA": "sigma", "GAMMA": "gamma"}
+    keys = {"HARMONY": "harmony", "TCORR": "tcorr", "HIOU": "hiou", "SIGMA": "sigma", "GAMMA": "gamma"}
     return {arg: node[key] for key, arg in keys.items() if key in node}
 
 
@@ -46,21 +51,42 @@ class HQODLossMixin:
       ``loss_normalizer``, the EMA of the number of positives of RetinaNet and FCOS; a detector
       with another one overrides it). Eq. 9's 1/P.
 
-    The mixin takes ``tcorr``, ``hiou``, ``sigma``, ``gamma`` and passes the other keyword
-    arguments to ``X``; from a yacs config they are ``MODEL.HQOD.*`` (:func:`hqod_args_from_cfg`).
+    ``harmony="hardet"`` trains with HarDet* instead (HQOD's Table III baseline,
+    :func:`hqod.losses.hardet_losses`), which re-weights the positives' own classification and
+    box losses; ``X``'s HQOD variant then also provides them, per positive, through
+    ``positive_losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)`` ->
+    ``(l_cls, l_reg)`` in the order of :meth:`harmony_pairs` (RetinaNet does).
+
+    The mixin takes ``harmony``, ``tcorr``, ``hiou``, ``sigma``, ``gamma`` and passes the other
+    keyword arguments to ``X``; from a yacs config they are ``MODEL.HQOD.*``
+    (:func:`hqod_args_from_cfg`).
     """
 
     @configurable
-    def __init__(self, *, tcorr: bool = True, hiou: bool = True, sigma: float = 1.5, gamma: float = 0.8, **kwargs):
+    def __init__(
+        self, *, harmony: str = "hqod", tcorr: bool = True, hiou: bool = True, sigma: float = 1.5,
+        gamma: float = 0.8, **kwargs,
+    ):
         """
         Args:
+            harmony (str): ``"hqod"`` (TCorr and HIoU, as switched below) or ``"hardet"``
+                (HarDet*, logged as ``loss_hardet_cls`` and ``loss_hardet_reg``; ``tcorr`` and
+                ``hiou`` do not apply).
             tcorr (bool): add the Task-Correlated loss (Eq. 7), logged as ``loss_tcorr``.
             hiou (bool): add the Harmonious IoU loss (Eq. 8), logged as ``loss_hiou``.
-            sigma (float): weight of the HIoU loss (Eq. 9).
-            gamma (float): exponent of the HIoU adaptive weight (Eq. 8).
+            sigma (float): weight of the HIoU loss (Eq. 9); HarDet's step 1 uses it too.
+            gamma (float): exponent of the HIoU adaptive weight (Eq. 8); ditto.
             kwargs: arguments of the detector.
         """
+        if harmony not in HARMONY_LOSSES:
+            raise ValueError(f"model.harmony must be one of {list(HARMONY_LOSSES)}; got {harmony!r}.")
+        if harmony == "hardet" and not hasattr(type(self), "positive_losses"):
+            raise ValueError(
+                f"{type(self).__name__} has no per-positive losses for HarDet* (positive_losses); "
+                "HarDet* is built for RetinaNet (HQOD's Table III)."
+            )
         super().__init__(**kwargs)
+        self.harmony = harmony
         self.tcorr = bool(tcorr)
         self.hiou = bool(hiou)
         self.sigma = float(sigma)
@@ -74,11 +100,12 @@ class HQODLossMixin:
 
     @property
     def hqod_enabled(self) -> bool:
-        """Whether any HQOD term is added; if not, the losses are exactly the parent's."""
-        return self.tcorr or self.hiou
+        """Whether any harmony term is added; if not, the losses are exactly the parent's."""
+        return self.harmony == "hardet" or self.tcorr or self.hiou
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, *args):
-        """The detector's losses plus ``loss_tcorr`` and ``loss_hiou`` for the enabled switches."""
+        """The detector's losses plus ``loss_tcorr`` and ``loss_hiou`` for the enabled switches
+        (or HarDet*'s ``loss_hardet_cls`` and ``loss_hardet_reg``)."""
         losses = super().losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, *args)
         if not self.hqod_enabled:
             return losses
@@ -87,6 +114,12 @@ class HQODLossMixin:
             storage = get_event_storage()
             storage.put_scalar("hqod/pos_score", p.detach().mean().item())
             storage.put_scalar("hqod/pos_iou", u.detach().mean().item())
+        if self.harmony == "hardet":
+            l_cls, l_reg, scores = self.positive_losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
+            losses.update(hardet_losses(
+                l_cls, l_reg, p, u, scores, self.harmony_normalizer(), sigma=self.sigma, gamma=self.gamma
+            ))
+            return losses
         losses.update(
             hqod_losses(p, u, self.harmony_normalizer(), tcorr=self.tcorr, hiou=self.hiou, sigma=self.sigma, gamma=self.gamma)
         )
@@ -128,7 +161,8 @@ class HQODLossMixin:
         return p.to(u.dtype), u
 
     def extra_repr(self) -> str:
-        return f"tcorr={self.tcorr}, hiou={self.hiou}, sigma={self.sigma}, gamma={self.gamma}"
+        switches = "" if self.harmony == "hardet" else f", tcorr={self.tcorr}, hiou={self.hiou}"
+        return f"harmony={self.harmony}{switches}, sigma={self.sigma}, gamma={self.gamma}"
 
 
 def hqod_variant(detector_class: Type) -> Type:
