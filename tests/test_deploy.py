@@ -148,6 +148,13 @@ def test_export_fp32_equals_pytorch(tmp_path):
         # is a rounding boundary of that grid, so float32 noise flips values near it: not
         # compared to the PyTorch form at the network level (test_zero_free_grid_in_onnx)
         ("retina", dict(LSQ_W4, method="lq"), 48),
+        # scope aqd (integer BN, BN outputs and adds on 8-bit grids): with LSQ's grids 66 of the
+        # 78 convs read and write integers; the 10 predictors (float logits) and P6/P7 do not
+        ("retina", dict(LSQ_W4, scope="aqd"), 66),
+        ("fcos", dict(LSQ_W4, scope="aqd", weight_bits=2, act_bits=2), 66),
+        # AQD itself: LQ's 8-bit BN outputs have no zero level, so every conv output goes through
+        # float rounding ops first (exact values, float convs)
+        ("retina", dict(LSQ_W4, method="lq", scope="aqd"), 0),
         # FCOS's last bbox-tower conv feeds two quantized predictors (bbox_pred, ctrness)
         ("fcos", dict(LSQ_W4, method="tqt", weight_bits=2, act_bits=2), 43),
         ("atss", dict(LSQ_W4, weight_bits=8, act_bits=8, weight_granularity="channel"), 43),
@@ -160,7 +167,7 @@ def test_export_quantized_runs_integer_kernels(tmp_path, arch, quant, integer_co
     assert info["quantized_convs"] == 38 + (arch != "retina")  # + ctrness
     detector = OnnxDetector(model, path, optimized_model=optimized)
     kernels = executed_kernels(optimized)
-    assert kernels["QLinearConv"] == integer_convs
+    assert kernels.get("QLinearConv", 0) == integer_convs
     assert ("Clip" in kernels) == (quant["act_bits"] < 8)  # low-bit ranges clipped on the integers
     exported = prepare_for_export(model)
     # every weight in int8, the 8-bit predictors' -128 included
@@ -178,10 +185,11 @@ def test_export_quantized_runs_integer_kernels(tmp_path, arch, quant, integer_co
         scale = float(r.abs().max())
         # the file computes the PyTorch form: equal up to float32 rounding, except where the two
         # libraries' float convs round an activation within 1e-7 of a level boundary to the
-        # other level (rare; it moves some outputs by a fraction of their range) ...
-        assert ((r - p).abs() > 1e-5 * scale).float().mean() <= 0.05 and (r - p).abs().max() <= 0.05 * scale
-        # ... and integer kernels: their requantization's rounding adds such flips, no more
-        assert ((p - f).abs() > 1e-5 * scale).float().mean() <= 0.05 and (p - f).abs().max() <= 0.05 * scale
+        # other level, which moves the outputs downstream of it (with scope aqd's 8-bit BN
+        # outputs such flips are frequent: up to 4 % of the range here, 0.3 % on average); a
+        # wrongly folded BN or bias moves every output by about 10 %
+        for a, b in ((r, p), (p, f)):  # ... and the integer kernels, their requantization
+            assert (a - b).abs().mean() <= 5e-3 * scale and (a - b).abs().max() <= 0.05 * scale
 
 
 def test_onnx_detector_is_a_detectron2_model(tmp_path):
@@ -201,10 +209,22 @@ def test_onnx_detector_is_a_detectron2_model(tmp_path):
     assert report.seconds_onnx > 0 and report.seconds_torch > 0
 
 
-def test_refuses_scope_aqd():
-    model = calibrated_detector("configs/retina_r18_fp32.py", dict(LSQ_W4, method="lq", scope="aqd"))
-    with pytest.raises(OnnxExportError, match=r"head\.cls_subnet\.1: a BN with a quantized output of scope 'aqd' \(integer BN outputs"):
-        prepare_for_export(model)
+def test_integer_bn_is_folded_exactly():
+    """Scope aqd: AQD's integer BN (Eq. 5-6) folds into the Q/DQ conv without any rounding (its
+    shift is an integer in accumulator units already): the exported conv gives the fake-quant
+    conv's BN output, on the output quantizer's grid, for all but values within float32 noise
+    of a level boundary."""
+    model = calibrated_detector("configs/retina_r18_fp32.py", dict(LSQ_W4, scope="aqd"))
+    exported = prepare_for_export(model)
+    g = torch.Generator().manual_seed(0)
+    for name in ("backbone.bottom_up.res2.0.conv1", "backbone.bottom_up.res3.0.shortcut", "backbone.bottom_up.res4.1.conv2"):
+        conv, qdq = model.get_submodule(name), exported.get_submodule(name)
+        assert qdq.output_grid is not None and qdq.output_grid == conv.norm.output_quant.integer_grid()
+        x = torch.rand(2, conv.in_channels, 12, 12, generator=g) * 3
+        with torch.no_grad():
+            ref, out = conv(x), qdq(x)
+        steps = ((ref - out).abs() / qdq.output_grid.scale)
+        assert steps.max() <= 1.0 + 1e-4 and (steps > 1e-3).float().mean() <= 1e-3, name
 
 
 def test_refuses_non_uniform_ptq_weights():

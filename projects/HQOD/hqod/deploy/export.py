@@ -6,15 +6,20 @@ Python pre- and post-processing, as in detectron2's own export (:class:`~.runtim
 runs them around an ONNX Runtime session).
 
 * An FP32 detector is exported as it is (plain ONNX; ONNX Runtime folds its BNs).
-* A quantized detector of scope ``aqd_star`` (convs quantized: LSQ, TQT, AQD*) is exported with
-  every quantized conv as :class:`~.qdq.QDQConv2d`: its weight integers and per-channel scales,
-  its input quantizer's grid, the BN after it folded in (in the head: per FPN level, the weight
-  integers shared). ONNX Runtime fuses these Q/DQ patterns into integer kernels.
+* A quantized detector has every quantized conv exported as :class:`~.qdq.QDQConv2d`: its weight
+  integers and per-channel scales, its input quantizer's grid, the BN after it folded in (in the
+  head: per FPN level, the weight integers shared). ONNX Runtime fuses these Q/DQ patterns into
+  integer kernels where a quantizer reads the conv's output.
+* Scope ``aqd`` (AQD): the integer BN folds exactly (its shift is an integer in accumulator
+  units), its output quantizer follows the conv, and the residual blocks
+  (:class:`QDQResidualBlock`) and the FPN (:class:`QDQFPN`) add as AQD Eq. 7 does: each input
+  times its alignment factor (``c / 2^d`` for the larger-scale one), the sum on the add
+  quantizer's grid. Those factors are float multiplies in the graph.
 
-What cannot be exported is refused with one :class:`OnnxExportError` naming the layer:
-scope ``aqd`` (integer BN outputs and c/2^d-aligned adds), signed activation grids without a
-zero level (AQD Eq. 3), weight integers outside int8, norms other than BN, quantizers that
-were never calibrated.
+What cannot be exported is refused with one :class:`OnnxExportError` naming the layer: grids
+that are not integers times a step (PTQ's log-affine LLAQ), integer ranges beyond 8 bits of an
+activation quantizer with a zero level, norms other than BN, quantizers that were never
+calibrated.
 """
 import copy
 import os
@@ -22,19 +27,25 @@ import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detectron2.layers import FrozenBatchNorm2d
 
 from hqod.modeling.dense_head import dense_head_spec
+from hqod.utils import rebuild_as, replace_child
 from hqod.quantization.calibration import uninitialized_quantizers
-from hqod.quantization.modules import QConv2d
+from hqod.quantization.integer_layers import integer_bias_value, integer_bn_params
+from hqod.quantization.modules import QFPN, QConv2d, QResNet, _QuantAddBlock, add_alignment
 from hqod.quantization.multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead
 from hqod.quantization.quantizers import Quantizer
 
-from .qdq import QDQConv2d, fits_uint8
+from .qdq import QDQConv2d, fits_uint8, quantize_dequantize
 
-__all__ = ["OnnxExportError", "DetectorNetwork", "export_onnx", "output_names", "prepare_for_export"]
+__all__ = [
+    "OnnxExportError", "DetectorNetwork", "QDQTower", "QDQResidualBlock", "QDQFPN", "export_onnx", "output_names",
+    "prepare_for_export",
+]
 
 DEFAULT_OPSET = 13  # per-axis DequantizeLinear
 
@@ -107,42 +118,55 @@ def _refine_weight_units(q_w: torch.Tensor, scale: torch.Tensor, input_range) ->
     return q_w * k.view(-1, 1, 1, 1), scale / k.double()
 
 
-def _scope_aqd(what: str) -> str:
-    return (
-        f"{what} of scope 'aqd' (integer BN outputs, c/2^d-aligned adds) has no Q/DQ form here yet; "
-        "export a model of scope 'aqd_star' (LSQ, TQT, AQD*) or use the integer engine "
-        "(tools/export_integer.py)."
-    )
-
-
-def qdq_conv(conv: QConv2d, name: str, norms: List[Optional[nn.Module]]) -> QDQConv2d:
-    """The :class:`QDQConv2d` of a quantized conv followed by ``norms`` (one BN per level, or
-    ``[None]``): the BN folded into the weight scale and the int32 bias."""
-    if conv.integer_aware:
-        raise OnnxExportError(_scope_aqd(f"{name}: an integer-aware conv"))
+def qdq_conv(
+    conv: QConv2d, name: str, norms: List[Optional[nn.Module]], output_quant: Optional[Quantizer] = None
+) -> QDQConv2d:
+    """
+    The :class:`QDQConv2d` of a quantized conv followed by ``norms`` (one BN per level, or
+    ``[None]``) whose output ``output_quant`` quantizes (scope ``aqd``; None: none): the BN
+    folded into the weight scale and the int32 bias. Scope ``aqd``: the
+    conv's bias is the integer of AQD Eq. 4 and a BN with an output quantizer is AQD's integer BN
+    (Eq. 5-6), ``(eta_conv + round(s)) * alpha_z``: its scale ``alpha_z = alpha_conv * gamma /
+    sigma`` goes into the weight scale and ``round(s)`` into the integer bias — exactly, no
+    rounding added — and its output quantizer follows the conv.
+    """
     input_grid = _input_grid(conv, name)
     q_w, w_scale = _weight_integers(conv, name)
-    integer_weights = bool(q_w.min() >= -128 and q_w.max() <= 127)  # else 9-bit: LQ's zero-free 8 bits
-    if integer_weights:
-        q_w, w_scale = _refine_weight_units(q_w, w_scale, (input_grid.q_min, input_grid.q_max))
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros(q_w.shape[0], dtype=torch.float64)
-    scales, biases = [], []
+    acc_step = input_grid.scale * w_scale  # alpha_conv = alpha_x * alpha_w (AQD Eq. 4)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(w_scale)
+    if conv.integer_aware:
+        bias = integer_bias_value(bias, acc_step) * acc_step
+    scales, biases, dead = [], [], torch.zeros_like(w_scale, dtype=torch.bool)
     for level, norm in enumerate(norms):
-        mult, shift = (
-            (torch.ones_like(bias), torch.zeros_like(bias)) if norm is None
-            else _bn_affine(norm, f"{name} (its norm, level {level})")
-        )
-        scales.append(w_scale * mult)
-        biases.append(bias * mult + shift)
+        what = f"{name} (its norm, level {level})"
+        if conv.integer_aware and norm is not None and output_quant is not None:
+            alpha_z, s_round, offset = integer_bn_params(
+                norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps, acc_step
+            )
+            mult = alpha_z / acc_step
+            dead |= alpha_z == 0  # gamma = 0: the constant output beta (``offset``)
+            total = torch.where(alpha_z == 0, offset, (bias / acc_step + s_round) * alpha_z)
+        else:
+            mult, shift = (torch.ones_like(bias), torch.zeros_like(bias)) if norm is None else _bn_affine(norm, what)
+            dead |= mult == 0
+            total = bias * mult + shift
+        scales.append(w_scale * torch.where(mult == 0, torch.ones_like(mult), mult))
+        biases.append(total)
+    q_w = torch.where(dead.view(-1, 1, 1, 1), torch.zeros_like(q_w), q_w)
+    integer_weights = bool(q_w.min() >= -128 and q_w.max() <= 127)  # else 9-bit: LQ's zero-free 8 bits
     scales, biases = torch.stack(scales), torch.stack(biases)
+    if integer_weights:
+        q_w, scales = _refine_weight_units(q_w, scales, (input_grid.q_min, input_grid.q_max))
     common = dict(
         input_grid=input_grid, weight_scale=scales, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, activation=conv.activation,
+        output_grid=None if output_quant is None else _active_grid(output_quant, f"{name} (its output quantizer)"),
     )
     if not integer_weights:
         weights = q_w.double()[None] * scales.view(scales.shape + (1, 1, 1))
         return QDQConv2d(weight_int=None, weight_float=weights, bias_float=biases, **common)
-    # Q/DQ convs take their bias in units of the accumulator step alpha_x * scale
+    # Q/DQ convs take their bias in units of the accumulator step alpha_x * scale (for AQD's
+    # integer BN: (b_int + round(s)) * k, an integer already)
     bias_int = torch.round(biases / (input_grid.scale * scales))
     if bias_int.abs().max() >= 2**31:
         raise OnnxExportError(f"{name}: the folded bias does not fit int32 in accumulator units.")
@@ -174,34 +198,113 @@ def _qdq_tower(tower: LevelSequential, name: str) -> QDQTower:
         if isinstance(layer, QConv2d):
             nxt = layers[i + 1][1] if i + 1 < len(layers) else None
             if isinstance(nxt, MultiLevelBatchNorm):
-                if nxt.output_quant is not None:
-                    raise OnnxExportError(_scope_aqd(f"{name}.{layers[i + 1][0]}: a BN with a quantized output"))
                 skip.add(i + 1)
-                norms = nxt.levels
+                out.append(qdq_conv(layer, f"{name}.{idx}", nxt.levels, nxt.output_quant))
             else:
-                norms = [layer.norm]
-            out.append(qdq_conv(layer, f"{name}.{idx}", norms))
+                out.append(qdq_conv(layer, f"{name}.{idx}", [layer.norm], getattr(layer.norm, "output_quant", None)))
         else:
             out.append(layer)
     return QDQTower(out)
 
 
+def _grid(quantizer: Quantizer, name: str):
+    grid = _active_grid(quantizer, name)
+    if grid.m == 1 and not fits_uint8(grid.q_min, grid.q_max):
+        raise OnnxExportError(f"{name}: the range [{grid.q_min}, {grid.q_max}] does not fit 8 bits.")
+    return grid
+
+
+def _factors(alignment) -> Tuple[float, float]:
+    """What AQD Eq. 7's aligned add multiplies its two float inputs by (1, 1: a plain add)."""
+    return (1.0, 1.0) if alignment is None else (alignment.factor1, alignment.factor2)
+
+
+class QDQResidualBlock(nn.Module):
+    """
+    A ResNet block of scope ``aqd`` as exported: its convs (:class:`QDQConv2d`, integer BN
+    folded, BN output quantized), the residual add of AQD Eq. 7 — each input multiplied by its
+    alignment factor (``c / 2^d`` times the ratio of scales for the larger-scale one, 1 for the
+    other), the sum on the add quantizer's grid — then the ReLU.
+    """
+
+    def __init__(self, block: nn.Module, factors: Tuple[float, float], add_grid):
+        super().__init__()
+        self.conv_names = [n for n in ("conv1", "conv2", "conv3") if hasattr(block, n)]  # Basic / Bottleneck
+        for n in self.conv_names:
+            self.add_module(n, getattr(block, n))
+        self.shortcut = block.shortcut
+        self.factors = factors
+        self.add_grid = add_grid
+
+    def forward(self, x):
+        out = x
+        for i, n in enumerate(self.conv_names):
+            out = self._modules[n](out)
+            if i < len(self.conv_names) - 1:
+                out = F.relu(out)
+        shortcut = self.shortcut(x) if self.shortcut is not None else x
+        return F.relu(quantize_dequantize(out * self.factors[0] + shortcut * self.factors[1], self.add_grid))
+
+
+class QDQFPN(QFPN):
+    """detectron2's FPN of scope ``aqd`` as exported: :class:`QFPN`'s forward with each top-down
+    add computed from the alignment factors and grids taken from its quantizers at export."""
+
+    def fuse(self, idx: int, lateral, top_down):
+        f_lateral, f_top_down = self.fuse_factors[idx - 1]
+        fused = lateral * f_lateral + top_down * f_top_down
+        if self._fuse_type == "avg":
+            fused = fused / 2
+        return quantize_dequantize(fused, self.fuse_grids[idx - 1])
+
+
+def _block_adds(resnet: QResNet, name: str) -> Dict[str, tuple]:
+    """``{block name: (alignment factors, add grid)}`` of a QResNet's quantized blocks."""
+    names = {id(b): f"{name}.{n}" for n, b in resnet.named_modules()}
+    adds = {}
+    for block, input_quant in resnet.block_inputs():
+        if isinstance(block, _QuantAddBlock):
+            full = names[id(block)]
+            last = block.conv3 if hasattr(block, "conv3") else block.conv2
+            alignment = (
+                add_alignment(_conv_output_quantizer(last), block.shortcut_quantizer(input_quant))
+                if block.integer_aware else None
+            )
+            adds[full] = (_factors(alignment), _grid(block.add_quant, f"{full}.add_quant"))
+    return adds
+
+
+def _fpn_adds(fpn: QFPN, name: str) -> tuple:
+    """The alignment factors and grids of a QFPN's top-down adds, coarsest first."""
+    factors = [
+        _factors(add_alignment(_conv_output_quantizer(fpn.lateral_convs[idx]), fpn.top_down_quantizer(idx)))
+        if fpn.integer_aware else (1.0, 1.0)
+        for idx in range(1, len(fpn.lateral_convs))
+    ]
+    return factors, [_grid(q, f"{name}.fuse_quants.{i}") for i, q in enumerate(fpn.fuse_quants)]
+
+
+def _qdq_fpn(fpn: QFPN, factors, grids) -> QDQFPN:
+    new = rebuild_as(QDQFPN, fpn)
+    del new.fuse_quants
+    new.fuse_factors, new.fuse_grids = factors, grids
+    return new
+
+
+def _conv_output_quantizer(conv: nn.Module) -> Optional[Quantizer]:
+    return conv.output_quantizer() if isinstance(conv, QConv2d) else None
+
+
 def _replace(root: nn.Module, name: str, new: nn.Module):
-    """Put ``new`` in place of the submodule ``name``, also in the plain lists that hold it
-    (detectron2's FPN keeps its convs in ``lateral_convs`` / ``output_convs`` as well)."""
-    old = root.get_submodule(name)
     parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-    for module in root.modules():
-        for value in vars(module).values():
-            if isinstance(value, list):
-                value[:] = [new if item is old else item for item in value]
+    replace_child(root.get_submodule(parent) if parent else root, child, new)
 
 
 def prepare_for_export(model: nn.Module) -> nn.Module:
     """A copy of the detector with every quantized conv (and the BN it is folded with) replaced
-    by its Q/DQ form; an FP32 detector is copied as it is. Raises :class:`OnnxExportError` for
-    what has no ONNX form here (module docstring)."""
+    by its Q/DQ form, and under scope ``aqd`` every residual block and the FPN by forms whose
+    adds are AQD Eq. 7's; an FP32 detector is copied as it is. Raises :class:`OnnxExportError`
+    for what has no ONNX form here (module docstring)."""
     missing = uninitialized_quantizers(model)
     if missing:
         raise OnnxExportError(
@@ -209,15 +312,28 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
             "export a trained (or calibrated) quantized model."
         )
     model = copy.deepcopy(model).cpu().eval()
+    # the adds' alignments and grids first: they come from the quantizers that the convs hold
+    blocks, fpns = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, QResNet):
+            blocks.update(_block_adds(module, name))
+        elif isinstance(module, QFPN):
+            fpns[name] = _fpn_adds(module, name)
     for name, module in list(model.named_modules()):
         if isinstance(module, LevelSequential):
             _replace(model, name, _qdq_tower(module, name))
     for name, module in list(model.named_modules()):
         if isinstance(module, QConv2d):
-            _replace(model, name, qdq_conv(module, name, [module.norm]))
+            _replace(model, name, qdq_conv(module, name, [module.norm], getattr(module.norm, "output_quant", None)))
+    for name, (factors, grid) in blocks.items():
+        _replace(model, name, QDQResidualBlock(model.get_submodule(name), factors, grid))
+    for name, (factors, grids) in fpns.items():
+        _replace(model, name, _qdq_fpn(model.get_submodule(name), factors, grids))
     left = [n for n, m in model.named_modules() if isinstance(m, Quantizer)]
     if left:
-        raise OnnxExportError(_scope_aqd(f"{', '.join(left[:4])}{' ...' if len(left) > 4 else ''}: quantizers outside quantized convs"))
+        raise OnnxExportError(
+            f"Quantizers in layers the exporter does not know: {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}."
+        )
     return model
 
 

@@ -118,7 +118,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class QDQConv2d(nn.Module):
     """
     A quantized conv (+ folded BN, + activation) as Q/DQ (module docstring). ``input_grid``: the
-    input quantizer's :class:`~hqod.quantization.IntegerGrid`. Buffers: ``weight_int`` (int8,
+    input quantizer's :class:`~hqod.quantization.IntegerGrid`; ``output_grid``: the grid of the
+    folded BN's output quantizer (scope ``aqd``), or None. Buffers: ``weight_int`` (int8,
     the conv's weight shape), ``weight_scale`` (float32, levels x C_out), ``bias_int`` (int32,
     levels x C_out), ``bias_scale`` (float32, levels x C_out, ``alpha_x * weight_scale``).
     Weight integers that do not fit int8 (an 8-bit grid without a zero level: 9 bits) are held
@@ -130,6 +131,7 @@ class QDQConv2d(nn.Module):
         self, *, input_grid, weight_int: Optional[torch.Tensor], weight_scale: torch.Tensor,
         bias_int: Optional[torch.Tensor] = None, weight_float: Optional[torch.Tensor] = None,
         bias_float: Optional[torch.Tensor] = None, stride, padding, dilation, groups, activation=None,
+        output_grid=None,
     ):
         super().__init__()
         if (weight_int is None) == (weight_float is None):
@@ -146,6 +148,7 @@ class QDQConv2d(nn.Module):
         self.register_buffer("bias_scale", (input_grid.scale * weight_scale.double()).to(torch.float32))
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.activation = activation
+        self.output_grid = output_grid
 
     @property
     def num_levels(self) -> int:
@@ -159,6 +162,8 @@ class QDQConv2d(nn.Module):
         else:
             weight, bias = self.weight_float[level], self.bias_float[level]
         x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.output_grid is not None:
+            x = quantize_dequantize(x, self.output_grid)
         return x if self.activation is None else self.activation(x)
 
     def extra_repr(self):
