@@ -4,17 +4,19 @@ Deployment speed and size (issue 17): the network of RetinaNet-R18 (backbone + F
 1) run by ONNX Runtime on the int8 Q/DQ export, by ONNX Runtime in FP32, by PyTorch in FP32 and
 by PyTorch as the fake-quant model; medians of interleaved repetitions, at 1 and 2 threads.
 
-    python tools/benchmark_deploy.py [--shapes digits coco] [--threads 1 2] [--reps 5] [--bits 4]
+    python tools/benchmark_deploy.py [--shapes digits coco] [--threads 1 2] [--reps 5] [--bits 4] [--scope aqd_star]
 
 Shapes: ``digits`` = the digits config as it is (10 classes, its FPN width, its test image size,
 square); ``coco`` = 80 classes, FPN width 256, a 800x1333 image (padded to 800x1344). The
-quantized model is the config's LSQ W<bits>A<bits> (scope aqd_star: first and last layers at 8
-bits) with weights from a seeded initialization, BN statistics and quantizer steps from synthetic
+quantized model is the config's LSQ W<bits>A<bits> (first and last layers at 8 bits) of scope
+``--scope``: ``aqd_star`` (convs quantized; the residual and FPN adds in float) or ``aqd`` (also
+the BN outputs and adds, on 8-bit grids: every conv output but the predictors' quantized), with
+weights from a seeded initialization, BN statistics and quantizer steps from synthetic
 images: speed does not depend on what the weights learned. Also reported: the ONNX file sizes,
 how many convolutions ONNX Runtime runs as integer kernels (QLinearConv) and in float, and from
 ONNX Runtime's profiler the share of the int8 model's time in each kind of kernel. Prints a
-markdown table; ``--out`` (default output/benchmark_deploy/results.md) also writes it, with the
-command, machine and date, and the figures as JSON beside it.
+markdown table; ``--out`` (default output/benchmark_deploy/results_<scope>.md) also writes it,
+with the command, machine and date, and the figures as JSON beside it.
 """
 import argparse
 import copy
@@ -50,7 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per variant")
     parser.add_argument("--bits", type=int, default=4, help="weight and activation bits of the quantized model")
-    parser.add_argument("--out", default=os.path.join(ROOT, "output", "benchmark_deploy", "results.md"))
+    parser.add_argument("--scope", default="aqd_star", choices=["aqd_star", "aqd"], help="quantization scope of the LSQ model")
+    parser.add_argument("--out", default="", help="default: output/benchmark_deploy/results_<scope>.md")
     return parser.parse_args(argv)
 
 
@@ -66,7 +69,7 @@ def _synthetic(size, n, seed):
     ]
 
 
-def build_models(shape: str, bits: int):
+def build_models(shape: str, bits: int, scope: str = "aqd_star"):
     """(FP32 model, quantized model, image size (H, W)) of a shape."""
     cfg = LazyConfig.load(os.path.join(ROOT, CONFIG))
     if shape == "coco":
@@ -84,7 +87,7 @@ def build_models(shape: str, bits: int):
             fp32([image])
     fp32.eval()
     quantized = copy.deepcopy(fp32)
-    quantize_model(quantized, dict(method="lsq", scope="aqd_star", weight_bits=bits, act_bits=bits))
+    quantize_model(quantized, dict(method="lsq", scope=scope, weight_bits=bits, act_bits=bits))
     quantized.eval()
     with torch.no_grad():
         calibrate(quantized, [[image] for image in _synthetic(size, 2, seed=2)], num_images=2)
@@ -117,7 +120,7 @@ def kernel_time_shares(path, images, threads, tmp):
 
 
 def bench_shape(shape, args, tmp):
-    fp32, quantized, size = build_models(shape, args.bits)
+    fp32, quantized, size = build_models(shape, args.bits, args.scope)
     images_tensor = fp32.preprocess_image(_synthetic(size, 1, seed=3)).tensor
     images = images_tensor.numpy()
     paths = {"fp32": os.path.join(tmp, f"{shape}_fp32.onnx"), "int8": os.path.join(tmp, f"{shape}_w{args.bits}.onnx")}
@@ -160,7 +163,7 @@ def bench_shape(shape, args, tmp):
 
 def format_report(results, args):
     lines = [
-        f"RetinaNet-R18 network, batch 1, LSQ W{args.bits}A{args.bits} (scope aqd_star) for the quantized "
+        f"RetinaNet-R18 network, batch 1, LSQ W{args.bits}A{args.bits} (scope {args.scope}) for the quantized "
         f"variants; medians of {args.reps} interleaved repetitions.",
         "",
         "| shape (image) | threads | ORT int8 | ORT FP32 | PyTorch FP32 | PyTorch fake-quant | ORT int8 vs ORT FP32 | ORT int8 vs PyTorch FP32 |",
@@ -201,15 +204,16 @@ def main(args):
         for shape in args.shapes:
             results[shape] = bench_shape(shape, args, tmp)
     report = format_report(results, args)
+    out = args.out or os.path.join(ROOT, "output", "benchmark_deploy", f"results_{args.scope}.md")
     header = (
         f"`python tools/benchmark_deploy.py {' '.join(sys.argv[1:])}` — {cpu_name()}, {machine()}, "
         f"{datetime.date.today()}, commit {git_commit()}\n\n"
     )
     print(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         f.write(header + report + "\n")
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump(results, f, indent=2)
     return results
 
