@@ -3,8 +3,6 @@ Running an exported detector in ONNX Runtime with detectron2's pre- and post-pro
 (:class:`OnnxDetector`), and how closely it reproduces the PyTorch model
 (:func:`compare_onnx_model`).
 """
-import contextlib
-import io
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional
@@ -169,12 +167,6 @@ class OnnxAgreement:
         return "\n".join(lines)
 
 
-def _coco_ap(evaluator, img_ids) -> Optional[float]:
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' tables
-        results = evaluator.evaluate(img_ids=img_ids) or {}
-    return float(results.get("bbox", {}).get("AP", float("nan")))
-
-
 @torch.no_grad()
 def compare_onnx_model(
     model: nn.Module,
@@ -254,8 +246,8 @@ def compare_onnx_model(
         report.num_images += len(batch)
     if evaluators:
         ids = img_ids or None
-        report.ap_torch = _coco_ap(evaluators["torch"], ids)
-        report.ap_onnx = _coco_ap(evaluators["onnx"], ids)
+        report.ap_torch = evaluators["torch"].box_ap(ids)
+        report.ap_onnx = evaluators["onnx"].box_ap(ids)
         if ref64 is not None:
-            report.ap_torch64 = _coco_ap(evaluators["torch64"], ids)
+            report.ap_torch64 = evaluators["torch64"].box_ap(ids)
     return report

@@ -1,3 +1,6 @@
+import contextlib
+import io
+
 from detectron2.evaluation import COCOEvaluator as _D2COCOEvaluator
 
 from hqod.compat import HAS_D2_CPP_OPS
@@ -15,3 +18,10 @@ class COCOEvaluator(_D2COCOEvaluator):
         super().__init__(
             dataset_name, tasks=tasks, distributed=distributed, output_dir=output_dir, **kwargs
         )
+
+    def box_ap(self, img_ids=None) -> float:
+        """The box AP of what was processed (on ``img_ids`` only, if given), without
+        pycocotools' printed tables; NaN when there is nothing to evaluate."""
+        with contextlib.redirect_stdout(io.StringIO()):
+            results = self.evaluate(img_ids=img_ids) or {}
+        return float(results.get("bbox", {}).get("AP", float("nan")))
