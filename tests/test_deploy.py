@@ -5,6 +5,7 @@ refinement by hand, FP32 export against PyTorch within 1e-4, quantized export ru
 Runtime on integer kernels (QLinearConv) and equal to its PyTorch form, the detectron2 model
 interface, clear refusals, the tool.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -46,14 +47,58 @@ def test_refine_weight_units_by_hand():
     # 2-bit weights (|q| <= 2) after a 4-bit unsigned input (<= 15): k = min(127, 32767 // 30) // 2
     q = torch.tensor([-2, 1, 0, 1]).view(1, 4, 1, 1).repeat(2, 1, 1, 1)
     q[1] = torch.tensor([1, -1, 0, 1]).view(4, 1, 1)
-    refined, scale = _refine_weight_units(q, torch.tensor([0.1, 0.2], dtype=torch.float64), (0, 15))
+    unsigned4 = IntegerGrid(step=0.5, eta_min=0, eta_max=15)
+    refined, scale = _refine_weight_units(q, torch.tensor([0.1, 0.2], dtype=torch.float64), unsigned4)
     assert refined[0].flatten().tolist() == [-126, 63, 0, 63] and refined[1].flatten().tolist() == [127, -127, 0, 127]
     assert scale.tolist() == pytest.approx([0.1 / 63, 0.2 / 127])
     # an 8-bit signed input (uint8 up to 255 with zero point 128): 32767 // 510 = 64 -> k = 32
-    refined, _ = _refine_weight_units(q, torch.ones(2, dtype=torch.float64), (-128, 127))
+    signed8 = IntegerGrid(step=0.5, eta_min=-128, eta_max=127)
+    refined, _ = _refine_weight_units(q, torch.ones(2, dtype=torch.float64), signed8)
     assert refined[0].flatten().tolist() == [-64, 32, 0, 32]
     # the same real weights
     assert torch.equal(refined.double() * torch.tensor([1 / 32, 1 / 64]).view(-1, 1, 1, 1), q.double())
+
+
+def test_weights_that_would_saturate_x86_int8_kernels_are_uint8(tmp_path):
+    """A conv of 8-bit weights on 8-bit activations: uint8 x int8 kernels without VNNI (this
+    project's AVX2 machines) add product pairs in int16 and saturate, so such weights are held
+    as uint8 with the zero point 128 (exact in every kernel). Hand case: 64 input channels of
+    255 times weights of 127 over a 1x1 kernel = 2,072,640, output scale 20,000 -> 104."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    grid = IntegerGrid(step=1.0, eta_min=0, eta_max=255)
+    conv = QDQConv2d(
+        input_grid=grid, weight_int=torch.full((8, 64, 1, 1), 127), weight_scale=torch.ones(1, 8),
+        bias_int=torch.zeros(1, 8), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+    )
+    assert conv.weight_int.dtype == torch.uint8 and conv.weight_zero_point.tolist() == [128] * 8
+    x = torch.full((1, 64, 2, 2), 255.0)
+    assert conv(x).flatten().tolist() == [64 * 255 * 127.0] * 32
+    # the same weights as int8 in ONNX Runtime's own QLinearConv: what the uint8 form avoids
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (np.full((8, 64, 1, 1), 127, np.int8), "w"), (np.array(0, np.uint8), "xzp"), (np.array(0, np.int8), "wzp"),
+        (np.array(1.0, np.float32), "xs"), (np.array(1.0, np.float32), "ws"), (np.array(20000.0, np.float32), "ys"),
+        (np.array(0, np.uint8), "yzp")]]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xzp", "w", "ws", "wzp", "ys", "yzp"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [1, 64, 2, 2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, [1, 8, 2, 2])], inits)
+    path = str(tmp_path / "int8.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": np.full((1, 64, 2, 2), 255, np.uint8)})[0]
+    vnni = any(f in open("/proc/cpuinfo").read() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    assert int(out.flat[0]) == (104 if vnni else 52)  # 52: saturated on this machine kind
+    # and the uint8 form through ONNX Runtime
+    uint8_conv = str(tmp_path / "uint8.onnx")
+    _export_module(conv, torch.full((1, 64, 2, 2), 255.0), uint8_conv)
+    assert _ort_outputs(uint8_conv, x, input_name="x")[0].flatten().tolist() == [64 * 255 * 127.0] * 32
+
+
+def _export_module(module, x, path):
+    # inside a Sequential, a QDQConv2d's default level is a constant, not a graph input
+    torch.onnx.export(torch.nn.Sequential(module), (x,), path, dynamo=False, opset_version=13, input_names=["x"])
 
 
 def test_qdq_conv_is_the_fake_quant_conv():
@@ -89,7 +134,7 @@ def test_zero_free_grid_in_onnx(tmp_path, bits):
     module = _GridModule(grid)
     x = torch.cat([torch.randn(1000) * levels * 0.0123 / 2, torch.tensor([0.0, -1e-9, 1e-9, 1e3, -1e3])])
     path = str(tmp_path / "grid.onnx")
-    torch.onnx.export(module, (x,), path, dynamo=False, opset_version=13, input_names=["x"])
+    torch.onnx.export(module, (x,), path, dynamo=False, opset_version=13, input_names=["x"], do_constant_folding=False)
     ops = [n.op_type for n in onnx.load(path).graph.node if n.op_type != "Constant"]
     assert ops[:6] == ["Div", "Add", "Round", "Clip", "Sub", "Mul"]
     assert ops[6:] == ([] if bits == 8 else ["QuantizeLinear", "Clip", "DequantizeLinear"])

@@ -40,7 +40,7 @@ from hqod.quantization.modules import QFPN, QConv2d, QResNet, _QuantAddBlock, ad
 from hqod.quantization.multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead
 from hqod.quantization.quantizers import Quantizer
 
-from .qdq import QDQConv2d, fits_uint8, quantize_dequantize
+from .qdq import INT16_PAIR_LIMIT, QDQConv2d, fits_uint8, quantize_dequantize, uint8_max
 
 __all__ = [
     "OnnxExportError", "DetectorNetwork", "QDQTower", "QDQResidualBlock", "QDQFPN", "export_onnx", "output_names",
@@ -98,22 +98,19 @@ def _weight_integers(conv: QConv2d, name: str) -> Tuple[torch.Tensor, torch.Tens
     return q.long(), scale
 
 
-# The largest |product| of a uint8 activation and an int8 weight, times 2, that x86 int8 kernels
-# without VNNI add in int16 (vpmaddubsw) without saturating.
-_INT16_PAIR_MAX = 2**15 - 1
 
 
-def _refine_weight_units(q_w: torch.Tensor, scale: torch.Tensor, input_range) -> Tuple[torch.Tensor, torch.Tensor]:
+def _refine_weight_units(q_w: torch.Tensor, scale: torch.Tensor, input_grid) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     The same weights as the integers ``q_w * k`` and scales ``scale / k`` with the largest
-    integer ``k`` per output channel that keeps them in int8 (and the int16 pair sums of x86
-    kernels without VNNI unsaturated): ``QLinearConv`` takes the bias as an int32 in units of
-    ``alpha_x * scale``, which at 2-4 bits is too coarse for a BN shift (a half-unit rounding error
-    of up to ~2 % of an activation step, the same in every pixel); ``k`` makes the unit finer.
+    integer ``k`` per output channel that keeps them in int8 and the int16 pair sums of x86
+    kernels without VNNI unsaturated (:data:`~.qdq.INT16_PAIR_LIMIT`): ``QLinearConv`` takes the
+    bias as an int32 in units of ``alpha_x * scale``, which at 2-4 bits is too coarse for a BN
+    shift (a half-unit rounding error of up to ~3 % of an activation step, the same in every
+    pixel); ``k`` makes the unit finer.
     """
-    max_input = input_range[1] + (0 if input_range[0] >= 0 else 128)  # as uint8 (zero point 128 if signed)
     largest = q_w.abs().flatten(1).amax(dim=1).clamp_min(1)
-    limit = min(127, _INT16_PAIR_MAX // (2 * max(max_input, 1)))
+    limit = min(127, INT16_PAIR_LIMIT // (2 * max(uint8_max(input_grid), 1)))
     k = torch.clamp(limit // largest, min=1)
     return q_w * k.view(-1, 1, 1, 1), scale / k.double()
 
@@ -156,7 +153,7 @@ def qdq_conv(
     integer_weights = bool(q_w.min() >= -128 and q_w.max() <= 127)  # else 9-bit: LQ's zero-free 8 bits
     scales, biases = torch.stack(scales), torch.stack(biases)
     if integer_weights:
-        q_w, scales = _refine_weight_units(q_w, scales, (input_grid.q_min, input_grid.q_max))
+        q_w, scales = _refine_weight_units(q_w, scales, input_grid)
     common = dict(
         input_grid=input_grid, weight_scale=scales, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, activation=conv.activation,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QDQConv2d", "quantize_dequantize", "dequantize"]
+__all__ = ["QDQConv2d", "quantize_dequantize", "dequantize", "fits_uint8", "uint8_max", "INT16_PAIR_LIMIT"]
 
 
 def _const(g, value, dtype=torch.float32):
@@ -98,21 +98,38 @@ def quantize_dequantize(x: torch.Tensor, grid) -> torch.Tensor:
 
 
 class _Dequantize(torch.autograd.Function):
-    """``q * scale`` with one scale per index of dim 0; ONNX: DequantizeLinear(axis=0)."""
+    """``(q - zero_point) * scale`` with one scale (and zero point) per index of dim 0; ONNX:
+    DequantizeLinear(axis=0)."""
 
     @staticmethod
-    def forward(ctx, q, scale):
-        return q.to(scale.dtype) * scale.view((-1,) + (1,) * (q.dim() - 1))
+    def forward(ctx, q, scale, zero_point):
+        shape = (-1,) + (1,) * (q.dim() - 1)
+        values = q.to(scale.dtype)
+        if zero_point is not None:
+            values = values - zero_point.to(scale.dtype).view(shape)
+        return values * scale.view(shape)
 
     @staticmethod
-    def symbolic(g, q, scale):
-        return g.op("DequantizeLinear", q, scale, axis_i=0)
+    def symbolic(g, q, scale, zero_point):
+        if zero_point is None:
+            return g.op("DequantizeLinear", q, scale, axis_i=0)
+        return g.op("DequantizeLinear", q, scale, zero_point, axis_i=0)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The integer tensor ``q`` (int8 weights, int32 biases) times its per-output-channel
-    ``scale`` (float32)."""
-    return _Dequantize.apply(q, scale)
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The integer tensor ``q`` (int8 or uint8 weights, int32 biases) minus its zero point (per
+    output channel, None: 0) times its per-output-channel ``scale`` (float32)."""
+    return _Dequantize.apply(q, scale, zero_point)
+
+
+#: x86 int8 kernels without VNNI add pairs of uint8 x int8 products in int16 (vpmaddubsw): a conv
+#: is exact there only if 2 * (largest uint8 input) * (largest |int8 weight|) stays below this.
+INT16_PAIR_LIMIT = 2**15 - 1
+
+
+def uint8_max(grid) -> int:
+    """The largest uint8 value a Q/DQ activation on ``grid`` takes (zero point 128 if signed)."""
+    return grid.q_max + (0 if grid.q_min >= 0 else 128)
 
 
 class QDQConv2d(nn.Module):
@@ -139,7 +156,16 @@ class QDQConv2d(nn.Module):
         self.input_grid = input_grid
         self.integer_weights = weight_int is not None
         if self.integer_weights:
-            self.register_buffer("weight_int", weight_int.to(torch.int8))
+            # int8; uint8 with the zero point 128 where x86 int8 kernels without VNNI would
+            # saturate (they add pairs of uint8 x int8 products in int16, vpmaddubsw: 2 * 255 *
+            # 127 > 32767); uint8 x uint8 kernels widen first (about 1.7x slower, exact)
+            unsigned = 2 * uint8_max(input_grid) * int(weight_int.abs().max()) > INT16_PAIR_LIMIT
+            if unsigned:
+                self.register_buffer("weight_int", (weight_int + 128).to(torch.uint8))
+                self.register_buffer("weight_zero_point", torch.full((weight_int.shape[0],), 128, dtype=torch.uint8))
+            else:
+                self.register_buffer("weight_int", weight_int.to(torch.int8))
+                self.weight_zero_point = None
             self.register_buffer("bias_int", bias_int.to(torch.int32))
         else:
             self.register_buffer("weight_float", weight_float.to(torch.float32))
@@ -157,7 +183,7 @@ class QDQConv2d(nn.Module):
     def forward(self, x, level: int = 0):
         x = quantize_dequantize(x, self.input_grid)
         if self.integer_weights:
-            weight = dequantize(self.weight_int, self.weight_scale[level])
+            weight = dequantize(self.weight_int, self.weight_scale[level], self.weight_zero_point)
             bias = dequantize(self.bias_int[level], self.bias_scale[level])
         else:
             weight, bias = self.weight_float[level], self.bias_float[level]
@@ -170,6 +196,6 @@ class QDQConv2d(nn.Module):
         g = self.input_grid
         shape = tuple((self.weight_int if self.integer_weights else self.weight_float[0]).shape)
         return (
-            f"weight {shape} ({'int8' if self.integer_weights else 'float'}), stride={self.stride}, "
+            f"weight {shape} ({self.weight_int.dtype if self.integer_weights else 'float'}), stride={self.stride}, "
             f"input grid=[{g.q_min}, {g.q_max}] x {g.scale:.4g}, levels={self.num_levels}"
         )
