@@ -28,8 +28,11 @@ def test_report_ratios_and_verdicts():
 
 
 def test_digits_shape_runs(tmp_path, capsys):
+    import torch
+
     tool = load_tool("benchmark_deploy")
     out = tmp_path / "results.md"
+    threads = torch.get_num_threads()
     results = tool.main(tool.parse_args(["--shapes", "digits", "--threads", "1", "--reps", "1", "--out", str(out)]))
     r = results["digits"]
     assert r["kernels"]["QLinearConv"] == 48  # as tests/test_deploy.py counts for RetinaNet W4
@@ -37,3 +40,4 @@ def test_digits_shape_runs(tmp_path, capsys):
     assert set(r["times"][1]) == set(tool.VARIANTS) and all(t > 0 for t in r["times"][1].values())
     assert abs(sum(r["kernel_time_shares"].values()) - 1) < 1e-6 and "QLinearConv" in r["kernel_time_shares"]
     assert out.read_text().startswith("`python tools/benchmark_deploy.py") and json.loads(out.with_suffix(".json").read_text())
+    assert torch.get_num_threads() == threads  # the timing at 1 thread leaves the caller's setting

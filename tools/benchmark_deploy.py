@@ -138,7 +138,7 @@ def bench_shape(shape, args, tmp):
     }
     nets = {"torch-fp32": DetectorNetwork(fp32).eval(), "torch-fakequant": DetectorNetwork(quantized).eval()}
     for threads in args.threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # main() restores the caller's
         sessions = {"ort-int8": _ort_session(paths["int8"], threads), "ort-fp32": _ort_session(paths["fp32"], threads)}
         run = {
             "ort-int8": lambda: sessions["ort-int8"].run(None, {"images": images}),
@@ -200,9 +200,13 @@ def format_report(results, args):
 
 def main(args):
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for shape in args.shapes:
-            results[shape] = bench_shape(shape, args, tmp)
+    threads = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for shape in args.shapes:
+                results[shape] = bench_shape(shape, args, tmp)
+    finally:
+        torch.set_num_threads(threads)
     report = format_report(results, args)
     out = args.out or os.path.join(ROOT, "output", "benchmark_deploy", f"results_{args.scope}.md")
     header = (
