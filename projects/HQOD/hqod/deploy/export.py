@@ -77,10 +77,12 @@ def _active_grid(quantizer: Quantizer, name: str):
         raise OnnxExportError(f"{name}: {e}") from e
 
 
-def _input_grid(conv: QConv2d, name: str):
-    grid = _active_grid(conv.input_quant, f"{name}.input_quant")
+def _activation_grid(quantizer: Quantizer, name: str):
+    """An activation quantizer's grid, which Q/DQ holds in uint8 (or, without a zero level, float
+    ops emulate)."""
+    grid = _active_grid(quantizer, name)
     if grid.m == 1 and not fits_uint8(grid.q_min, grid.q_max):
-        raise OnnxExportError(f"{name}.input_quant: the range [{grid.q_min}, {grid.q_max}] does not fit 8 bits.")
+        raise OnnxExportError(f"{name}: the range [{grid.q_min}, {grid.q_max}] does not fit 8 bits.")
     return grid
 
 
@@ -127,7 +129,7 @@ def qdq_conv(
     sigma`` goes into the weight scale and ``round(s)`` into the integer bias — exactly, no
     rounding added — and its output quantizer follows the conv.
     """
-    input_grid = _input_grid(conv, name)
+    input_grid = _activation_grid(conv.input_quant, f"{name}.input_quant")
     q_w, w_scale = _weight_integers(conv, name)
     acc_step = input_grid.scale * w_scale  # alpha_conv = alpha_x * alpha_w (AQD Eq. 4)
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(w_scale)
@@ -157,7 +159,7 @@ def qdq_conv(
     common = dict(
         input_grid=input_grid, weight_scale=scales, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, activation=conv.activation,
-        output_grid=None if output_quant is None else _active_grid(output_quant, f"{name} (its output quantizer)"),
+        output_grid=None if output_quant is None else _activation_grid(output_quant, f"{name} (its output quantizer)"),
     )
     if not integer_weights:
         weights = q_w.double()[None] * scales.view(scales.shape + (1, 1, 1))
@@ -202,13 +204,6 @@ def _qdq_tower(tower: LevelSequential, name: str) -> QDQTower:
         else:
             out.append(layer)
     return QDQTower(out)
-
-
-def _grid(quantizer: Quantizer, name: str):
-    grid = _active_grid(quantizer, name)
-    if grid.m == 1 and not fits_uint8(grid.q_min, grid.q_max):
-        raise OnnxExportError(f"{name}: the range [{grid.q_min}, {grid.q_max}] does not fit 8 bits.")
-    return grid
 
 
 def _factors(alignment) -> Tuple[float, float]:
@@ -267,7 +262,7 @@ def _block_adds(resnet: QResNet, name: str) -> Dict[str, tuple]:
                 add_alignment(_conv_output_quantizer(last), block.shortcut_quantizer(input_quant))
                 if block.integer_aware else None
             )
-            adds[full] = (_factors(alignment), _grid(block.add_quant, f"{full}.add_quant"))
+            adds[full] = (_factors(alignment), _activation_grid(block.add_quant, f"{full}.add_quant"))
     return adds
 
 
@@ -278,7 +273,7 @@ def _fpn_adds(fpn: QFPN, name: str) -> tuple:
         if fpn.integer_aware else (1.0, 1.0)
         for idx in range(1, len(fpn.lateral_convs))
     ]
-    return factors, [_grid(q, f"{name}.fuse_quants.{i}") for i, q in enumerate(fpn.fuse_quants)]
+    return factors, [_activation_grid(q, f"{name}.fuse_quants.{i}") for i, q in enumerate(fpn.fuse_quants)]
 
 
 def _qdq_fpn(fpn: QFPN, factors, grids) -> QDQFPN:
