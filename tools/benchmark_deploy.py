@@ -36,7 +36,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from hqod.benchmark import cpu_name, git_commit, machine
-from hqod.deploy import DetectorNetwork, executed_kernels, export_onnx, session_options
+from hqod.deploy import DetectorNetwork, conv_kernel_counts, executed_kernels, export_onnx, session_options
 from hqod.quantization import calibrate, quantize_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,13 +184,12 @@ def format_report(results, args):
     lines += ["", "| shape | FP32 file | W%d file | ratio | convs as QLinearConv / float | int8 model's kernel time |" % args.bits,
               "|---|---|---|---|---|---|"]
     for shape, r in results.items():
-        k = r["kernels"]
-        floating = sum(k.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv"))
+        integer, floating = conv_kernel_counts(r["kernels"])
         shares = ", ".join(f"{op} {100 * s:.0f} %" for op, s in list(r["kernel_time_shares"].items())[:5])
         ratio = r["size_mib"]["fp32"] / r["size_mib"]["int8"]
         lines.append(
             f"| {shape} | {r['size_mib']['fp32']:.2f} MiB | {r['size_mib']['int8']:.2f} MiB | {ratio:.2f}x | "
-            f"{k.get('QLinearConv', 0)} / {floating} | {shares} |"
+            f"{integer} / {floating} | {shares} |"
         )
         if args.bits == 4:
             verdicts.append(f"W4 file >= {TARGET_SIZE_RATIO:g}x smaller than FP32 ({shape}): "

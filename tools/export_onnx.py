@@ -30,12 +30,10 @@ from detectron2.config import instantiate
 from detectron2.utils.logger import setup_logger
 
 from hqod.data import ensure_datasets
-from hqod.deploy import OnnxDetector, OnnxExportError, compare_onnx_model, executed_kernels, export_onnx
+from hqod.deploy import OnnxDetector, OnnxExportError, compare_onnx_model, conv_kernel_counts, executed_kernels, export_onnx
 from hqod.engine import UserError, load_config, load_trained_model, run_tool
 
 MAX_AP_DIFF = 0.1  # the deployment issue's target
-FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
-INTEGER_CONVS = ("QLinearConv", "ConvInteger")
 
 
 def parse_args(argv=None):
@@ -57,12 +55,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def kernel_summary(kernels):
-    integer = sum(kernels.get(k, 0) for k in INTEGER_CONVS)
-    floating = sum(kernels.get(k, 0) for k in FLOAT_CONVS)
-    return integer, floating
-
-
 def main(args):
     cfg = load_config(args.config_file, args.opts)
     checkpoint = args.checkpoint or os.path.join(cfg.train.output_dir, "model_final.pth")
@@ -80,7 +72,7 @@ def main(args):
         optimized = os.path.join(tmp, "optimized.onnx")
         detector = OnnxDetector(model, output, threads=args.threads or None, optimized_model=optimized)
         kernels = executed_kernels(optimized)
-    integer, floating = kernel_summary(kernels)
+    integer, floating = conv_kernel_counts(kernels)
     result = dict(info, output=output, size_mib=os.path.getsize(output) / 2**20, kernels=kernels)
     print(
         f"ONNX model saved to {output} ({result['size_mib']:.2f} MiB, opset {args.opset}, "

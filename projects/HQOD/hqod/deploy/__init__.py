@@ -10,7 +10,7 @@ Deployment of trained detectors to ONNX / ONNX Runtime (tools/export_onnx.py):
 """
 from .export import DetectorNetwork, OnnxExportError, export_onnx, output_names, prepare_for_export
 from .qdq import QDQConv2d
-from .runtime import OnnxAgreement, OnnxDetector, compare_onnx_model, executed_kernels, session_options
+from .runtime import OnnxAgreement, OnnxDetector, compare_onnx_model, conv_kernel_counts, executed_kernels, session_options
 
 __all__ = [
     "OnnxExportError",
@@ -22,6 +22,7 @@ __all__ = [
     "OnnxDetector",
     "OnnxAgreement",
     "compare_onnx_model",
+    "conv_kernel_counts",
     "executed_kernels",
     "session_options",
 ]

@@ -91,9 +91,8 @@ class _QuantizeDequantize(torch.autograd.Function):
 
 def quantize_dequantize(x: torch.Tensor, grid) -> torch.Tensor:
     """``x`` on the grid of a quantizer (its :class:`~hqod.quantization.IntegerGrid`, per
-    tensor), rounding half to even as the fake quantizers and ``QuantizeLinear`` do."""
-    if grid.m == 1 and not fits_uint8(grid.q_min, grid.q_max):
-        raise ValueError(f"The integer range [{grid.q_min}, {grid.q_max}] does not fit 8 bits.")
+    tensor; the exporter checks that it fits 8 bits), rounding half to even as the fake
+    quantizers and ``QuantizeLinear`` do."""
     return _QuantizeDequantize.apply(x, float(grid.step), int(grid.eta_min), int(grid.eta_max), int(grid.offset2))
 
 

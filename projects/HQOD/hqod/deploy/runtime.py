@@ -4,8 +4,9 @@ Running an exported detector in ONNX Runtime with detectron2's pre- and post-pro
 (:func:`compare_onnx_model`).
 """
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -17,7 +18,10 @@ from hqod.quantization.integer_check import fake_quant_reference, match_detectio
 from .export import output_names, prepare_for_export
 from .qdq import QDQConv2d
 
-__all__ = ["OnnxDetector", "OnnxAgreement", "compare_onnx_model", "session_options", "executed_kernels"]
+__all__ = [
+    "OnnxDetector", "OnnxAgreement", "compare_onnx_model", "session_options", "executed_kernels", "conv_kernel_counts",
+    "INTEGER_CONVS", "FLOAT_CONVS",
+]
 
 
 def session_options(threads: Optional[int] = None, optimized_model: str = ""):
@@ -37,16 +41,23 @@ def session_options(threads: Optional[int] = None, optimized_model: str = ""):
     return options
 
 
+#: How ONNX Runtime runs a convolution: on integers, or in float (its CPU layouts included).
+INTEGER_CONVS = ("QLinearConv", "ConvInteger")
+FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
+
+
 def executed_kernels(optimized_model: str) -> Dict[str, int]:
     """Op types of an optimized ONNX Runtime graph (``session_options(optimized_model=...)``)
-    and their counts: which convolutions run as integer kernels (``QLinearConv``) and which in
-    float (``Conv``, ``FusedConv``, ``NchwcConv``)."""
+    and their counts: which convolutions run as integer kernels (:data:`INTEGER_CONVS`) and
+    which in float (:data:`FLOAT_CONVS`)."""
     import onnx
 
-    counts: Dict[str, int] = {}
-    for node in onnx.load(optimized_model).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(node.op_type for node in onnx.load(optimized_model).graph.node).items()))
+
+
+def conv_kernel_counts(kernels: Dict[str, int]) -> Tuple[int, int]:
+    """``(integer, float)`` convolutions among :func:`executed_kernels`'s counts."""
+    return sum(kernels.get(k, 0) for k in INTEGER_CONVS), sum(kernels.get(k, 0) for k in FLOAT_CONVS)
 
 
 class OnnxDetector(nn.Module):
