@@ -25,7 +25,7 @@ Fields (validated by ``hqod.quantization.QuantConfig``, which documents them in 
                     tools/export_integer.py turn it into an integer-only model
   first_last_bits   bits of the input layer (stem conv) and output layers (head predictors);
                     None keeps them FP32 (the AQD paper's AQD*)
-  input_layers      None = detectron2 stem convs; or a list of module-name globs
+  input_layers      None = the stem convs (detectron2's ResNet, MobileNetV2); or a list of module-name globs
   output_layers     None = the declared heads' predictors (cls_score, bbox_pred, ctrness); or globs
   overrides         {module-name glob: bits | {"weight_bits": b, "act_bits": b} | None (FP32)}
   keep_unknown_fp32 False: a layer type without a quantized version is an error naming it

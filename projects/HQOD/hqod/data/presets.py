@@ -7,7 +7,8 @@ Data configs set ``dataloader.dataset = "digits"`` and read the rest through the
 
 Besides names, class count and image sizes, a preset sets the batch size and the FPN/head width
 (``fpn_channels``): the papers' 256 for COCO and VOC, and 64 for the embedded dataset, whose 10
-classes and small images train 3x faster that way on a 2-core CPU. It also sets the schedule:
+classes and small images train 3x faster that way on a 2-core CPU; and SSD-lite's input and
+prior sizes (``ssd_*``), which are not the other detectors'. It also sets the schedule:
 ``batch_size`` is the reference batch of the preset's schedules and ``train_images`` turns the
 papers' epochs into iterations; the schedules themselves (FP32 and each QAT recipe) are in
 :mod:`hqod.solver.schedules`, read by the configs through ``${hqod_schedule:...}``.
@@ -22,6 +23,16 @@ from omegaconf import OmegaConf
 
 # torchvision's ImageNet ResNet in detectron2's names (tools/convert_torchvision_backbone.py)
 IMAGENET_BACKBONE = "output/pretrained/imagenet_r{depth}.pth"
+
+# SSD-lite's 320-px setting (the HQOD authors' COCO config): shortest edge 320 (the longest at
+# most 533, detectron2's 800:1333 ratio; they resize to 320 x 320) and its prior sizes.
+SSDLITE_320 = dict(
+    ssd_train_sizes=[320],
+    ssd_test_size=320,
+    ssd_max_size=533,
+    ssd_min_sizes=[48, 100, 150, 202, 253, 304],
+    ssd_max_sizes=[100, 150, 202, 253, 304, 320],
+)
 
 PRESETS = {
     # The embedded dataset. No flips: a mirrored digit is another shape (or another digit).
@@ -38,6 +49,13 @@ PRESETS = {
         train_images=2000,  # tools/generate_digits.py's default (the digits schedules are in iterations)
         fpn_channels=64,
         backbone_checkpoint="output/pretrained/digits_r{depth}.pth",
+        # SSD-lite (configs/common/models/ssdlite.py): its input sizes and prior sizes (pixels).
+        # The digits (12-166 px in the 256-384 px scenes) at the preset's own sizes.
+        ssd_train_sizes=[224, 256, 288],
+        ssd_test_size=384,
+        ssd_max_size=512,
+        ssd_min_sizes=[16, 40, 80, 128, 176, 224],
+        ssd_max_sizes=[40, 80, 128, 176, 224, 288],
     ),
     "coco": dict(
         train="coco_2017_train",
@@ -51,6 +69,7 @@ PRESETS = {
         train_images=117266,  # train2017 images with annotations (detectron2 drops the others)
         fpn_channels=256,
         backbone_checkpoint=IMAGENET_BACKBONE,
+        **SSDLITE_320,
     ),
     "voc": dict(
         train="voc_0712_trainval_coco",
@@ -64,6 +83,7 @@ PRESETS = {
         train_images=16551,  # VOC2007 trainval 5,011 + VOC2012 trainval 11,540
         fpn_channels=256,
         backbone_checkpoint=IMAGENET_BACKBONE,
+        **SSDLITE_320,
     ),
 }
 

@@ -1,6 +1,10 @@
 from .dense_head import DenseHeadSpec, dense_head, dense_head_spec
 from .backbone import level_shapes, resnet_depth, resnet_stages
-from .meta_arch import ATSS, FCOS, HQODATSS, HQODFCOS, ATSSHead, HQODRetinaNet, atss_match, dense_detectors, hqod_variant
+from .meta_arch import (
+    ATSS, FCOS, HQODATSS, HQODFCOS, HQODSSD, SSD, ATSSHead, HQODRetinaNet, SSDAnchorGenerator, SSDLiteHead, atss_match,
+    dense_detectors, hard_negative_mask, hqod_variant,
+)
+from .mobilenet import InvertedResidual, MobileNetV2, SSDLiteNeck
 
 __all__ = [
     "ATSS",
@@ -10,6 +14,14 @@ __all__ = [
     "HQODATSS",
     "HQODFCOS",
     "HQODRetinaNet",
+    "HQODSSD",
+    "InvertedResidual",
+    "MobileNetV2",
+    "SSD",
+    "SSDAnchorGenerator",
+    "SSDLiteHead",
+    "SSDLiteNeck",
+    "hard_negative_mask",
     "atss_match",
     "dense_head",
     "dense_head_spec",

@@ -23,8 +23,9 @@ Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
 * ``first_last_bits``: bits of the input layer (backbone stem conv) and of the output layers
   (head predictors), weights and input activations; None keeps them FP32 (AQD paper's AQD*).
 * ``input_layers`` / ``output_layers``: module names (glob patterns) of those layers; None finds
-  them: convs of detectron2's ``BasicStem``; the predictors of the declared dense heads
-  (RetinaNet ``cls_score``, ``bbox_pred``; FCOS also ``ctrness``).
+  them: convs of detectron2's ``BasicStem`` and MobileNetV2's stem; the predictors of the
+  declared dense heads (RetinaNet ``cls_score``, ``bbox_pred``; FCOS also ``ctrness``; SSD-lite's
+  per level).
 * ``overrides``: ``{glob pattern on module names: bits}`` applied last; bits is an int (weights
   and activations), a dict ``{weight_bits, act_bits}`` (either may be left out), or None to keep
   that layer FP32. For BN / add quantizers an int or ``act_bits`` sets their bits (in place of

@@ -20,6 +20,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 
 from hqod.modeling.dense_head import DenseHeadSpec, check_dense_head, dense_head_spec, head_norms
+from hqod.modeling.mobilenet import MobileNetV2, SSDLiteNeck
 
 from ..utils import replace_child
 from .config import QuantConfig
@@ -92,6 +93,22 @@ def _p6p7_rule(block):
     return ["p7"] + ([] if block.in_feature.startswith("p") else ["p6"])
 
 
+@register_relu_input_rule(MobileNetV2)
+def _mobilenet_rule(net):
+    # Inside a block the Sequential rule applies; a block's input is the linear projection of
+    # the block before (signed), except for the first block, which reads the stem's ReLU6.
+    return ["layer1.0.conv.0"]
+
+
+@register_relu_input_rule(SSDLiteNeck)
+def _ssdlite_neck_rule(neck):
+    # Each extra level reads the one before it (ending with ReLU6), the first one the last
+    # bottom-up feature (MobileNetV2's conv_last ends with ReLU6; its stages do not).
+    reads_relu = [neck.in_features[-1] == "conv_last" and isinstance(neck.bottom_up, MobileNetV2)]
+    reads_relu += [True] * (len(neck.extras) - 1)
+    return [f"extras.{i}.0" for i, relu in enumerate(reads_relu) if relu]
+
+
 def _head_spec(module: nn.Module) -> Optional[DenseHeadSpec]:
     """The declaration of a dense head, float or quantized (None for other modules)."""
     if isinstance(module, MultiLevelHead):
@@ -101,7 +118,7 @@ def _head_spec(module: nn.Module) -> Optional[DenseHeadSpec]:
 
 def _head_rule(head):
     spec = _head_spec(head)
-    return [pred for pred, tower in spec.predictors.items() if _ends_with_relu(getattr(head, tower))]
+    return [layer for layer in spec.predictor_layers(head) if _ends_with_relu(spec.tower_of(head, layer))]
 
 
 def relu_fed_layers(model: nn.Module) -> Set[str]:
@@ -128,16 +145,16 @@ def _match(name: str, patterns: Iterable[str]) -> bool:
 
 
 def find_first_last_layers(model: nn.Module, qcfg: QuantConfig) -> Tuple[List[str], List[str]]:
-    """The input layers (detectron2 stem convs, or ``quant.input_layers``) and output layers
+    """The input layers (the stem convs of detectron2's ResNet and of MobileNetV2, or
+    ``quant.input_layers``) and output layers
     (declared dense heads' predictors, or ``quant.output_layers``) of ``model``."""
     weighted = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
     if qcfg.input_layers is not None:
         first = [n for n in weighted if _match(n, qcfg.input_layers)]
     else:
-        first = []
-        for name, m in model.named_modules():
-            if isinstance(m, BasicStem):
-                first += [f"{name}.{c}" for c, sub in m.named_modules() if isinstance(sub, _WEIGHTED)]
+        stems = [n for n, m in model.named_modules() if isinstance(m, BasicStem)]
+        stems += [f"{n}.stem" if n else "stem" for n, m in model.named_modules() if isinstance(m, MobileNetV2)]
+        first = [n for n in weighted if any(n == s or n.startswith(s + ".") for s in stems)]
     if qcfg.output_layers is not None:
         last = [n for n in weighted if _match(n, qcfg.output_layers)]
     else:
@@ -145,7 +162,7 @@ def find_first_last_layers(model: nn.Module, qcfg: QuantConfig) -> Tuple[List[st
         for name, m in model.named_modules():
             spec = _head_spec(m)
             if spec is not None:
-                last += [f"{name}.{p}" for p in spec.predictors]
+                last += [f"{name}.{p}" for p in spec.predictor_layers(m)]
     for what, names, given in (("input", first, qcfg.input_layers), ("output", last, qcfg.output_layers)):
         if not names:
             logger.warning(
@@ -234,9 +251,10 @@ def _is_layer(module: nn.Module) -> bool:
 
 
 def _quant_module_class(module: nn.Module):
-    """The class that converts ``module``: the quantized dense head for a declared head, else the
-    ``QUANT_MODULES`` entry of its exact type (None if there is none)."""
-    if dense_head_spec(type(module)) is not None:
+    """The class that converts ``module``: the quantized dense head for a declared head shared over
+    levels, else the ``QUANT_MODULES`` entry of its exact type (None if there is none)."""
+    spec = dense_head_spec(type(module))
+    if spec is not None and spec.shared:
         return MultiLevelHead
     return find_quant_module_class(type(module))
 

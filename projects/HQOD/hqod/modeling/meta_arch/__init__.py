@@ -3,5 +3,9 @@ from .atss import ATSS, HQODATSS, ATSSHead, atss_match
 from .fcos import FCOS, HQODFCOS
 from .hqod_mixin import dense_detectors, hqod_variant
 from .retinanet import HQODRetinaNet
+from .ssd import HQODSSD, SSD, SSDAnchorGenerator, SSDLiteHead, hard_negative_mask
 
-__all__ = ["ATSS", "ATSSHead", "FCOS", "HQODATSS", "HQODFCOS", "HQODRetinaNet", "atss_match", "dense_detectors", "hqod_variant"]
+__all__ = [
+    "ATSS", "ATSSHead", "FCOS", "HQODATSS", "HQODFCOS", "HQODRetinaNet", "HQODSSD", "SSD", "SSDAnchorGenerator",
+    "SSDLiteHead", "atss_match", "dense_detectors", "hard_negative_mask", "hqod_variant",
+]

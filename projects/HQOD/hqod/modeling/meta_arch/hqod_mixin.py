@@ -44,9 +44,10 @@ class HQODLossMixin:
     What ``X`` provides, for its positives, through one hook:
 
     * ``X.losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, ...)``, the
-      signature of detectron2's dense detectors, with sigmoid classification,
-      ``num_classes`` as the background label and ``box2box_transform`` decoding the deltas;
-      :meth:`harmony_pairs` computes p and u from these arguments;
+      signature of detectron2's dense detectors, with ``num_classes`` as the background label
+      and ``box2box_transform`` decoding the deltas; :meth:`harmony_pairs` computes p and u from
+      these arguments (p by :meth:`positive_scores`: sigmoid classification; a softmax detector's
+      HQOD variant overrides it, as SSD's does);
     * its box-loss normalizer after ``losses`` has run (:meth:`harmony_normalizer`:
       ``loss_normalizer``, the EMA of the number of positives of RetinaNet and FCOS; a detector
       with another one overrides it). Eq. 9's 1/P.
@@ -129,6 +130,11 @@ class HQODLossMixin:
         """The detector's box-loss normalizer, as set by its ``losses`` just before."""
         return self.loss_normalizer
 
+    def positive_scores(self, logits: Tensor, gt_classes: Tensor) -> Tensor:
+        """p of the (P, K) logits of P positives and their (P,) classes: the sigmoid score of the
+        ground-truth class."""
+        return gt_class_scores(logits, gt_classes)
+
     def harmony_pairs(
         self,
         anchors: List[Boxes],
@@ -147,13 +153,13 @@ class HQODLossMixin:
             gt_boxes (list[Tensor or Boxes]): #image (R, 4) matched ground-truth boxes (XYXY).
 
         Returns:
-            p, u (Tensor): (P,) for the P positives: p the sigmoid score of the ground-truth
-            class (not the max score), u the IoU of the decoded predicted box with its
+            p, u (Tensor): (P,) for the P positives: p the score of the ground-truth class
+            (:meth:`positive_scores`; not the max score), u the IoU of the decoded predicted box with its
             ground-truth box; neither is detached.
         """
         gt_labels = torch.stack(gt_labels)  # (N, R)
         pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
-        p = gt_class_scores(cat(pred_logits, dim=1)[pos_mask], gt_labels[pos_mask])
+        p = self.positive_scores(cat(pred_logits, dim=1)[pos_mask], gt_labels[pos_mask])
         anchors = type(anchors[0]).cat(anchors).tensor  # (R, 4)
         pos_anchors = anchors.unsqueeze(0).expand(len(gt_labels), -1, -1)[pos_mask]
         pred_boxes = self.box2box_transform.apply_deltas(cat(pred_anchor_deltas, dim=1)[pos_mask], pos_anchors)

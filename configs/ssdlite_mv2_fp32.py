@@ -1,0 +1,18 @@
+"""FP32 SSD-lite, MobileNetV2 (HQOD's Table II lightweight detector); digits by default
+(dataloader.dataset=coco: the 320-px setting)."""
+from .common.models.ssdlite import model
+from .retina_r18_fp32 import dataloader, lr_multiplier, optimizer, train
+
+model.num_classes = "${hqod_data:${dataloader.dataset},num_classes}"
+model.anchor_generator.min_sizes = "${hqod_data:${dataloader.dataset},ssd_min_sizes}"
+model.anchor_generator.max_sizes = "${hqod_data:${dataloader.dataset},ssd_max_sizes}"
+# SSD-lite's input sizes from the preset (on COCO and VOC 320 px, not the FPN detectors' 800)
+resize_train = dataloader.train.mapper.augmentations[0]
+resize_train.short_edge_length = "${hqod_data:${dataloader.dataset},ssd_train_sizes}"
+resize_train.max_size = "${hqod_data:${dataloader.dataset},ssd_max_size}"
+resize_test = dataloader.test.mapper.augmentations[0]
+resize_test.short_edge_length = "${hqod_data:${dataloader.dataset},ssd_test_size}"
+resize_test.max_size = "${hqod_data:${dataloader.dataset},ssd_max_size}"
+# No pretrained MobileNetV2 ships yet (tools/pretrain_backbone.py trains ResNets): from scratch.
+train.init_checkpoint = ""
+train.output_dir = "./output/ssdlite_mv2_fp32"

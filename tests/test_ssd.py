@@ -1,0 +1,235 @@
+"""
+SSD-lite (MobileNetV2), HQOD's Table II lightweight detector: SSD's priors, matching, hard
+negative mining and losses on hand-made examples whose answers are written here; HQOD's p as the
+softmax score; quantization with the depthwise convs and the 8-bit stem and predictors counted;
+and the configs trained, quantized, fine-tuned with HQOD and evaluated through ``do_train``.
+"""
+import math
+
+import pytest
+import torch
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.layers import ShapeSpec
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from hqod.engine import build_model, do_train
+from hqod.modeling import HQODSSD, SSD, MobileNetV2, SSDAnchorGenerator, SSDLiteHead, hard_negative_mask
+from hqod.modeling.dense_head import DenseHeadSpec, check_dense_head
+from hqod.quantization import QConv2d, quantize_model
+
+from helpers import ROOT, synthetic_batches
+
+NUM_CLASSES = 3
+EXTRA_CHANNELS = [32, 16, 16, 16]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_cfg(config="configs/ssdlite_mv2_fp32.py", num_classes=NUM_CLASSES):
+    """``config`` with MobileNetV2 at width 0.25 and narrow extra levels."""
+    cfg = LazyConfig.load(f"{ROOT}/{config}")
+    cfg.model.num_classes = num_classes
+    cfg.model.backbone.bottom_up.width_mult = 0.25
+    cfg.model.backbone.extra_channels = EXTRA_CHANNELS
+    cfg.model.head.input_shape = [ShapeSpec(channels=c) for c in [24, 1280] + EXTRA_CHANNELS]
+    return cfg
+
+
+def small_model(hqod=False):
+    cfg = small_cfg()
+    cfg.model._target_ = HQODSSD if hqod else SSD
+    torch.manual_seed(0)
+    return instantiate(cfg.model)
+
+
+# ------------------------------------------------------------------------------- priors
+def test_ssd_priors_of_one_cell():
+    # min 16, max 40, ratios 2 and 3: squares of 16 and sqrt(640) = 25.2982, then
+    # 16 x sqrt(2) = 22.6274 by 16 / sqrt(2) = 11.3137, and 16 x sqrt(3) = 27.7128 by 9.2376
+    gen = SSDAnchorGenerator(min_sizes=[16], max_sizes=[40], aspect_ratios=[2.0, 3.0], strides=[16])
+    half_wh = torch.tensor([
+        [8.0, 8.0], [12.6491, 12.6491], [11.3137, 5.6569], [5.6569, 11.3137], [13.8564, 4.6188], [4.6188, 13.8564],
+    ])
+    assert gen.num_cell_anchors == [6]
+    torch.testing.assert_close(list(gen.cell_anchors)[0], torch.cat([-half_wh, half_wh], dim=1), atol=1e-4, rtol=0)
+    # a 1 x 2 map of stride 16: the cells' centres (8, 8) and (24, 8)
+    anchors = gen([torch.zeros(1, 1, 1, 2)])[0].tensor
+    assert anchors.shape == (12, 4)
+    torch.testing.assert_close(anchors[6], torch.tensor([24.0 - 8, 0.0, 24.0 + 8, 16.0]))
+
+
+# ----------------------------------------------------------------------------- matching
+def test_ssd_matching_hand_example():
+    model = small_model()
+    anchors = [Boxes(torch.tensor([[0.0, 0, 10, 10], [0, 0, 20, 20], [50, 50, 60, 60], [100, 100, 110, 110]]))]
+    gt = Instances((128, 128), gt_boxes=Boxes(torch.tensor([[0.0, 0, 18, 18], [52, 52, 70, 70]])), gt_classes=torch.tensor([1, 0]))
+    # IoU(gt0, a1) = 324 / 400 = 0.81 >= 0.5: class 1. gt1's best anchor is a2 at IoU
+    # 64 / 360 = 0.18 < 0.5, matched all the same (each ground truth gets its best prior).
+    # a0 (IoU 100 / 324 = 0.31 with gt0) and a3 are background (label 3).
+    labels, boxes = model.label_anchors(anchors, [gt])
+    assert labels[0].tolist() == [3, 1, 0, 3]
+    torch.testing.assert_close(boxes[0][1:3], torch.tensor([[0.0, 0, 18, 18], [52, 52, 70, 70]]))
+    empty = Instances((128, 128), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long))
+    labels, boxes = model.label_anchors(anchors, [empty])
+    assert labels[0].tolist() == [3, 3, 3, 3] and not boxes[0].any()
+
+
+def test_hard_negative_mask_keeps_the_largest_losses_per_image():
+    losses = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3], [0.4, 0.2, 0.8, 0.6, 0.1]])
+    negatives = torch.tensor([[False, True, True, True, True], [True, True, True, False, True]])
+    kept = hard_negative_mask(losses, negatives, torch.tensor([2, 9]))
+    # image 0: the two largest negatives 0.9 and 0.7; image 1: all 4 negatives (fewer than 9)
+    assert kept.tolist() == [[False, True, False, True, False], [True, True, True, False, True]]
+
+
+# ------------------------------------------------------------------------------- losses
+def _hand_loss_inputs():
+    """One image, five anchors, 3 classes + background: anchor 0 a positive of class 0 on its
+    own ground-truth box, anchors 1-4 background."""
+    anchors = [Boxes(torch.tensor([[0.0, 0, 10, 10]] + [[20.0, 20, 30, 30]] * 4))]
+    logits = torch.tensor([[[2.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 2], [1, 0, 0, 0], [0, 0, 0, 1]]], requires_grad=True)
+    deltas = torch.tensor([[[1.5, 0.0, 0.0, -0.2]] + [[0.0] * 4] * 4], requires_grad=True)
+    labels = [torch.tensor([0, 3, 3, 3, 3])]
+    gt_boxes = [torch.tensor([[0.0, 0, 10, 10]] * 5)]
+    return anchors, [logits], labels, [deltas], gt_boxes
+
+
+def test_ssd_losses_hand_example():
+    model = small_model()
+    with EventStorage():
+        losses = model.losses(*_hand_loss_inputs())
+    # cross-entropy over 4 outputs: the positive log(1 + 3 e^-2) = 0.340753; the negatives
+    # log 4 = 1.386294, log(1 + 3 e^-2) = 0.340753, log(e + 3) = 1.743668, log(e + 3) - 1 =
+    # 0.743668; 1 positive x 3 keeps the 3 largest (1.743668, 1.386294, 0.743668)
+    assert losses["loss_cls"].item() == pytest.approx(0.340753 + 1.743668 + 1.386294 + 0.743668, abs=1e-5)
+    # target deltas 0 (the box is the anchor); smooth L1 (beta 1): 1.5 - 0.5 + 0.5 x 0.2^2
+    assert losses["loss_box_reg"].item() == pytest.approx(1.02, abs=1e-6)
+    assert model.loss_normalizer == 1  # the number of positives
+
+
+def test_hqod_ssd_scores_are_softmax_of_the_ground_truth_class():
+    model = small_model(hqod=True)
+    inputs = _hand_loss_inputs()
+    p, u = model.harmony_pairs(*inputs)
+    # softmax of (2, 0, 0, 0) at class 0: e^2 / (e^2 + 3); the predicted box: deltas
+    # (1.5, 0, 0, -0.2) / (10, 10, 5, 5) on the 10 x 10 anchor = x shift 1.5 px, height x e^-0.04
+    assert p.item() == pytest.approx(math.exp(2) / (math.exp(2) + 3), abs=1e-6)
+    h = 10 * math.exp(-0.04)
+    inter = 8.5 * h
+    assert u.item() == pytest.approx(inter / (100 + 10 * h - inter), abs=1e-5)
+    with EventStorage():
+        losses = model.losses(*inputs)
+    assert {"loss_tcorr", "loss_hiou"} <= losses.keys()
+    sum(losses.values()).backward()
+    assert inputs[1][0].grad is not None and torch.isfinite(inputs[1][0].grad).all()
+    with pytest.raises(ValueError, match="positive_losses"):
+        cfg = small_cfg("configs/ssdlite_mv2_lsq_w4_hqod.py")
+        cfg.model.harmony = "hardet"
+        instantiate(cfg.model)
+
+
+def test_ssd_loss_falls_with_sgd():
+    model = small_model(hqod=True)
+    # 256 px: SSD's last levels are 1 x 1 maps whose BN statistics a smaller input makes noisier
+    batch = next(synthetic_batches(1, size=256, per_batch=4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
+    totals = []
+    model.train()
+    with EventStorage():
+        for _ in range(15):
+            losses = model(batch)
+            total = sum(losses.values())
+            totals.append(total.item())  # the same batch: the same normalizer every step
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+    assert all(math.isfinite(t) for t in totals)
+    # hard negative mining picks other negatives every step: the last three steps' mean
+    assert sum(totals[-3:]) / 3 < 0.75 * totals[0], totals
+
+
+# ------------------------------------------------------------------------- quantization
+def test_quantized_ssdlite_depthwise_convs_and_8bit_first_last():
+    cfg = small_cfg("configs/ssdlite_mv2_lsq_w4_hqod.py")
+    model = build_model(cfg)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert all(isinstance(m, QConv2d) for m in convs.values())
+    depthwise = [n for n, m in convs.items() if m.groups > 1]
+    # 17 blocks, 4 extra levels, 6 levels x 2 towers
+    assert len(depthwise) == 17 + 4 + 12 and all(convs[n].groups == convs[n].in_channels for n in depthwise)
+    eight_bit = sorted(n for n, m in convs.items() if m.weight_quant.bits == 8)
+    assert eight_bit == sorted(["backbone.bottom_up.stem"] + [f"head.{p}.{i}" for p in ("bbox_pred", "cls_score") for i in range(6)])
+    assert all(m.weight_quant.bits == m.input_quant.bits == 4 for n, m in convs.items() if n not in eight_bit)
+    unsigned = {n for n, m in convs.items() if not m.input_quant.signed}
+    # after a ReLU6: the predictors, the blocks' depthwise and projection convs, the first
+    # block (reads the stem), the extra levels; the blocks' expansions read linear projections
+    assert {"head.cls_score.0", "head.bbox_pred.5", "backbone.bottom_up.layer1.0.conv.0", "backbone.extras.0.0",
+            "backbone.extras.3.0", "backbone.bottom_up.layer2.0.conv.1", "backbone.bottom_up.layer2.0.conv.2"} <= unsigned
+    assert not {"backbone.bottom_up.stem", "backbone.bottom_up.layer2.0.conv.0", "backbone.bottom_up.conv_last"} & unsigned
+
+
+def test_per_level_head_declaration_is_checked():
+    head = SSDLiteHead(input_shape=[ShapeSpec(channels=8)] * 2, num_classes=2, num_anchors=6)
+    spec = DenseHeadSpec({"cls_score": "cls_towers", "bbox_pred": "bbox_towers"}, shared=False)
+    check_dense_head(head, spec)
+    assert spec.predictor_layers(head) == ["cls_score.0", "cls_score.1", "bbox_pred.0", "bbox_pred.1"]
+    del head.cls_score[1]
+    with pytest.raises(ValueError, match="per-level predictor 'cls_score' has 1 levels"):
+        check_dense_head(head, spec)
+    with pytest.raises(ValueError, match="nn.Sequential"):
+        check_dense_head(head, DenseHeadSpec({"cls_score": "cls_towers"}))  # declared as shared
+
+
+def test_mobilenet_v2_shapes():
+    net = MobileNetV2(out_features=["layer2", "layer5", "conv_last"])
+    out = net(torch.zeros(1, 3, 64, 96))
+    assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {"layer2": (24, 16, 24), "layer5": (96, 4, 6), "conv_last": (1280, 2, 3)}
+    assert sum(p.numel() for n, p in net.named_parameters() if "conv_last" not in n) == 1_811_712
+    with pytest.raises(ValueError, match="unknown out_features"):
+        MobileNetV2(out_features=["res4"])
+
+
+# ---------------------------------------------------------------------- the configs, end to end
+def _tiny(config, output_dir, **train):
+    cfg = small_cfg(config, num_classes=10)
+    cfg = LazyConfig.apply_overrides(cfg, [
+        'train.init_checkpoint=""',
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=128",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+    ])
+    cfg.dataloader.train.dataset.names = "digits_tiny_train"
+    cfg.dataloader.test.dataset.names = "digits_tiny_val"
+    cfg.train.update({"eval_period": 0, **train, "output_dir": str(output_dir)})
+    cfg.train.checkpointer.period = 1000
+    cfg.train.amp.enabled = False
+    return cfg
+
+
+def test_ssdlite_configs_train_quantize_and_evaluate(tiny_digits, tmp_path):
+    torch.manual_seed(0)
+    fp32_cfg = _tiny("configs/ssdlite_mv2_fp32.py", tmp_path / "fp32", max_iter=4)
+    do_train(fp32_cfg, build_model(fp32_cfg))
+    checkpoint = tmp_path / "fp32" / "model_final.pth"
+    assert checkpoint.is_file()
+
+    qat_cfg = _tiny("configs/ssdlite_mv2_lsq_w4_hqod.py", tmp_path / "qat", max_iter=3,
+                    init_checkpoint=str(checkpoint), eval_period=3)
+    qat_cfg.quant.calib_images = 4
+    qat_cfg.model.test_score_thresh = 0.0
+    model = build_model(qat_cfg)
+    assert type(model) is HQODSSD and model.harmony == "hqod"
+    results = do_train(qat_cfg, model)  # loads the FP32 detector, calibrates, trains, evaluates
+    metrics = (tmp_path / "qat" / "metrics.json").read_text()
+    assert '"loss_tcorr"' in metrics and '"loss_hiou"' in metrics
+    assert set(results["bbox"]) >= {"AP", "AP50", "AP75"} and 0.0 <= results["bbox"]["AP"] <= 100.0
