@@ -17,7 +17,7 @@ from detectron2.utils.events import EventStorage
 from hqod.engine import build_model, do_train
 from hqod.modeling import HQODSSD, SSD, MobileNetV2, SSDAnchorGenerator, SSDLiteHead, hard_negative_mask
 from hqod.modeling.dense_head import DenseHeadSpec, check_dense_head
-from hqod.quantization import QConv2d, quantize_model
+from hqod.quantization import QConv2d
 
 from helpers import ROOT, synthetic_batches
 
