@@ -233,3 +233,38 @@ def test_ssdlite_configs_train_quantize_and_evaluate(tiny_digits, tmp_path):
     metrics = (tmp_path / "qat" / "metrics.json").read_text()
     assert '"loss_tcorr"' in metrics and '"loss_hiou"' in metrics
     assert set(results["bbox"]) >= {"AP", "AP50", "AP75"} and 0.0 <= results["bbox"]["AP"] <= 100.0
+
+
+# ----------------------------------------------------------------------------- deployment
+def test_ssdlite_exports_to_onnx_runtime(tmp_path):
+    from hqod.deploy import DetectorNetwork, OnnxDetector, export_onnx, prepare_for_export
+    from hqod.deploy.runtime import executed_kernels, output_steps
+    from hqod.quantization import calibrate, quantize_model
+
+    from test_deploy import _ort_outputs
+
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    with torch.no_grad(), EventStorage():
+        for batch in synthetic_batches(2, seed=1, size=128):
+            model(batch)  # BN statistics
+    quantize_model(model, dict(method="lsq", weight_bits=4, act_bits=4))
+    calibrate(model, synthetic_batches(1, seed=2, size=128), num_images=2)
+    model.eval()
+    path, optimized = str(tmp_path / "ssd.onnx"), str(tmp_path / "opt.onnx")
+    info = export_onnx(model, path, image_size=(128, 128))
+    assert info["quantized_convs"] == 88
+    assert info["outputs"] == [f"{p}.{level}" for p in ("cls_score", "bbox_pred") for level in range(6)]
+    OnnxDetector(model, path, optimized_model=optimized)
+    # ONNX Runtime fuses a Q/DQ conv into QLinearConv only when its output goes to a Q: the 32
+    # depthwise convs (ReLU6 then the next conv's Q) and 9 of the 1x1 convs; the projections
+    # feed float residual adds and the ReLU6 of the expansions clips inside the next Q's range
+    assert executed_kernels(optimized)["QLinearConv"] == 41
+    images = model.preprocess_image(next(synthetic_batches(1, seed=3, size=128))).tensor
+    with torch.no_grad():
+        ref = DetectorNetwork(prepare_for_export(model))(images)
+    for r, o in zip(ref, _ort_outputs(path, images, optimize=False)):  # the file computes the export
+        assert (r - o).abs().max() <= 1e-5 * r.abs().max()
+    steps = output_steps(model)  # per level: each level's predictor has its own scales
+    assert [len(s) for s in steps.values()] == [6, 6] and not torch.equal(steps["cls_score"][0], steps["cls_score"][1])

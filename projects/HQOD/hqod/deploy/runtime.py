@@ -107,14 +107,16 @@ class OnnxDetector(nn.Module):
         return self.postprocess(self.model, images, self.predictions(images.tensor), batched_inputs)
 
 
-def output_steps(model: nn.Module) -> Dict[str, Optional[torch.Tensor]]:
-    """Per predictor, the step of one unit of its int32 output (``alpha_x * alpha_w`` per
-    channel, (1, C, 1, 1)) for a quantized predictor, None for an FP32 one."""
+def output_steps(model: nn.Module) -> Dict[str, List[Optional[torch.Tensor]]]:
+    """Per predictor and level, the step of one unit of its int32 output (``alpha_x * alpha_w``
+    per channel, (1, C, 1, 1)) for a quantized predictor, None for an FP32 one."""
     exported = prepare_for_export(model)
+    num_levels = len(model.head_in_features)
     steps = {}
     for name in dict.fromkeys(n.rpartition(".")[0] for n in output_names(model)):
         layer = getattr(exported.head, name)
-        steps[name] = layer.bias_scale[0].double().view(1, -1, 1, 1) if isinstance(layer, QDQConv2d) else None
+        per_level = list(layer) if isinstance(layer, nn.ModuleList) else [layer] * num_levels  # per-level head (SSD)
+        steps[name] = [m.bias_scale[0].double().view(1, -1, 1, 1) if isinstance(m, QDQConv2d) else None for m in per_level]
     return steps
 
 
@@ -227,18 +229,18 @@ def compare_onnx_model(
         report.seconds_torch += t1 - t0
         report.seconds_onnx += t2 - t1
         for name, per_level_torch, per_level_onnx in zip(steps, torch_preds, onnx_preds):
-            for r, o in zip(per_level_torch, per_level_onnx):
+            for r, o, step in zip(per_level_torch, per_level_onnx, steps[name]):
                 diff = (r.double() - o.double()).abs()
                 report.num_outputs += diff.numel()
                 if not diff.numel():
                     continue
                 report.max_abs_diff = max(report.max_abs_diff, float(diff.max()))
-                if steps[name] is not None:
-                    diff = diff / steps[name]
+                if step is not None:
+                    diff = diff / step
                     report.beyond_one_step += int((diff > 1.0).sum())
                 m = float(diff.max())
                 report.per_output_max[name] = max(report.per_output_max[name], m)
-                report.max_step_diff = max(report.max_step_diff, m if steps[name] is not None else 0.0)
+                report.max_step_diff = max(report.max_step_diff, m if step is not None else 0.0)
         torch_out = OnnxDetector.postprocess(model, images, [list(p) for p in torch_preds], batch)
         onnx_out = OnnxDetector.postprocess(model, images, onnx_preds, batch)
         for a, b in zip(torch_out, onnx_out):
