@@ -13,6 +13,7 @@ resize_train.max_size = "${hqod_data:${dataloader.dataset},ssd_max_size}"
 resize_test = dataloader.test.mapper.augmentations[0]
 resize_test.short_edge_length = "${hqod_data:${dataloader.dataset},ssd_test_size}"
 resize_test.max_size = "${hqod_data:${dataloader.dataset},ssd_max_size}"
-# No pretrained MobileNetV2 ships yet (tools/pretrain_backbone.py trains ResNets): from scratch.
-train.init_checkpoint = ""
+# The preset's pretrained MobileNetV2: on digits, output/pretrained/digits_mv2.pth from
+# `tools/pretrain_backbone.py --backbone mv2`; on COCO and VOC, output/pretrained/imagenet_mv2.pth.
+train.init_checkpoint = "${hqod_backbone:${dataloader.dataset},mv2}"
 train.output_dir = "./output/ssdlite_mv2_fp32"

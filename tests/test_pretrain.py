@@ -63,11 +63,12 @@ def test_resnet_depth_from_keys():
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """Tiny R18 and R50 pretraining runs (2 steps of 8 crops of 32 px), saved as checkpoints."""
+    """Tiny R18, R50 and MobileNetV2 pretraining runs (2 steps of 8 crops of 32 px), saved as
+    checkpoints."""
     out = {}
-    for depth in (18, 50):
-        model, info = pretrain_backbone(depth=depth, num_crops=16, epochs=1, batch_size=8, crop_size=32, holdout_crops=8, num_workers=1)
-        path = str(tmp_path_factory.mktemp("pretrained") / f"digits_r{depth}.pth")
+    for depth in (18, 50, "mv2"):
+        model, info = pretrain_backbone(backbone=depth, num_crops=16, epochs=1, batch_size=8, crop_size=32, holdout_crops=8, num_workers=1)
+        path = str(tmp_path_factory.mktemp("pretrained") / os.path.basename(pretrained_backbone_path(depth)))
         save_backbone_checkpoint(model, info, path)
         out[depth] = path
     return out
@@ -76,7 +77,7 @@ def pretrained(tmp_path_factory):
 def test_pretraining_reports_and_saves_a_detectron2_backbone(pretrained):
     data = torch.load(pretrained[18], weights_only=False)
     assert data["matching_heuristics"] is True
-    assert data["pretrain"]["depth"] == 18 and 0.0 <= data["pretrain"]["top1_holdout"] <= 100.0
+    assert data["pretrain"]["backbone"] == "r18" and 0.0 <= data["pretrain"]["top1_holdout"] <= 100.0
     assert "stem.conv1.weight" in data["model"] and "res5.1.conv2.norm.running_var" in data["model"]
     assert not any(k.startswith(("fc.", "backbone.")) for k in data["model"])  # bare ResNet names
 
@@ -96,6 +97,21 @@ def test_pretrained_backbone_loads_into_every_digits_config(config, pretrained, 
         torch.testing.assert_close(state[f"backbone.bottom_up.{key}"], value, rtol=0, atol=0)
     backbone_keys = {k for k in state if k.startswith("backbone.bottom_up.")}
     assert backbone_keys == {f"backbone.bottom_up.{k}" for k in saved}
+    assert "not used by the model" not in caplog.text and "shape" not in caplog.text.lower()
+
+
+def test_pretrained_mobilenet_v2_loads_into_ssdlite(pretrained, caplog):
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/ssdlite_mv2_fp32.py"))
+    assert cfg.train.init_checkpoint == pretrained_backbone_path("mv2") == "output/pretrained/digits_mv2.pth"
+    model = instantiate(cfg.model)
+    saved = torch.load(pretrained["mv2"], weights_only=False)["model"]
+    assert "stem.weight" in saved and "layer7.0.conv.2.norm.running_var" in saved and "conv_last.weight" in saved
+    with caplog.at_level(logging.WARNING):
+        Checkpointer(model).load(pretrained["mv2"])
+    state = model.state_dict()
+    for key, value in saved.items():
+        torch.testing.assert_close(state[f"backbone.bottom_up.{key}"], value, rtol=0, atol=0)
+    assert {k for k in state if k.startswith("backbone.bottom_up.")} == {f"backbone.bottom_up.{k}" for k in saved}
     assert "not used by the model" not in caplog.text and "shape" not in caplog.text.lower()
 
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """
 Pretrain a detector backbone on the embedded dataset (the stand-in for ImageNet pretraining):
-detectron2's ResNet of the given depth, trained as an 11-way classifier (10 digits + background)
+detectron2's ResNet of the given depth, or SSD-lite's MobileNetV2, trained as an 11-way classifier (10 digits + background)
 on crops drawn like the digits scenes from the train split's digit samples only, written as a
 backbone checkpoint that ``train.init_checkpoint`` loads as it loads an ImageNet one.
 
-    python tools/pretrain_backbone.py --depth 18     # -> output/pretrained/digits_r18.pth
+    python tools/pretrain_backbone.py --depth 18         # -> output/pretrained/digits_r18.pth
+    python tools/pretrain_backbone.py --backbone mv2     # -> output/pretrained/digits_mv2.pth
 
 The digits configs use that file by default. An existing checkpoint is kept (``--force`` to
 train a new one; the old file is replaced only when the new one is complete).
@@ -18,13 +19,15 @@ import sys
 import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 from detectron2.utils.logger import setup_logger
 
-from hqod.pretrain import PRETRAIN_DEPTHS, pretrain_backbone, pretrained_backbone_path, save_backbone_checkpoint
+from hqod.pretrain import PRETRAIN_BACKBONES, PRETRAIN_DEPTHS, pretrain_backbone, pretrained_backbone_path, save_backbone_checkpoint
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=18, choices=PRETRAIN_DEPTHS, help="ResNet depth (default 18)")
-    p.add_argument("--output", default=None, help="checkpoint path (default output/pretrained/digits_r<depth>.pth)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--depth", type=int, choices=PRETRAIN_DEPTHS, help="ResNet depth (default 18): --backbone r<depth>")
+    which.add_argument("--backbone", choices=PRETRAIN_BACKBONES, help="r18, r34, r50 or mv2 (MobileNetV2, SSD-lite's)")
+    p.add_argument("--output", default=None, help="checkpoint path (default output/pretrained/digits_<backbone>.pth)")
     p.add_argument("--crops", type=int, default=25600, help="training crops (default 25600)")
     p.add_argument("--epochs", type=int, default=2, help="passes over the crops (default 2)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -39,7 +42,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="hqod", abbrev_name="hqod")
-    output = args.output or pretrained_backbone_path(args.depth)
+    backbone = args.backbone or f"r{args.depth or 18}"
+    output = args.output or pretrained_backbone_path(backbone)
     if os.path.isfile(output) and not args.force:
         print(f"{output} exists; keeping it (--force trains a new one).")
         return 0
@@ -47,7 +51,7 @@ def main(argv=None):
         print("error: --epochs and --batch-size must be >= 1, --crops >= --batch-size, --crop-size >= 32", file=sys.stderr)
         return 2
     model, info = pretrain_backbone(
-        depth=args.depth,
+        backbone=backbone,
         num_crops=args.crops,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -57,9 +61,9 @@ def main(argv=None):
         num_workers=args.workers,
     )
     save_backbone_checkpoint(model, info, output)
-    print(json.dumps({k: info[k] for k in ("depth", "top1_holdout", "top1_fit_last", "seconds")}))
+    print(json.dumps({k: info[k] for k in ("backbone", "top1_holdout", "top1_fit_last", "seconds")}))
     print(
-        f"ResNet-{args.depth} pretrained in {info['seconds']:.0f} s: top-1 {info['top1_holdout']:.1f}% on "
+        f"{backbone} pretrained in {info['seconds']:.0f} s: top-1 {info['top1_holdout']:.1f}% on "
         f"held-out crops (digit samples it never saw) -> {output}"
     )
     return 0

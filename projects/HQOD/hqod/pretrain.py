@@ -1,8 +1,8 @@
 """
 Backbone pretraining on the embedded dataset: the stand-in for an ImageNet-pretrained backbone.
 
-A detector's backbone (detectron2's ResNet, built exactly as the detector configs build it) is
-trained as an 11-way classifier on the crops of :mod:`hqod.data.digit_crops` (train-split digit
+A detector's backbone (detectron2's ResNet, or SSD-lite's MobileNetV2, built exactly as the
+detector configs build it) is trained as an 11-way classifier on the crops of :mod:`hqod.data.digit_crops` (train-split digit
 samples only), and saved as a backbone checkpoint that ``train.init_checkpoint`` loads the way
 it loads an ImageNet one: detectron2 ResNet names (``stem.conv1.weight``, ``res2.0.conv1...``)
 matched into ``backbone.bottom_up`` by detectron2's name-matching heuristics. The digits presets
@@ -22,8 +22,9 @@ from torch import nn
 from detectron2.modeling.backbone import BasicStem, ResNet
 
 from .data.digit_crops import NUM_CROP_CLASSES, make_crops
-from .data.presets import backbone_checkpoint
+from .data.presets import backbone_checkpoint, backbone_name
 from .modeling.backbone import resnet_stages
+from .modeling.mobilenet import MobileNetV2
 
 __all__ = [
     "BackboneClassifier",
@@ -36,6 +37,7 @@ __all__ = [
     "pretrain_backbone",
     "pretrain_command",
     "pretrained_backbone_path",
+    "PRETRAIN_BACKBONES",
     "PRETRAIN_DEPTHS",
     "save_converted_backbone",
 ]
@@ -48,19 +50,22 @@ PIXEL_MEAN = (123.675, 116.280, 103.530)
 PIXEL_STD = (58.395, 57.120, 57.375)
 
 
-# The ResNet depths tools/pretrain_backbone.py trains.
+# The ResNet depths tools/pretrain_backbone.py trains, and every backbone it trains (``--backbone``).
 PRETRAIN_DEPTHS = (18, 34, 50)
+PRETRAIN_BACKBONES = tuple(f"r{d}" for d in PRETRAIN_DEPTHS) + ("mv2",)
 
 
-def pretrained_backbone_path(depth) -> str:
-    """Where ``tools/pretrain_backbone.py --depth D`` writes its checkpoint and the digits configs
-    look for it (the digits preset's ``backbone_checkpoint``): ``output/pretrained/digits_r<D>.pth``."""
-    return backbone_checkpoint("digits", depth)
+def pretrained_backbone_path(backbone) -> str:
+    """Where ``tools/pretrain_backbone.py`` writes the checkpoint of ``backbone`` (a ResNet depth,
+    or ``mv2``) and the digits configs look for it (the digits preset's ``backbone_checkpoint``):
+    ``output/pretrained/digits_r<D>.pth``, ``output/pretrained/digits_mv2.pth``."""
+    return backbone_checkpoint("digits", backbone)
 
 
-def pretrain_command(depth) -> str:
-    """The command that makes :func:`pretrained_backbone_path` (``depth``)."""
-    return f"python tools/pretrain_backbone.py --depth {int(depth)}"
+def pretrain_command(backbone) -> str:
+    """The command that makes :func:`pretrained_backbone_path` (``backbone``)."""
+    name = backbone_name(backbone)
+    return "python tools/pretrain_backbone.py " + (f"--depth {name[1:]}" if name.startswith("r") else f"--backbone {name}")
 
 
 # ImageNet backbones for COCO and VOC: torchvision's ImageNet ResNets (the V1 weights, which
@@ -149,25 +154,32 @@ def save_converted_backbone(checkpoint: dict, path: str) -> str:
 
 
 class BackboneClassifier(nn.Module):
-    """detectron2's ResNet (stem with BN, ``resnet_stages(depth)``, as the detector configs) +
-    global average pooling + a linear classifier. Input: uint8 or float RGB images (N, 3, H, W)
-    in [0, 255], normalized here with the detectors' pixel mean/std."""
+    """A detector backbone as the configs build it — detectron2's ResNet (stem with BN,
+    ``resnet_stages(depth)``) or MobileNetV2 — + global average pooling of its last feature + a
+    linear classifier. ``backbone``: a ResNet depth (18 or "r18") or "mv2". Input: uint8 or
+    float RGB images (N, 3, H, W) in [0, 255], normalized here with the detectors' pixel
+    mean/std."""
 
-    def __init__(self, depth: int, num_classes: int = NUM_CROP_CLASSES, norm: str = "BN"):
+    def __init__(self, backbone="r18", num_classes: int = NUM_CROP_CLASSES, norm: str = "BN"):
         super().__init__()
-        self.backbone = ResNet(
-            BasicStem(in_channels=3, out_channels=64, norm=norm),
-            resnet_stages(depth, norm=norm),
-            out_features=["res5"],
-            freeze_at=0,
-        )
-        self.fc = nn.Linear(self.backbone.output_shape()["res5"].channels, num_classes)
+        name = backbone_name(backbone)
+        if name == "mv2":
+            self.backbone, self.feature = MobileNetV2(out_features=["conv_last"], norm=norm), "conv_last"
+        else:
+            self.backbone = ResNet(
+                BasicStem(in_channels=3, out_channels=64, norm=norm),
+                resnet_stages(int(name[1:]), norm=norm),
+                out_features=["res5"],
+                freeze_at=0,
+            )
+            self.feature = "res5"
+        self.fc = nn.Linear(self.backbone.output_shape()[self.feature].channels, num_classes)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), False)
 
     def forward(self, images):
         x = (images.float() - self.pixel_mean) / self.pixel_std
-        return self.fc(self.backbone(x)["res5"].mean(dim=(2, 3)))
+        return self.fc(self.backbone(x)[self.feature].mean(dim=(2, 3)))
 
 
 def _crop_chunk(args):
@@ -205,7 +217,7 @@ def evaluate(model, images, labels, batch_size=256) -> float:
 
 def pretrain_backbone(
     *,
-    depth: int = 18,
+    backbone="r18",
     num_crops: int = 25600,
     epochs: int = 2,
     batch_size: int = 128,
@@ -219,21 +231,22 @@ def pretrain_backbone(
     log_period: int = 50,
 ):
     """
-    Train :class:`BackboneClassifier` of ``depth`` for ``epochs`` passes over ``num_crops`` crops
+    Train :class:`BackboneClassifier` of ``backbone`` for ``epochs`` passes over ``num_crops`` crops
     of the ``fit`` digit samples (AdamW, linear warm-up over 10 steps then cosine decay, label
     smoothing 0.1), then measure top-1 on ``holdout_crops`` crops of the held-out digit samples.
     ``bf16``: autocast the forward pass to bfloat16 (None: where the CPU has native bfloat16
     arithmetic, about 1.8x faster there). Returns ``(classifier, info)`` with ``info`` =
-    ``{"depth", "top1_holdout", "top1_fit_last", "seconds", ...}`` (the recipe included).
+    ``{"backbone", "top1_holdout", "top1_fit_last", "seconds", ...}`` (the recipe included).
     """
+    name = backbone_name(backbone)
     start = time.perf_counter()
     images, labels = crop_set(num_crops, seed=seed, size=crop_size, num_workers=num_workers)
     holdout = crop_set(holdout_crops, seed=seed + 1_000_003, split="holdout", size=crop_size, num_workers=num_workers)
     data_seconds = time.perf_counter() - start
-    logger.info(f"pretrain R{depth}: {num_crops} + {holdout_crops} held-out crops made in {data_seconds:.0f} s")
+    logger.info(f"pretrain {name}: {num_crops} + {holdout_crops} held-out crops made in {data_seconds:.0f} s")
 
     torch.manual_seed(seed)
-    model = BackboneClassifier(depth)
+    model = BackboneClassifier(name)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]  # BN and biases
     optimizer = torch.optim.AdamW(
@@ -270,13 +283,13 @@ def pretrain_backbone(
             elapsed = time.perf_counter() - start
             eta = (elapsed - data_seconds) / (it + 1) * (iterations - it - 1)
             logger.info(
-                f"pretrain R{depth}: iter {it + 1}/{iterations}  loss {loss.item():.3f}  "
+                f"pretrain {name}: iter {it + 1}/{iterations}  loss {loss.item():.3f}  "
                 f"top-1 (last {len(recent)} batches) {100 * np.mean(recent):.1f}%  "
                 f"lr {lr_at(it):.5f}  {elapsed:.0f} s, eta {eta:.0f} s"
             )
     top1 = evaluate(model, *holdout)
     info = {
-        "depth": depth,
+        "backbone": name,
         "top1_holdout": top1,
         "top1_fit_last": 100 * float(np.mean(recent)) if recent else float("nan"),
         "seconds": time.perf_counter() - start,
@@ -300,13 +313,14 @@ def pretrain_backbone(
 
 
 def save_backbone_checkpoint(model: BackboneClassifier, info, path):
-    """Write the backbone as detectron2 loads an ImageNet backbone: ResNet names, matched into
-    the detector by detectron2's heuristics; ``info`` (depth, accuracy, recipe) travels along."""
+    """Write the backbone as detectron2 loads an ImageNet backbone: the backbone's own names
+    (ResNet's ``stem.*``, ``res2.*``; MobileNetV2's ``stem.*``, ``layer1.*``), matched into the
+    detector by detectron2's heuristics; ``info`` (backbone, accuracy, recipe) travels along."""
     from .engine.checkpoint import _atomic_write
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     data = {
-        "model": model.backbone.state_dict(),  # detectron2 ResNet names: stem.*, res2.*, ...
+        "model": model.backbone.state_dict(),  # the backbone's names: stem.*, res2.* / layer1.*, ...
         "__author__": "hqod.pretrain",
         "matching_heuristics": True,
         "pretrain": dict(info),

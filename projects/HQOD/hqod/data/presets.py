@@ -14,15 +14,16 @@ papers' epochs into iterations; the schedules themselves (FP32 and each QAT reci
 :mod:`hqod.solver.schedules`, read by the configs through ``${hqod_schedule:...}``.
 
 ``backbone_checkpoint`` is where the FP32 configs' ``train.init_checkpoint`` points, through the
-resolver ``${hqod_backbone:<preset>,<ResNet depth>}``: for digits, the backbone that
-``tools/pretrain_backbone.py --depth <depth>`` trains on the embedded data (the stand-in for
+resolver ``${hqod_backbone:<preset>,<backbone>}`` (a ResNet depth, or ``mv2`` for MobileNetV2):
+for digits, the backbone that ``tools/pretrain_backbone.py --depth <depth>`` (``--backbone mv2``)
+trains on the embedded data (the stand-in for
 ImageNet pretraining); for COCO and VOC, torchvision's ImageNet ResNet converted by
 ``tools/convert_torchvision_backbone.py --depth <depth> --input <torchvision .pth>``.
 """
 from omegaconf import OmegaConf
 
 # torchvision's ImageNet ResNet in detectron2's names (tools/convert_torchvision_backbone.py)
-IMAGENET_BACKBONE = "output/pretrained/imagenet_r{depth}.pth"
+IMAGENET_BACKBONE = "output/pretrained/imagenet_{name}.pth"
 
 # SSD-lite's 320-px setting (the HQOD authors' COCO config): shortest edge 320 (the longest at
 # most 533, detectron2's 800:1333 ratio; they resize to 320 x 320) and its prior sizes.
@@ -48,7 +49,7 @@ PRESETS = {
         batch_size=4,
         train_images=2000,  # tools/generate_digits.py's default (the digits schedules are in iterations)
         fpn_channels=64,
-        backbone_checkpoint="output/pretrained/digits_r{depth}.pth",
+        backbone_checkpoint="output/pretrained/digits_{name}.pth",
         # SSD-lite (configs/common/models/ssdlite.py): its input sizes and prior sizes (pixels).
         # The digits (12-166 px in the 256-384 px scenes) at the preset's own sizes.
         ssd_train_sizes=[224, 256, 288],
@@ -97,9 +98,21 @@ def preset_value(preset: str, key: str):
     return PRESETS[preset][key]
 
 
-def backbone_checkpoint(preset: str, depth) -> str:
-    """The preset's pretrained backbone for a ResNet of ``depth`` ("" = none)."""
-    return preset_value(preset, "backbone_checkpoint").format(depth=int(depth))
+def backbone_name(backbone) -> str:
+    """The name of a backbone in checkpoint file names: ``r<depth>`` for a ResNet (given as its
+    depth, 18 or "18", or as "r18"), ``mv2`` for MobileNetV2."""
+    name = str(backbone)
+    if name == "mv2":
+        return name
+    depth = name[1:] if name.startswith("r") else name
+    if not depth.isdigit():
+        raise ValueError(f"Unknown backbone {backbone!r}: a ResNet depth (18, 34, 50, ...) or 'mv2'.")
+    return f"r{int(depth)}"
+
+
+def backbone_checkpoint(preset: str, backbone) -> str:
+    """The preset's pretrained checkpoint of ``backbone`` (:func:`backbone_name`)."""
+    return preset_value(preset, "backbone_checkpoint").format(name=backbone_name(backbone))
 
 
 if not OmegaConf.has_resolver("hqod_data"):

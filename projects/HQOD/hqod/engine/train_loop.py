@@ -17,7 +17,7 @@ from hqod.data import ensure_datasets
 from hqod.modeling import dense_detectors
 from hqod.pretrain import (
     IMAGENET_DEPTHS,
-    PRETRAIN_DEPTHS,
+    PRETRAIN_BACKBONES,
     convert_command,
     imagenet_backbone_path,
     pretrain_command,
@@ -118,7 +118,7 @@ def check_init_checkpoint(cfg):
     made_here = [
         (pretrained_backbone_path(d), f"Pretrained backbone {path} (train.init_checkpoint) does not "
          f"exist: make it with `{pretrain_command(d)}` (about 3 minutes on 2 cores)")
-        for d in PRETRAIN_DEPTHS
+        for d in PRETRAIN_BACKBONES
     ] + [
         (imagenet_backbone_path(d), f"ImageNet backbone {path} (train.init_checkpoint) does not exist: "
          f"convert torchvision's ImageNet ResNet-{d} weights with `{convert_command(d)}`")
