@@ -124,3 +124,41 @@ def test_a_missing_imagenet_backbone_names_the_conversion_command(preset, tmp_pa
         '--depth 50 --input resnet50-0676ba61.pth`, or set train.init_checkpoint="" to train from scratch.'
     )
     assert convert_command(50) in str(e.value)
+
+
+def test_converted_mobilenet_v2_loads_into_ssdlite_and_computes_as_torchvision(tmp_path, caplog):
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v2(weights=None)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    net.eval()
+    source, output = str(tmp_path / "mobilenet_v2-random.pth"), str(tmp_path / "imagenet_mv2.pth")
+    torch.save(net.state_dict(), source)
+    assert _tool().main(["--backbone", "mv2", "--input", source, "--output", output]) == 0
+    saved = torch.load(output, weights_only=False)
+    assert saved["conversion"]["backbone"] == "mv2"
+    # every torchvision tensor but the classifier
+    assert sum(1 for k in net.state_dict() if not k.startswith("classifier.")) == len(saved["model"])
+
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/ssdlite_mv2_fp32.py"))
+    cfg.dataloader.dataset = "coco"
+    assert cfg.train.init_checkpoint == imagenet_backbone_path("mv2") == "output/pretrained/imagenet_mv2.pth"
+    model = instantiate(cfg.model).eval()
+    with caplog.at_level(logging.WARNING):
+        Checkpointer(model).load(output)
+    assert "not used by the model" not in caplog.text and "shape" not in caplog.text.lower()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        ours = model.backbone.bottom_up(x)
+        torch.testing.assert_close(ours["layer5"], net.features[:14](x), **TOL)  # stem .. block 13
+        torch.testing.assert_close(ours["conv_last"], net.features(x), **TOL)
+    assert _tool().main(["--depth", "18", "--input", source, "--output", str(tmp_path / "r18.pth")]) == 2
+    with pytest.raises(ValueError, match="not a torchvision MobileNetV2 state dict"):
+        from hqod.pretrain import convert_torchvision_backbone
+
+        convert_torchvision_backbone(_torchvision_resnet(18).state_dict(), "mv2")

@@ -32,6 +32,7 @@ __all__ = [
     "convert_torchvision_backbone",
     "crop_set",
     "imagenet_backbone_path",
+    "IMAGENET_BACKBONES",
     "IMAGENET_DEPTHS",
     "TORCHVISION_FILES",
     "pretrain_backbone",
@@ -72,52 +73,77 @@ def pretrain_command(backbone) -> str:
 # MMDetection's "torchvision://resnet50" and the papers' detectors start from), renamed to
 # detectron2's ResNet keys by tools/convert_torchvision_backbone.py. The file names torchvision
 # gives them (torch.hub's checkpoints folder keeps them under these names):
-TORCHVISION_FILES = {18: "resnet18-f37072fd.pth", 34: "resnet34-b627a593.pth", 50: "resnet50-0676ba61.pth"}
-IMAGENET_DEPTHS = tuple(TORCHVISION_FILES)
+TORCHVISION_FILES = {
+    "r18": "resnet18-f37072fd.pth", "r34": "resnet34-b627a593.pth", "r50": "resnet50-0676ba61.pth",
+    "mv2": "mobilenet_v2-b0353104.pth",
+}
+IMAGENET_DEPTHS = (18, 34, 50)
+IMAGENET_BACKBONES = tuple(TORCHVISION_FILES)
 
 
-def imagenet_backbone_path(depth) -> str:
-    """Where ``tools/convert_torchvision_backbone.py --depth D`` writes its checkpoint and the COCO
-    and VOC configs look for it (their preset's ``backbone_checkpoint``):
-    ``output/pretrained/imagenet_r<D>.pth``."""
-    return backbone_checkpoint("coco", depth)
+def imagenet_backbone_path(backbone) -> str:
+    """Where ``tools/convert_torchvision_backbone.py`` writes the checkpoint of ``backbone`` (a
+    ResNet depth, or ``mv2``) and the COCO and VOC configs look for it (their preset's
+    ``backbone_checkpoint``): ``output/pretrained/imagenet_r<D>.pth``, ``imagenet_mv2.pth``."""
+    return backbone_checkpoint("coco", backbone)
 
 
-def convert_command(depth) -> str:
-    """The command that makes :func:`imagenet_backbone_path` (``depth``)."""
-    depth = int(depth)
-    return f"python tools/convert_torchvision_backbone.py --depth {depth} --input {TORCHVISION_FILES.get(depth, f'resnet{depth}.pth')}"
+def convert_command(backbone) -> str:
+    """The command that makes :func:`imagenet_backbone_path` (``backbone``)."""
+    name = backbone_name(backbone)
+    which = f"--depth {name[1:]}" if name.startswith("r") else f"--backbone {name}"
+    source = TORCHVISION_FILES.get(name, f"resnet{name[1:]}.pth")
+    return f"python tools/convert_torchvision_backbone.py {which} --input {source}"
 
 
-def convert_torchvision_backbone(state_dict, depth: int) -> dict:
+def convert_torchvision_backbone(state_dict, backbone) -> dict:
     """
-    torchvision's ResNet-``depth`` state dict (``torchvision.models.resnet*().state_dict()``, or
-    a checkpoint holding it under ``state_dict`` / ``model``, ``module.`` prefixes allowed) ->
-    a backbone checkpoint in detectron2's ResNet names (``stem.conv1.weight``,
-    ``res2.0.conv1.norm.running_mean``, ...; the renaming of
-    :func:`hqod.engine.checkpoint.torchvision_resnet_to_d2`), which ``train.init_checkpoint``
-    loads into ``backbone.bottom_up`` by name matching. Checked entry by entry against
-    detectron2's ResNet-``depth`` as the configs build it: every entry present with its shape
-    (``num_batches_tracked`` may be absent, as in old torchvision files), nothing left over
-    but the classifier ``fc``. A mismatch raises ValueError naming it.
+    torchvision's ResNet-``depth`` or MobileNetV2 (``backbone``: a depth or ``mv2``) state dict
+    (``torchvision.models.resnet*().state_dict()``, ``mobilenet_v2().state_dict()``, or a
+    checkpoint holding it under ``state_dict`` / ``model``, ``module.`` prefixes allowed) -> a
+    backbone checkpoint in the names of the configs' backbone (detectron2's ResNet:
+    ``stem.conv1.weight``, ``res2.0.conv1.norm.running_mean``, ..., the renaming of
+    :func:`hqod.engine.checkpoint.torchvision_resnet_to_d2`; MobileNetV2: that of
+    :func:`hqod.engine.checkpoint.torchvision_mobilenet_v2_to_ours`), which
+    ``train.init_checkpoint`` loads into ``backbone.bottom_up`` by name matching. Checked entry by
+    entry against the backbone as the configs build it: every entry present with its shape
+    (``num_batches_tracked`` may be absent, as in old torchvision files), nothing left over but
+    the classifier. A mismatch raises ValueError naming it.
     """
-    from .engine.checkpoint import torchvision_resnet_to_d2
+    from .engine.checkpoint import torchvision_mobilenet_v2_to_ours, torchvision_resnet_to_d2
 
+    name = backbone_name(backbone)
     for key in ("state_dict", "model"):
         if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise ValueError("not a state dict (a dict of tensors)")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    if name == "mv2":
+        if "features.0.0.weight" not in state:
+            raise ValueError(
+                f"not a torchvision MobileNetV2 state dict (no features.0.0.weight; keys such as "
+                f"{', '.join(sorted(state)[:3])})"
+            )
+        converted = torchvision_mobilenet_v2_to_ours(state)
+        reference = MobileNetV2(out_features=["conv_last"]).state_dict()
+        return _checked_conversion(converted, reference, "hqod's MobileNetV2", {"backbone": name})
     if "conv1.weight" not in state or not any(k.startswith("layer1.") for k in state):
         raise ValueError(
             f"not a torchvision ResNet state dict (no conv1.weight / layer1.*; keys such as "
             f"{', '.join(sorted(state)[:3])})"
         )
+    depth = int(name[1:])
     converted = torchvision_resnet_to_d2(state)
     reference = ResNet(
         BasicStem(in_channels=3, out_channels=64, norm="BN"), resnet_stages(depth), out_features=["res5"]
     ).state_dict()
+    return _checked_conversion(converted, reference, f"detectron2's ResNet-{depth}", {"backbone": name, "depth": depth})
+
+
+def _checked_conversion(converted: dict, reference: dict, label: str, conversion: dict) -> dict:
+    """The checkpoint of the ``converted`` entries, checked against the ``reference`` state dict
+    of the configs' backbone (``label`` in the error)."""
     missing = [k for k in reference if k not in converted and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in converted if k not in reference]
     shapes = [k for k in reference if k in converted and converted[k].shape != reference[k].shape]
@@ -125,22 +151,22 @@ def convert_torchvision_backbone(state_dict, depth: int) -> dict:
         from .modeling.backbone import resnet_depth
 
         found = resnet_depth(converted.keys())
-        what = f"a ResNet-{found}" if found else "not a standard ResNet"
+        what = f"a ResNet-{found}" if found else "not a standard ResNet" if "ResNet" in label else "another shape"
         first = (
             f"missing {missing[0]}" if missing
             else f"unexpected {unexpected[0]}" if unexpected
             else f"{shapes[0]}: {tuple(converted[shapes[0]].shape)} vs {tuple(reference[shapes[0]].shape)}"
         )
         raise ValueError(
-            f"does not match detectron2's ResNet-{depth} ({what}; {len(missing)} missing, "
+            f"does not match {label} ({what}; {len(missing)} missing, "
             f"{len(unexpected)} unexpected, {len(shapes)} of another shape, e.g. {first})"
         )
     model = {k: converted[k].detach().clone() for k in reference if k in converted}
     return {
-        "model": model,  # detectron2 ResNet names: stem.*, res2.*, ...
+        "model": model,  # the backbone's names: stem.*, res2.* / layer1.*, ...
         "__author__": "torchvision",
         "matching_heuristics": True,
-        "conversion": {"depth": int(depth), "entries": len(model)},
+        "conversion": dict(conversion, entries=len(model)),
     }
 
 

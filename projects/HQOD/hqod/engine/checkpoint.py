@@ -51,6 +51,37 @@ def torchvision_resnet_to_d2(state_dict):
     return out
 
 
+def torchvision_mobilenet_v2_to_ours(state_dict):
+    """Rename a torchvision MobileNetV2 state dict (``features.<i>...``) to
+    :class:`hqod.modeling.MobileNetV2`'s names (``stem``, ``layer<s>.<b>.conv.<c>``,
+    ``conv_last``; each conv's BN under ``.norm``); the classifier is dropped. torchvision's block
+    holds its ConvBNReLU6 units (``conv.<c>.0`` conv, ``conv.<c>.1`` BN), then the projection conv
+    and its BN as two entries; ours one detectron2 Conv2d per conv."""
+    from hqod.modeling.mobilenet import MobileNetV2
+
+    blocks = [(f"layer{s}.{b}", t) for s, (t, _, n, _) in enumerate(MobileNetV2.STAGES, start=1) for b in range(n)]
+    out = {}
+    for k, v in state_dict.items():
+        m = re.match(r"^features\.(\d+)\.(.*)$", k)
+        if m is None:
+            continue  # the classifier
+        index, rest = int(m.group(1)), m.group(2)
+        if index == 0 or index == len(blocks) + 1:  # the stem, the last 1x1 conv: "<0|1>.<param>"
+            unit = "stem" if index == 0 else "conv_last"
+            sub, param = rest.split(".", 1)
+            out[f"{unit}.{param}" if sub == "0" else f"{unit}.norm.{param}"] = v
+            continue
+        block, expand_ratio = blocks[index - 1]
+        units = 1 if expand_ratio == 1 else 2  # ConvBNReLU6 units before the projection
+        parts = rest.split(".")  # conv.<c>.<0|1>.<param> or conv.<c>.<param>
+        c = int(parts[1])
+        if c < units:
+            out[f"{block}.conv.{c}.{parts[3]}" if parts[2] == "0" else f"{block}.conv.{c}.norm.{parts[3]}"] = v
+        else:  # the projection conv (c == units) and its BN (c == units + 1)
+            out[f"{block}.conv.{units}.{parts[2]}" if c == units else f"{block}.conv.{units}.norm.{parts[2]}"] = v
+    return out
+
+
 def read_checkpoint(path):
     """A checkpoint file, on CPU, read as data (:func:`hqod.quantization.checkpoint.load_torch_file`
     with the types our checkpoints hold). One :class:`UserError` naming the file when it holds

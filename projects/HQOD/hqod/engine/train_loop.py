@@ -16,7 +16,7 @@ from detectron2.utils import comm
 from hqod.data import ensure_datasets
 from hqod.modeling import dense_detectors
 from hqod.pretrain import (
-    IMAGENET_DEPTHS,
+    IMAGENET_BACKBONES,
     PRETRAIN_BACKBONES,
     convert_command,
     imagenet_backbone_path,
@@ -120,9 +120,9 @@ def check_init_checkpoint(cfg):
          f"exist: make it with `{pretrain_command(d)}` (about 3 minutes on 2 cores)")
         for d in PRETRAIN_BACKBONES
     ] + [
-        (imagenet_backbone_path(d), f"ImageNet backbone {path} (train.init_checkpoint) does not exist: "
-         f"convert torchvision's ImageNet ResNet-{d} weights with `{convert_command(d)}`")
-        for d in IMAGENET_DEPTHS
+        (imagenet_backbone_path(b), f"ImageNet backbone {path} (train.init_checkpoint) does not exist: "
+         f"convert torchvision's ImageNet {'MobileNetV2' if b == 'mv2' else f'ResNet-{b[1:]}'} weights with `{convert_command(b)}`")
+        for b in IMAGENET_BACKBONES
     ]  # fmt: skip
     for target, how in made_here:
         if os.path.normpath(path) == os.path.normpath(target):
