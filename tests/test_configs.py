@@ -13,7 +13,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.events import EventStorage
 
 from hqod.engine import build_model
-from hqod.modeling import HQODATSS, HQODFCOS, HQODSSD, HQODRetinaNet
+from hqod.modeling import HQODATSS, HQODFCOS, HQODSSD, HQODYOLOX, HQODRetinaNet
 from hqod.quantization import quantizers_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ CONFIGS = sorted(
     os.path.relpath(p, ROOT)
     for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
 )
-DETS = {"retina": HQODRetinaNet, "fcos": HQODFCOS, "atss": HQODATSS, "ssdlite": HQODSSD}
+DETS = {"retina": HQODRetinaNet, "fcos": HQODFCOS, "atss": HQODATSS, "ssdlite": HQODSSD, "yolox": HQODYOLOX}
 RESNET_DETS = ["retina", "fcos", "atss"]
 MATRIX = [
     f"configs/{det}_{bb}_{qat}_w{bits}{hqod}.py"
@@ -29,8 +29,12 @@ MATRIX = [
         RESNET_DETS, ["r18", "r50"], ["lsq", "tqt", "aqdstar", "aqd"], [2, 3, 4], ["", "_hqod"]
     )
 ] + [f"configs/{det}_{bb}_fp32.py" for det in RESNET_DETS for bb in ["r18", "r50"]]
-# HQOD's Table II lightweight detector: FP32, LSQ W4 and W2, with and without HQOD
-MATRIX += [f"configs/ssdlite_mv2_{run}.py" for run in ["fp32", "lsq_w4", "lsq_w4_hqod", "lsq_w2", "lsq_w2_hqod"]]
+# HQOD's Table II lightweight detectors: FP32, LSQ W4 and W2, with and without HQOD
+MATRIX += [
+    f"configs/{det}_{run}.py"
+    for det in ["ssdlite_mv2", "yolox_tiny"]
+    for run in ["fp32", "lsq_w4", "lsq_w4_hqod", "lsq_w2", "lsq_w2_hqod"]
+]
 
 
 def test_the_matrix_is_complete():
@@ -63,7 +67,7 @@ def test_config_loads_and_builds(path):
         assert isinstance(model, DETS[parts[0]]) == name.endswith(("_hqod", "_hardet"))
         if name.endswith(("_hqod", "_hardet")):
             assert model.harmony == ("hardet" if name.endswith("_hardet") else "hqod")
-        depth = {"r18": 18, "r50": 50, "mv2": None}[parts[1]]
+        depth = {"r18": 18, "r50": 50, "mv2": None, "tiny": None}[parts[1]]
         if depth is not None:
             assert len(model.backbone.bottom_up.res4) == {18: 2, 50: 6}[depth]
         if parts[2] == "fp32":

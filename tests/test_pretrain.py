@@ -63,10 +63,10 @@ def test_resnet_depth_from_keys():
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """Tiny R18, R50 and MobileNetV2 pretraining runs (2 steps of 8 crops of 32 px), saved as
-    checkpoints."""
+    """Tiny R18, R50, MobileNetV2 and CSPDarknet pretraining runs (2 steps of 8 crops of 32 px),
+    saved as checkpoints."""
     out = {}
-    for depth in (18, 50, "mv2"):
+    for depth in (18, 50, "mv2", "csp_tiny"):
         model, info = pretrain_backbone(backbone=depth, num_crops=16, epochs=1, batch_size=8, crop_size=32, holdout_crops=8, num_workers=1)
         path = str(tmp_path_factory.mktemp("pretrained") / os.path.basename(pretrained_backbone_path(depth)))
         save_backbone_checkpoint(model, info, path)
@@ -100,14 +100,18 @@ def test_pretrained_backbone_loads_into_every_digits_config(config, pretrained, 
     assert "not used by the model" not in caplog.text and "shape" not in caplog.text.lower()
 
 
-def test_pretrained_mobilenet_v2_loads_into_ssdlite(pretrained, caplog):
-    cfg = LazyConfig.load(os.path.join(ROOT, "configs/ssdlite_mv2_fp32.py"))
-    assert cfg.train.init_checkpoint == pretrained_backbone_path("mv2") == "output/pretrained/digits_mv2.pth"
+@pytest.mark.parametrize("config,backbone,keys", [
+    ("ssdlite_mv2_fp32", "mv2", ["stem.weight", "layer7.0.conv.2.norm.running_var", "conv_last.weight"]),
+    ("yolox_tiny_fp32", "csp_tiny", ["stem.conv.weight", "stage4.1.conv1.weight", "stage4.2.blocks.0.conv2.norm.running_var"]),
+])
+def test_pretrained_lightweight_backbones_load_into_their_detectors(config, backbone, keys, pretrained, caplog):
+    cfg = LazyConfig.load(os.path.join(ROOT, f"configs/{config}.py"))
+    assert cfg.train.init_checkpoint == pretrained_backbone_path(backbone) == f"output/pretrained/digits_{backbone}.pth"
     model = instantiate(cfg.model)
-    saved = torch.load(pretrained["mv2"], weights_only=False)["model"]
-    assert "stem.weight" in saved and "layer7.0.conv.2.norm.running_var" in saved and "conv_last.weight" in saved
+    saved = torch.load(pretrained[backbone], weights_only=False)["model"]
+    assert all(k in saved for k in keys)
     with caplog.at_level(logging.WARNING):
-        Checkpointer(model).load(pretrained["mv2"])
+        Checkpointer(model).load(pretrained[backbone])
     state = model.state_dict()
     for key, value in saved.items():
         torch.testing.assert_close(state[f"backbone.bottom_up.{key}"], value, rtol=0, atol=0)
@@ -143,6 +147,13 @@ def test_tool_keeps_an_existing_checkpoint_and_refuses_bad_arguments(pretrained,
     assert "exists; keeping it" in capsys.readouterr().out and os.path.getmtime(pretrained[18]) == before
     assert tool.main(["--output", pretrained[18] + ".new", "--crops", "8", "--batch-size", "16"]) == 2
     assert "--crops >= --batch-size" in capsys.readouterr().err
+
+
+def test_yolox_trains_from_scratch_on_real_data():
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/yolox_tiny_fp32.py"))
+    for preset in ("coco", "voc"):
+        cfg.dataloader.dataset = preset
+        assert cfg.train.init_checkpoint == ""  # as YOLOX's authors: no ImageNet backbone
 
 
 @pytest.mark.parametrize("config", DIGITS_CONFIGS)

@@ -119,7 +119,8 @@ def make_batch(batch_size, size, num_classes, seed=0):
 def build_variants(args):
     cfg = LazyConfig.load(os.path.join(ROOT, args.config))
     cfg.model.num_classes = args.num_classes
-    cfg.model.backbone.out_channels = args.width
+    if "out_channels" in cfg.model.backbone:  # an FPN (SSD-lite's levels have fixed widths)
+        cfg.model.backbone.out_channels = args.width
     torch.manual_seed(0)
     fp32 = instantiate(cfg.model)
     fp32.train()
@@ -272,7 +273,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=80)
-    parser.add_argument("--width", type=int, default=256, help="FPN and head channels (papers: 256)")
+    parser.add_argument("--width", type=int, default=256, help="FPN and head channels (papers: 256; FPN detectors)")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """
 Pretrain a detector backbone on the embedded dataset (the stand-in for ImageNet pretraining):
-detectron2's ResNet of the given depth, or SSD-lite's MobileNetV2, trained as an 11-way classifier (10 digits + background)
+detectron2's ResNet of the given depth, SSD-lite's MobileNetV2 or YOLOX-tiny's CSPDarknet, trained
+as an 11-way classifier (10 digits + background)
 on crops drawn like the digits scenes from the train split's digit samples only, written as a
 backbone checkpoint that ``train.init_checkpoint`` loads as it loads an ImageNet one.
 
     python tools/pretrain_backbone.py --depth 18         # -> output/pretrained/digits_r18.pth
     python tools/pretrain_backbone.py --backbone mv2     # -> output/pretrained/digits_mv2.pth
+    python tools/pretrain_backbone.py --backbone csp_tiny  # -> output/pretrained/digits_csp_tiny.pth
 
 The digits configs use that file by default. An existing checkpoint is kept (``--force`` to
 train a new one; the old file is replaced only when the new one is complete).
@@ -26,7 +28,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--depth", type=int, choices=PRETRAIN_DEPTHS, help="ResNet depth (default 18): --backbone r<depth>")
-    which.add_argument("--backbone", choices=PRETRAIN_BACKBONES, help="r18, r34, r50 or mv2 (MobileNetV2, SSD-lite's)")
+    which.add_argument("--backbone", choices=PRETRAIN_BACKBONES, help="r18, r34, r50, mv2 (MobileNetV2, SSD-lite's) or csp_tiny (CSPDarknet, YOLOX-tiny's)")
     p.add_argument("--output", default=None, help="checkpoint path (default output/pretrained/digits_<backbone>.pth)")
     p.add_argument("--crops", type=int, default=25600, help="training crops (default 25600)")
     p.add_argument("--epochs", type=int, default=2, help="passes over the crops (default 2)")

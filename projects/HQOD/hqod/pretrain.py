@@ -1,11 +1,12 @@
 """
 Backbone pretraining on the embedded dataset: the stand-in for an ImageNet-pretrained backbone.
 
-A detector's backbone (detectron2's ResNet, or SSD-lite's MobileNetV2, built exactly as the
-detector configs build it) is trained as an 11-way classifier on the crops of :mod:`hqod.data.digit_crops` (train-split digit
-samples only), and saved as a backbone checkpoint that ``train.init_checkpoint`` loads the way
-it loads an ImageNet one: detectron2 ResNet names (``stem.conv1.weight``, ``res2.0.conv1...``)
-matched into ``backbone.bottom_up`` by detectron2's name-matching heuristics. The digits presets
+A detector's backbone (detectron2's ResNet, SSD-lite's MobileNetV2 or YOLOX-tiny's CSPDarknet,
+built exactly as the detector configs build it) is trained as an 11-way classifier on the crops
+of :mod:`hqod.data.digit_crops` (train-split digit samples only), and saved as a backbone
+checkpoint that ``train.init_checkpoint`` loads the way it loads an ImageNet one: the backbone's
+own names (``stem.conv1.weight``, ``res2.0.conv1...``) matched into ``backbone.bottom_up`` by
+detectron2's name-matching heuristics. The digits presets
 point ``train.init_checkpoint`` at :func:`pretrained_backbone_path`.
 """
 import logging
@@ -24,6 +25,7 @@ from detectron2.modeling.backbone import BasicStem, ResNet
 from .data.digit_crops import NUM_CROP_CLASSES, make_crops
 from .data.presets import backbone_checkpoint, backbone_name
 from .modeling.backbone import resnet_stages
+from .modeling.cspdarknet import CSPDarknet
 from .modeling.mobilenet import MobileNetV2
 
 __all__ = [
@@ -53,7 +55,7 @@ PIXEL_STD = (58.395, 57.120, 57.375)
 
 # The ResNet depths tools/pretrain_backbone.py trains, and every backbone it trains (``--backbone``).
 PRETRAIN_DEPTHS = (18, 34, 50)
-PRETRAIN_BACKBONES = tuple(f"r{d}" for d in PRETRAIN_DEPTHS) + ("mv2",)
+PRETRAIN_BACKBONES = tuple(f"r{d}" for d in PRETRAIN_DEPTHS) + ("mv2", "csp_tiny")
 
 
 def pretrained_backbone_path(backbone) -> str:
@@ -181,8 +183,9 @@ def save_converted_backbone(checkpoint: dict, path: str) -> str:
 
 class BackboneClassifier(nn.Module):
     """A detector backbone as the configs build it — detectron2's ResNet (stem with BN,
-    ``resnet_stages(depth)``) or MobileNetV2 — + global average pooling of its last feature + a
-    linear classifier. ``backbone``: a ResNet depth (18 or "r18") or "mv2". Input: uint8 or
+    ``resnet_stages(depth)``), MobileNetV2 or YOLOX-tiny's CSPDarknet — + global average pooling
+    of its last feature + a linear classifier. ``backbone``: a ResNet depth (18 or "r18"), "mv2"
+    or "csp_tiny". Input: uint8 or
     float RGB images (N, 3, H, W) in [0, 255], normalized here with the detectors' pixel
     mean/std."""
 
@@ -191,6 +194,9 @@ class BackboneClassifier(nn.Module):
         name = backbone_name(backbone)
         if name == "mv2":
             self.backbone, self.feature = MobileNetV2(out_features=["conv_last"], norm=norm), "conv_last"
+        elif name == "csp_tiny":  # YOLOX-tiny's, as configs/common/models/yolox.py builds it
+            self.backbone = CSPDarknet(deepen_factor=0.33, widen_factor=0.375, out_features=["stage4"], norm=norm)
+            self.feature = "stage4"
         else:
             self.backbone = ResNet(
                 BasicStem(in_channels=3, out_channels=64, norm=norm),

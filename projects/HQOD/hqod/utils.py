@@ -1,9 +1,10 @@
 """Small helpers shared by the package."""
 import copy
 
+import torch
 from torch import nn
 
-__all__ = ["all_subclasses", "adopt_state", "rebuild_as", "replace_child"]
+__all__ = ["all_subclasses", "adopt_state", "bn_affine", "rebuild_as", "replace_child"]
 
 
 def all_subclasses(cls) -> set:
@@ -46,3 +47,11 @@ def replace_child(parent: nn.Module, name: str, new: nn.Module) -> None:
     for key, value in list(vars(parent).items()):
         if isinstance(value, (list, tuple)) and any(v is old for v in value):
             vars(parent)[key] = type(value)(new if v is old else v for v in value)
+
+
+def bn_affine(norm: nn.Module, dtype=None):
+    """``(gamma / sqrt(var + eps), beta - mean * gamma / sqrt(var + eps))``: the per-channel
+    multiplier and shift an inference-mode BN applies, in ``dtype`` (default: the BN's)."""
+    weight, bias, mean, var = (t.to(dtype) for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var))
+    mult = weight / torch.sqrt(var + norm.eps)
+    return mult, bias - mean * mult

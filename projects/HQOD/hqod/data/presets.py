@@ -8,22 +8,29 @@ Data configs set ``dataloader.dataset = "digits"`` and read the rest through the
 Besides names, class count and image sizes, a preset sets the batch size and the FPN/head width
 (``fpn_channels``): the papers' 256 for COCO and VOC, and 64 for the embedded dataset, whose 10
 classes and small images train 3x faster that way on a 2-core CPU; and SSD-lite's input and
-prior sizes (``ssd_*``), which are not the other detectors'. It also sets the schedule:
+prior sizes (``ssd_*``) and YOLOX-tiny's input sizes (``yolox_*``), which are not the other
+detectors'. It also sets the schedule:
 ``batch_size`` is the reference batch of the preset's schedules and ``train_images`` turns the
 papers' epochs into iterations; the schedules themselves (FP32 and each QAT recipe) are in
 :mod:`hqod.solver.schedules`, read by the configs through ``${hqod_schedule:...}``.
 
 ``backbone_checkpoint`` is where the FP32 configs' ``train.init_checkpoint`` points, through the
-resolver ``${hqod_backbone:<preset>,<backbone>}`` (a ResNet depth, or ``mv2`` for MobileNetV2):
-for digits, the backbone that ``tools/pretrain_backbone.py --depth <depth>`` (``--backbone mv2``)
-trains on the embedded data (the stand-in for
-ImageNet pretraining); for COCO and VOC, torchvision's ImageNet ResNet converted by
-``tools/convert_torchvision_backbone.py --depth <depth> --input <torchvision .pth>``.
+resolver ``${hqod_backbone:<preset>,<backbone>}`` (a ResNet depth, ``mv2`` for MobileNetV2,
+``csp_tiny`` for YOLOX-tiny's CSPDarknet): for digits, the backbone that
+``tools/pretrain_backbone.py --depth <depth>`` (``--backbone <name>``) trains on the embedded
+data (the stand-in for ImageNet pretraining); for COCO and VOC, torchvision's ImageNet ResNet or
+MobileNetV2 converted by ``tools/convert_torchvision_backbone.py --depth <depth> --input
+<torchvision .pth>``, and nothing for CSPDarknet, which YOLOX trains from scratch.
 """
 from omegaconf import OmegaConf
 
 # torchvision's ImageNet ResNet in detectron2's names (tools/convert_torchvision_backbone.py)
 IMAGENET_BACKBONE = "output/pretrained/imagenet_{name}.pth"
+
+# YOLOX-tiny's sizes on real data (the HQOD authors' COCO config trains mosaics of 640 px
+# randomly resized to 320-640 and tests at 416): here shortest edges 320-640 in steps of 32, the
+# longest at most 640; tested at 416.
+YOLOX_TINY = dict(yolox_train_sizes=list(range(320, 641, 32)), yolox_test_size=416, yolox_max_size=640)
 
 # SSD-lite's 320-px setting (the HQOD authors' COCO config): shortest edge 320 (the longest at
 # most 533, detectron2's 800:1333 ratio; they resize to 320 x 320) and its prior sizes.
@@ -57,6 +64,10 @@ PRESETS = {
         ssd_max_size=512,
         ssd_min_sizes=[16, 40, 80, 128, 176, 224],
         ssd_max_sizes=[40, 80, 128, 176, 224, 288],
+        # YOLOX-tiny (configs/common/models/yolox.py): the preset's own sizes
+        yolox_train_sizes=[224, 256, 288],
+        yolox_test_size=384,
+        yolox_max_size=512,
     ),
     "coco": dict(
         train="coco_2017_train",
@@ -71,6 +82,7 @@ PRESETS = {
         fpn_channels=256,
         backbone_checkpoint=IMAGENET_BACKBONE,
         **SSDLITE_320,
+        **YOLOX_TINY,
     ),
     "voc": dict(
         train="voc_0712_trainval_coco",
@@ -85,6 +97,7 @@ PRESETS = {
         fpn_channels=256,
         backbone_checkpoint=IMAGENET_BACKBONE,
         **SSDLITE_320,
+        **YOLOX_TINY,
     ),
 }
 
@@ -98,21 +111,31 @@ def preset_value(preset: str, key: str):
     return PRESETS[preset][key]
 
 
+# Backbones named other than by a ResNet depth: MobileNetV2 (SSD-lite's), YOLOX-tiny's CSPDarknet.
+NAMED_BACKBONES = ("mv2", "csp_tiny")
+# Backbones their detector's authors train from scratch on real data (YOLOX): no ImageNet file.
+FROM_SCRATCH_ON_REAL_DATA = ("csp_tiny",)
+
+
 def backbone_name(backbone) -> str:
     """The name of a backbone in checkpoint file names: ``r<depth>`` for a ResNet (given as its
-    depth, 18 or "18", or as "r18"), ``mv2`` for MobileNetV2."""
+    depth, 18 or "18", or as "r18"), or one of :data:`NAMED_BACKBONES`."""
     name = str(backbone)
-    if name == "mv2":
+    if name in NAMED_BACKBONES:
         return name
     depth = name[1:] if name.startswith("r") else name
     if not depth.isdigit():
-        raise ValueError(f"Unknown backbone {backbone!r}: a ResNet depth (18, 34, 50, ...) or 'mv2'.")
+        raise ValueError(f"Unknown backbone {backbone!r}: a ResNet depth (18, 34, 50, ...) or one of {list(NAMED_BACKBONES)}.")
     return f"r{int(depth)}"
 
 
 def backbone_checkpoint(preset: str, backbone) -> str:
-    """The preset's pretrained checkpoint of ``backbone`` (:func:`backbone_name`)."""
-    return preset_value(preset, "backbone_checkpoint").format(name=backbone_name(backbone))
+    """The preset's pretrained checkpoint of ``backbone`` (:func:`backbone_name`); "" (from
+    scratch) for a backbone of :data:`FROM_SCRATCH_ON_REAL_DATA` on a preset other than digits."""
+    name = backbone_name(backbone)
+    if preset != "digits" and name in FROM_SCRATCH_ON_REAL_DATA:
+        return ""
+    return preset_value(preset, "backbone_checkpoint").format(name=name)
 
 
 if not OmegaConf.has_resolver("hqod_data"):

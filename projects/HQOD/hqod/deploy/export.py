@@ -33,7 +33,7 @@ from torch import nn
 from detectron2.layers import FrozenBatchNorm2d
 
 from hqod.modeling.dense_head import dense_head_spec
-from hqod.utils import rebuild_as, replace_child
+from hqod.utils import bn_affine, rebuild_as, replace_child
 from hqod.quantization.calibration import uninitialized_quantizers
 from hqod.quantization.integer_layers import integer_bias_value, integer_bn_params
 from hqod.quantization.modules import QFPN, QConv2d, QResNet, _QuantAddBlock, add_alignment
@@ -61,8 +61,7 @@ def _bn_affine(norm: nn.Module, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
             f"{name}: a {type(norm).__qualname__} after a quantized conv cannot be folded into it "
             "(BN and FrozenBN can)."
         )
-    mult = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-    return mult, norm.bias.double() - norm.running_mean.double() * mult
+    return bn_affine(norm, torch.float64)
 
 
 def _active_grid(quantizer: Quantizer, name: str):

@@ -11,8 +11,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from detectron2.modeling.postprocessing import detector_postprocess
 
+from hqod.modeling.dense_head import detections_from_head_outputs
 from hqod.quantization.integer_check import fake_quant_reference, match_detections
 
 from .export import output_names, prepare_for_export
@@ -90,21 +90,10 @@ class OnnxDetector(nn.Module):
         outputs = [torch.from_numpy(o) for o in outputs]
         return [outputs[i: i + self.num_levels] for i in range(0, len(outputs), self.num_levels)]
 
-    @staticmethod
-    def postprocess(model, images, predictions, batched_inputs):
-        """detectron2's inference after the head: decoding, NMS, resizing to each input's size.
-        The anchors need only the feature maps' sizes, which the predictions have."""
-        features = [p.new_empty((p.shape[0], 0) + tuple(p.shape[2:])) for p in predictions[0]]
-        results = model.forward_inference(images, features, predictions)
-        return [
-            {"instances": detector_postprocess(r, inp.get("height", size[0]), inp.get("width", size[1]))}
-            for r, inp, size in zip(results, batched_inputs, images.image_sizes)
-        ]
-
     @torch.no_grad()
     def forward(self, batched_inputs):
         images = self.model.preprocess_image(batched_inputs)
-        return self.postprocess(self.model, images, self.predictions(images.tensor), batched_inputs)
+        return detections_from_head_outputs(self.model, images, self.predictions(images.tensor), batched_inputs)
 
 
 def output_steps(model: nn.Module) -> Dict[str, List[Optional[torch.Tensor]]]:
@@ -241,8 +230,8 @@ def compare_onnx_model(
                 m = float(diff.max())
                 report.per_output_max[name] = max(report.per_output_max[name], m)
                 report.max_step_diff = max(report.max_step_diff, m if step is not None else 0.0)
-        torch_out = OnnxDetector.postprocess(model, images, [list(p) for p in torch_preds], batch)
-        onnx_out = OnnxDetector.postprocess(model, images, onnx_preds, batch)
+        torch_out = detections_from_head_outputs(model, images, [list(p) for p in torch_preds], batch)
+        onnx_out = detections_from_head_outputs(model, images, onnx_preds, batch)
         for a, b in zip(torch_out, onnx_out):
             report.detections_torch += len(a["instances"])
             report.detections_onnx += len(b["instances"])
@@ -253,7 +242,7 @@ def compare_onnx_model(
         if ref64 is not None:
             features64 = ref64.backbone(images.tensor.double())
             preds64 = ref64.head([features64[f] for f in ref64.head_in_features])
-            evaluators["torch64"].process(batch, OnnxDetector.postprocess(
+            evaluators["torch64"].process(batch, detections_from_head_outputs(
                 ref64, images, [[p.float() for p in per_level] for per_level in preds64], batch))
         img_ids += [b["image_id"] for b in batch if "image_id" in b]
         report.num_images += len(batch)

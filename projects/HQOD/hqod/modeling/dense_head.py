@@ -30,10 +30,11 @@ from typing import Dict, List, Optional
 from torch import nn
 
 from detectron2.layers import CycleBatchNormList
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.meta_arch.fcos import FCOSHead
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
-__all__ = ["DenseHeadSpec", "dense_head", "dense_head_spec", "check_dense_head", "head_norms"]
+__all__ = ["DenseHeadSpec", "dense_head", "dense_head_spec", "check_dense_head", "detections_from_head_outputs", "head_norms"]
 
 
 class DenseHeadSpec:
@@ -140,3 +141,21 @@ def check_dense_head(head: nn.Module, spec: DenseHeadSpec) -> None:
 
 dense_head(predictors={"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet"})(RetinaNetHead)
 dense_head(predictors={"cls_score": "cls_subnet", "bbox_pred": "bbox_subnet", "ctrness": "bbox_subnet"})(FCOSHead)
+
+
+def detections_from_head_outputs(model: nn.Module, images, predictions: List[List], batched_inputs) -> List[dict]:
+    """
+    A dense detector's inference after its head — anchor decoding, NMS, resizing to each input's
+    size — on head outputs computed elsewhere (the integer engine, ONNX Runtime): ``predictions``
+    holds one list over levels per predictor, for the preprocessed ``images`` (an ``ImageList``).
+    The anchors need only the feature maps' sizes, which the outputs have; the outputs are copied
+    (detectron2's inference applies the sigmoid in place). Returns what the detector's forward
+    returns in inference.
+    """
+    predictions = [[p.detach().float().clone() for p in per_level] for per_level in predictions]
+    features = [p.new_empty((p.shape[0], 0) + tuple(p.shape[2:])) for p in predictions[0]]
+    results = model.forward_inference(images, features, predictions)
+    return [
+        {"instances": detector_postprocess(r, inp.get("height", size[0]), inp.get("width", size[1]))}
+        for r, inp, size in zip(results, batched_inputs, images.image_sizes)
+    ]

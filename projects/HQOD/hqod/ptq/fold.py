@@ -4,6 +4,8 @@ from torch import nn
 
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
+from hqod.utils import bn_affine
+
 __all__ = ["fold_batch_norms", "FOLDABLE_NORMS"]
 
 FOLDABLE_NORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
@@ -32,10 +34,10 @@ def fold_batch_norms(model: nn.Module) -> int:
                 "folded form (only BatchNorm folds into a conv). Set ptq.fold_bn=False to keep "
                 "the norms, or build the model with BN."
             )
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        scale, shift = bn_affine(norm)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
         conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
-        new_bias = (bias - norm.running_mean) * scale + norm.bias
+        new_bias = bias * scale + shift
         if conv.bias is None:
             conv.bias = nn.Parameter(new_bias.detach().clone())
         else:

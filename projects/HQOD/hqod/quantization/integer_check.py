@@ -30,8 +30,9 @@ from typing import Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances, pairwise_iou
+
+from hqod.modeling.dense_head import detections_from_head_outputs
 
 from .integer import IntegerHead, integer_summary
 from .integer.ops import scale_output
@@ -200,15 +201,6 @@ def _features_and_head(model, x):
     return [features[f] for f in model.head_in_features]
 
 
-def _postprocess(model, images, features, predictions, batched_inputs):
-    preds = [[p.detach().float().clone() for p in per_level] for per_level in predictions]
-    results = model.forward_inference(images, features, preds)
-    out = []
-    for r, inp, size in zip(results, batched_inputs, images.image_sizes):
-        out.append({"instances": detector_postprocess(r, inp.get("height", size[0]), inp.get("width", size[1]))})
-    return out
-
-
 def _coco_ap(evaluator, img_ids) -> Optional[float]:
     return None if evaluator is None else evaluator.box_ap(img_ids)
 
@@ -262,14 +254,14 @@ def compare_integer_model(
         images = fq_model.preprocess_image(batch)
         feats = _features_and_head(fq_model, images.tensor)
         fq_preds = fq_model.head(feats)
-        fq_out = _postprocess(fq_model, images, feats, fq_preds, batch)
+        fq_out = detections_from_head_outputs(fq_model, images, fq_preds, batch)
         t1 = time.perf_counter()
         # integer model (same normalized image)
         int_images = int_model.preprocess_image(batch)
         int_feats = _features_and_head(int_model, int_images.tensor)
         int_q = head.forward_integer(int_feats)
         int_preds = [[scale_output(q, s) for q in per_level] for per_level, s in zip(int_q, head.output_scales)]
-        int_out = _postprocess(int_model, int_images, int_feats, int_preds, batch)
+        int_out = detections_from_head_outputs(int_model, int_images, int_preds, batch)
         t2 = time.perf_counter()
         t_fq += t1 - t0
         t_int += t2 - t1
@@ -277,7 +269,7 @@ def compare_integer_model(
         if ref_model is not None:
             ref_feats = _features_and_head(ref_model, images.tensor.double())
             ref_preds = ref_model.head(ref_feats)
-            refs.append(("ref", a64, ref_preds, _postprocess(ref_model, images, ref_feats, ref_preds, batch)))
+            refs.append(("ref", a64, ref_preds, detections_from_head_outputs(ref_model, images, ref_preds, batch)))
         for key, agreement, preds, outs in refs:
             for name, per_level_ref, per_level_int in zip(names, preds, int_q):
                 for r, q in zip(per_level_ref, per_level_int):

@@ -20,6 +20,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 
 from hqod.modeling.dense_head import DenseHeadSpec, check_dense_head, dense_head_spec, head_norms
+from hqod.modeling.cspdarknet import CSPDarknet
 from hqod.modeling.mobilenet import MobileNetV2, SSDLiteNeck
 
 from ..utils import replace_child
@@ -145,7 +146,7 @@ def _match(name: str, patterns: Iterable[str]) -> bool:
 
 
 def find_first_last_layers(model: nn.Module, qcfg: QuantConfig) -> Tuple[List[str], List[str]]:
-    """The input layers (the stem convs of detectron2's ResNet and of MobileNetV2, or
+    """The input layers (the stem convs of detectron2's ResNet, MobileNetV2 and CSPDarknet, or
     ``quant.input_layers``) and output layers
     (declared dense heads' predictors, or ``quant.output_layers``) of ``model``."""
     weighted = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
@@ -153,7 +154,7 @@ def find_first_last_layers(model: nn.Module, qcfg: QuantConfig) -> Tuple[List[st
         first = [n for n in weighted if _match(n, qcfg.input_layers)]
     else:
         stems = [n for n, m in model.named_modules() if isinstance(m, BasicStem)]
-        stems += [f"{n}.stem" if n else "stem" for n, m in model.named_modules() if isinstance(m, MobileNetV2)]
+        stems += [f"{n}.stem" if n else "stem" for n, m in model.named_modules() if isinstance(m, (MobileNetV2, CSPDarknet))]
         first = [n for n in weighted if any(n == s or n.startswith(s + ".") for s in stems)]
     if qcfg.output_layers is not None:
         last = [n for n in weighted if _match(n, qcfg.output_layers)]
