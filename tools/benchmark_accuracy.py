@@ -3,11 +3,11 @@
 The accuracy and harmony benchmark on the embedded dataset, over seeds (HQOD Tables I/IV,
 Figs. 2, 4, 5): RetinaNet-R18 FP32; LSQ, LSQ+HQOD, AQD, AQD+HQOD at W4, W3 and W2; TCorr-only and
 HIoU-only (LSQ W2, Table IV); LSQ W2 + HarDet* (Table III); ATSS-R18 FP32, TQT W2 and TQT W2+HQOD;
-SSD-lite MobileNetV2 FP32, LSQ W4 and LSQ W4+HQOD (Table II's lightweight detector). Each run is
+SSD-lite MobileNetV2 and YOLOX-tiny FP32, LSQ W4 and LSQ W4+HQOD (Table II's lightweight detectors). Each run is
 ``tools/train_net.py`` in its own process, with the benchmark's schedule (``SCHEDULE``). The FP32
 detectors are trained once (seed 0); every QAT run fine-tunes its FP32 detector with its own seed
 (``train.seed``): by default 0-2 for the W2 pairs, 0-1 for the W4 pairs and 0 for the others
-(``RUNS``). The default plan is about 38 runs of 25-60 min each on 2 CPU cores (float32, no AVX-512).
+(``RUNS``). The default plan is about 43 runs of 25-60 min each on 2 CPU cores (float32, no AVX-512).
 
     python tools/benchmark_accuracy.py                                  # the whole benchmark
     python tools/benchmark_accuracy.py --runs lsq_w2_hqod --seeds 3     # one run (and its FP32 run)
@@ -86,6 +86,9 @@ RUNS = {
     "ssdlite_fp32": Run("ssdlite_mv2_fp32", [], None, (0,)),
     "ssdlite_lsq_w4": Run("ssdlite_mv2_lsq_w4", [], "ssdlite_fp32", (0, 1)),
     "ssdlite_lsq_w4_hqod": Run("ssdlite_mv2_lsq_w4_hqod", [], "ssdlite_fp32", (0, 1)),
+    "yolox_fp32": Run("yolox_tiny_fp32", [], None, (0,)),
+    "yolox_lsq_w4": Run("yolox_tiny_lsq_w4", [], "yolox_fp32", (0, 1)),
+    "yolox_lsq_w4_hqod": Run("yolox_tiny_lsq_w4_hqod", [], "yolox_fp32", (0, 1)),
 }
 FP32_SEED = 0
 # The benchmark's schedule, added to every FP32 / QAT run (BENCHMARKS.md documents it).
@@ -102,6 +105,7 @@ PAIRS = [
     ("lsq_w2", "lsq_w2_hardet"),
     ("atss_tqt_w2", "atss_tqt_w2_hqod"),
     ("ssdlite_lsq_w4", "ssdlite_lsq_w4_hqod"),
+    ("yolox_lsq_w4", "yolox_lsq_w4_hqod"),
 ]
 MIN_PAIRED_SEEDS = 3  # for the W2 gain target
 # (header, results.json task, key, format); SEED_COLUMNS show per-seed values and mean ± std,
