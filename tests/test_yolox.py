@@ -209,3 +209,35 @@ def test_yolox_configs_train_quantize_and_evaluate(tiny_digits, tmp_path):
     metrics = (tmp_path / "qat" / "metrics.json").read_text()
     assert '"loss_tcorr"' in metrics and '"loss_obj"' in metrics
     assert set(results["bbox"]) >= {"AP", "AP50", "AP75"} and 0.0 <= results["bbox"]["AP"] <= 100.0
+
+
+# ----------------------------------------------------------------------------- deployment
+def test_yolox_exports_to_onnx_runtime(tmp_path):
+    from hqod.deploy import DetectorNetwork, OnnxDetector, export_onnx, prepare_for_export
+    from hqod.deploy.runtime import executed_kernels
+    from hqod.quantization import calibrate, quantize_model
+
+    from test_deploy import _ort_outputs
+
+    torch.manual_seed(0)
+    model = instantiate(small_cfg().model).train()
+    with torch.no_grad(), EventStorage():
+        for batch in synthetic_batches(2, seed=1, size=128):
+            model(batch)  # BN statistics
+    quantize_model(model, dict(method="lsq", weight_bits=4, act_bits=4))
+    calibrate(model, synthetic_batches(1, seed=2, size=128), num_images=2)
+    model.eval()
+    path, optimized = str(tmp_path / "yolox.onnx"), str(tmp_path / "opt.onnx")
+    info = export_onnx(model, path, image_size=(128, 128))
+    assert info["quantized_convs"] == 83
+    assert info["outputs"] == [f"{p}.{level}" for p in ("cls_score", "bbox_pred", "objectness") for level in range(3)]
+    OnnxDetector(model, path, optimized_model=optimized)
+    # every conv is followed by SiLU (x * sigmoid(x), fused as QuickGelu) before the next Q, so
+    # ONNX Runtime fuses none into QLinearConv: the file is exact but runs float convs
+    kernels = executed_kernels(optimized)
+    assert kernels["Conv"] == 83 and "QLinearConv" not in kernels
+    images = model.preprocess_image(next(synthetic_batches(1, seed=3, size=128))).tensor
+    with torch.no_grad():
+        ref = DetectorNetwork(prepare_for_export(model))(images)
+    for r, o in zip(ref, _ort_outputs(path, images, optimize=False)):
+        assert (r - o).abs().max() <= 1e-5 * r.abs().max()
