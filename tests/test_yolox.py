@@ -138,6 +138,16 @@ def test_hqod_yolox_on_simota_positives():
     assert torch.isfinite(inputs[1][0].grad).all() and inputs[3][0].grad.abs().sum() > 0
 
 
+def test_diverged_predictions_are_one_clear_error():
+    model = small_model()
+    anchors, logits, _, deltas, _, objectness, _ = _hand_loss_inputs()
+    logits = [logits[0].detach().clone()]
+    logits[0][0, 1, 0] = float("nan")
+    gt = [next(synthetic_batches(1))[0]["instances"]]
+    with pytest.raises(FloatingPointError, match="training has diverged"):
+        model.label_anchors(anchors, logits, deltas, objectness, gt)
+
+
 def test_yolox_loss_falls_with_sgd():
     model = small_model(hqod=True)
     batch = next(synthetic_batches(1, size=128, per_batch=2))

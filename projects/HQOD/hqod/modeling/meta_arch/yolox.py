@@ -199,6 +199,8 @@ class YOLOX(DenseDetector):
         strides = anchors[:, 2] - anchors[:, 0]
         centers = (anchors[:, :2] + anchors[:, 2:]) / 2 + strides[:, None] / 2
         logits, deltas, obj = (cat(x, dim=1).float() for x in (pred_logits, pred_deltas, pred_obj))
+        if not (torch.isfinite(logits).all() and torch.isfinite(obj).all()):
+            raise FloatingPointError("YOLOX: the predictions are infinite or NaN: training has diverged (lower the learning rate).")
         gt_labels, gt_boxes, gt_ious = [], [], []
         for i, inst in enumerate(gt_instances):
             scores = logits[i].sigmoid() * obj[i].sigmoid()
