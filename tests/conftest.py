@@ -15,6 +15,16 @@ TINY_SPEC = DigitsSpec(num_train=48, num_val=16, min_size=128, max_size=160, see
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (several times faster on a busy 2-core
+    box); the thread count is restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_digits(tmp_path_factory):
     """A tiny embedded dataset (48 train / 16 val scenes of 128-160 px), registered as

@@ -26,9 +26,8 @@ def _tool():
     return load_tool("convert_torchvision_backbone")
 
 
-def _torchvision_resnet(depth, seed=0):
-    torch.manual_seed(seed)
-    net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+def _random_bn(net):
+    """``net`` in eval mode with random BN parameters and statistics (no BN is an identity)."""
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -38,6 +37,11 @@ def _torchvision_resnet(depth, seed=0):
                 m.running_var.uniform_(0.5, 1.5)
                 m.num_batches_tracked.fill_(1000)
     return net.eval()
+
+
+def _torchvision_resnet(depth, seed=0):
+    torch.manual_seed(seed)
+    return _random_bn(getattr(torchvision.models, f"resnet{depth}")(weights=None))
 
 
 def _coco_model(depth):
@@ -128,15 +132,7 @@ def test_a_missing_imagenet_backbone_names_the_conversion_command(preset, tmp_pa
 
 def test_converted_mobilenet_v2_loads_into_ssdlite_and_computes_as_torchvision(tmp_path, caplog):
     torch.manual_seed(0)
-    net = torchvision.models.mobilenet_v2(weights=None)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    net.eval()
+    net = _random_bn(torchvision.models.mobilenet_v2(weights=None))
     source, output = str(tmp_path / "mobilenet_v2-random.pth"), str(tmp_path / "imagenet_mv2.pth")
     torch.save(net.state_dict(), source)
     assert _tool().main(["--backbone", "mv2", "--input", source, "--output", output]) == 0

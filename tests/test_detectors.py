@@ -16,6 +16,8 @@ from hqod.modeling.meta_arch import ATSS, HQODATSS, HQODFCOS, HQODRetinaNet, ats
 from hqod.modeling.meta_arch.fcos import _FCOS_HANDLES_EMPTY_IMAGES
 from hqod.modeling.meta_arch.hqod_mixin import stack_boxes
 
+from helpers import sgd_totals
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "configs" / "common" / "models"
 NUM_CLASSES = 3
@@ -27,13 +29,7 @@ DETECTORS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny models run several times faster on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(arch: str, hqod: bool, seed: int = 0, **kwargs):
@@ -281,21 +277,9 @@ def test_atss_label_anchors_hand_example():
 
 # ---------------------------------------------------------------- training and configs
 def test_hqod_retinanet_loss_falls_with_sgd():
-    model = small_model("retinanet", hqod=True)
-    batch = make_batch((2, 1), size=96)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    totals = []
-    model.train()
-    with EventStorage():
-        for _ in range(10):
-            losses = model(batch)
-            total = sum(losses.values())
-            # All four RetinaNet/HQOD losses share the EMA normalizer, which drifts from its
-            # initial 100 towards the number of positives: compare the un-normalized sums.
-            totals.append(total.item() * model.loss_normalizer)
-            optimizer.zero_grad()
-            total.backward()
-            optimizer.step()
+    # All four RetinaNet/HQOD losses share the EMA normalizer, which drifts from its initial 100
+    # towards the number of positives: compare the un-normalized sums.
+    totals, losses = sgd_totals(small_model("retinanet", hqod=True), make_batch((2, 1), size=96), steps=10, lr=0.01, normalized=False)
     assert all(math.isfinite(t) for t in totals)
     assert totals[-1] < 0.75 * totals[0], totals
     assert {"loss_tcorr", "loss_hiou"} <= losses.keys()

@@ -13,21 +13,16 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
-from hqod.engine import build_model, do_train
+from hqod.engine import build_model
 from hqod.modeling import HQODYOLOX, YOLOX, CSPDarknet, simota_assign
 from hqod.quantization import QConv2d
 
-from helpers import ROOT, synthetic_batches
+from helpers import ROOT, calibrate_random_model, fp32_then_qat, sgd_totals, synthetic_batches
 
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(config="configs/yolox_tiny_fp32.py", num_classes=NUM_CLASSES):
@@ -149,19 +144,9 @@ def test_diverged_predictions_are_one_clear_error():
 
 
 def test_yolox_loss_falls_with_sgd():
-    model = small_model(hqod=True)
     batch = next(synthetic_batches(1, size=128, per_batch=2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    totals = []
-    model.train()
-    with EventStorage():
-        for _ in range(20):
-            losses = model(batch)
-            total = sum(losses.values())
-            totals.append(total.item())  # per positive: SimOTA gives more as the boxes improve
-            optimizer.zero_grad()
-            total.backward()
-            optimizer.step()
+    # per positive: SimOTA gives more positives as the boxes improve
+    totals, _ = sgd_totals(small_model(hqod=True), batch, steps=20, lr=0.01)
     assert all(math.isfinite(t) for t in totals)
     assert sum(totals[-3:]) / 3 < 0.8 * totals[0], totals  # 14.9 -> 10.6 here
 
@@ -187,37 +172,12 @@ def test_quantized_yolox_8bit_stem_and_nine_predictors():
 
 
 # ---------------------------------------------------------------------- the configs, end to end
-def _tiny(config, output_dir, **train):
-    cfg = small_cfg(config, num_classes=10)
-    cfg = LazyConfig.apply_overrides(cfg, [
-        'train.init_checkpoint=""',
-        "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
-        "dataloader.test.mapper.augmentations.0.short_edge_length=128",
-        "dataloader.train.total_batch_size=2",
-        "dataloader.train.num_workers=0",
-        "dataloader.test.num_workers=0",
-    ])
-    cfg.dataloader.train.dataset.names = "digits_tiny_train"
-    cfg.dataloader.test.dataset.names = "digits_tiny_val"
-    cfg.train.update({"eval_period": 0, **train, "output_dir": str(output_dir)})
-    cfg.train.checkpointer.period = 1000
-    cfg.train.amp.enabled = False
-    return cfg
-
-
 def test_yolox_configs_train_quantize_and_evaluate(tiny_digits, tmp_path):
-    torch.manual_seed(0)
-    fp32_cfg = _tiny("configs/yolox_tiny_fp32.py", tmp_path / "fp32", max_iter=4)
-    do_train(fp32_cfg, build_model(fp32_cfg))
-    checkpoint = tmp_path / "fp32" / "model_final.pth"
-    qat_cfg = _tiny("configs/yolox_tiny_lsq_w4_hqod.py", tmp_path / "qat", max_iter=3,
-                    init_checkpoint=str(checkpoint), eval_period=3)
-    qat_cfg.quant.calib_images = 4
-    qat_cfg.model.test_score_thresh = 0.0
-    model = build_model(qat_cfg)
-    results = do_train(qat_cfg, model)
-    metrics = (tmp_path / "qat" / "metrics.json").read_text()
-    assert '"loss_tcorr"' in metrics and '"loss_obj"' in metrics
+    model, results, metrics = fp32_then_qat(
+        small_cfg("configs/yolox_tiny_fp32.py", num_classes=10), small_cfg("configs/yolox_tiny_lsq_w4_hqod.py", num_classes=10), tmp_path
+    )
+    assert type(model) is HQODYOLOX and model.harmony == "hqod"
+    assert '"loss_tcorr"' in metrics and "loss_obj" in metrics
     assert set(results["bbox"]) >= {"AP", "AP50", "AP75"} and 0.0 <= results["bbox"]["AP"] <= 100.0
 
 
@@ -225,18 +185,11 @@ def test_yolox_configs_train_quantize_and_evaluate(tiny_digits, tmp_path):
 def test_yolox_exports_to_onnx_runtime(tmp_path):
     from hqod.deploy import DetectorNetwork, OnnxDetector, export_onnx, prepare_for_export
     from hqod.deploy.runtime import executed_kernels
-    from hqod.quantization import calibrate, quantize_model
 
     from test_deploy import _ort_outputs
 
     torch.manual_seed(0)
-    model = instantiate(small_cfg().model).train()
-    with torch.no_grad(), EventStorage():
-        for batch in synthetic_batches(2, seed=1, size=128):
-            model(batch)  # BN statistics
-    quantize_model(model, dict(method="lsq", weight_bits=4, act_bits=4))
-    calibrate(model, synthetic_batches(1, seed=2, size=128), num_images=2)
-    model.eval()
+    model = calibrate_random_model(instantiate(small_cfg().model), dict(method="lsq", weight_bits=4, act_bits=4), size=128)
     path, optimized = str(tmp_path / "yolox.onnx"), str(tmp_path / "opt.onnx")
     info = export_onnx(model, path, image_size=(128, 128))
     assert info["quantized_convs"] == 83
