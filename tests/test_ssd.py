@@ -170,6 +170,9 @@ def test_per_level_head_declaration_is_checked():
         check_dense_head(head, spec)
     with pytest.raises(ValueError, match="nn.Sequential"):
         check_dense_head(head, DenseHeadSpec({"cls_score": "cls_towers"}))  # declared as shared
+    head.cls_score = torch.nn.Conv2d(8, 18, 1)
+    with pytest.raises(ValueError, match="per-level predictor 'cls_score', which is not an nn.ModuleList"):
+        check_dense_head(head, spec)
 
 
 def test_mobilenet_v2_shapes():

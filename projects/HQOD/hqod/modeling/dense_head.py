@@ -123,7 +123,11 @@ def check_dense_head(head: nn.Module, spec: DenseHeadSpec) -> None:
     for pred in spec.predictors:
         if pred not in children:
             raise ValueError(f"{name} declares the predictor {pred!r}, which is not a child of the head (children: {sorted(children)}).")
-        if not spec.shared and len(children[pred]) != len(children[spec.predictors[pred]]):
+        if spec.shared:
+            continue
+        if not isinstance(children[pred], nn.ModuleList):
+            raise ValueError(f"{name} declares the per-level predictor {pred!r}, which is not an nn.ModuleList (one conv per level).")
+        if len(children[pred]) != len(children[spec.predictors[pred]]):
             raise ValueError(
                 f"{name}: the per-level predictor {pred!r} has {len(children[pred])} levels and its "
                 f"tower {spec.predictors[pred]!r} {len(children[spec.predictors[pred]])}."
