@@ -11,7 +11,6 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-
 from hqod.modeling.dense_head import detections_from_head_outputs
 from hqod.quantization.integer_check import fake_quant_reference, match_detections
 
@@ -230,7 +229,7 @@ def compare_onnx_model(
                 m = float(diff.max())
                 report.per_output_max[name] = max(report.per_output_max[name], m)
                 report.max_step_diff = max(report.max_step_diff, m if step is not None else 0.0)
-        torch_out = detections_from_head_outputs(model, images, [list(p) for p in torch_preds], batch)
+        torch_out = detections_from_head_outputs(model, images, torch_preds, batch)
         onnx_out = detections_from_head_outputs(model, images, onnx_preds, batch)
         for a, b in zip(torch_out, onnx_out):
             report.detections_torch += len(a["instances"])
