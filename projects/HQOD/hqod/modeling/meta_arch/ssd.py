@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from fvcore.nn import smooth_l1_loss
 from torch import Tensor, nn
 
-from detectron2.layers import Conv2d, ShapeSpec, batched_nms, cat
+from detectron2.layers import Conv2d, ShapeSpec, cat
 from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY, BufferList, DefaultAnchorGenerator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
@@ -231,14 +232,8 @@ class SSD(DenseDetector):
             results.append(self.inference_single_image(anchors, scores, deltas, image_size))
         return results
 
-    def inference_single_image(self, anchors: List[Boxes], box_scores: List[Tensor], box_deltas: List[Tensor], image_size):
-        """Per level (H x W x A, K) class probabilities and (H x W x A, 4) deltas -> the
-        image's detections after per-class NMS."""
-        pred = self._decode_multi_level_predictions(
-            anchors, box_scores, box_deltas, self.test_score_thresh, self.test_topk_candidates, image_size
-        )
-        keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh)
-        return pred[keep[: self.max_detections_per_image]]
+    # decoding of the kept scores, per-class NMS, the best max_detections_per_image: RetinaNet's
+    inference_single_image = RetinaNet.inference_single_image
 
 
 class HQODSSD(HQODLossMixin, SSD):

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectron2.layers import Conv2d, ShapeSpec, batched_nms, cat
+from detectron2.layers import Conv2d, ShapeSpec, cat
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
@@ -266,12 +267,11 @@ class YOLOX(DenseDetector):
             best = [s.max(dim=1, keepdim=True) for s in scores]
             one_class = [torch.zeros_like(s).scatter_(1, i, v) for s, (v, i) in zip(scores, best)]
             deltas = [x[img_idx] for x in pred_deltas]
-            pred = self._decode_multi_level_predictions(
-                anchors, one_class, deltas, self.test_score_thresh, self.test_topk_candidates, image_size
-            )
-            keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh)
-            results.append(pred[keep[: self.max_detections_per_image]])
+            results.append(self.inference_single_image(anchors, one_class, deltas, image_size))
         return results
+
+    # decoding of the kept scores, per-class NMS, the best max_detections_per_image: RetinaNet's
+    inference_single_image = RetinaNet.inference_single_image
 
 
 class HQODYOLOX(HQODLossMixin, YOLOX):
