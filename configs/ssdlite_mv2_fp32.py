@@ -1,9 +1,19 @@
 """FP32 SSD-lite, MobileNetV2 (HQOD's Table II lightweight detector); digits by default
 (dataloader.dataset=coco: the 320-px setting)."""
+from detectron2.config import LazyCall as L
+
+from hqod.modeling import level_shapes
+
 from .common.models.ssdlite import model
 from .retina_r18_fp32 import dataloader, lr_multiplier, optimizer, train
 
 model.num_classes = "${hqod_data:${dataloader.dataset},num_classes}"
+# SSD-lite's levels and priors from the preset (on COCO and VOC the authors' 320-px setting)
+model.backbone.bottom_up.out_features = "${hqod_data:${dataloader.dataset},ssd_in_features}"
+model.backbone.in_features = "${hqod_data:${dataloader.dataset},ssd_in_features}"
+model.backbone.extra_channels = "${hqod_data:${dataloader.dataset},ssd_extra_channels}"
+model.head.input_shape = L(level_shapes)(channels="${hqod_data:${dataloader.dataset},ssd_level_channels}")
+model.anchor_generator.strides = "${hqod_data:${dataloader.dataset},ssd_strides}"
 model.anchor_generator.min_sizes = "${hqod_data:${dataloader.dataset},ssd_min_sizes}"
 model.anchor_generator.max_sizes = "${hqod_data:${dataloader.dataset},ssd_max_sizes}"
 # SSD-lite's input sizes from the preset (on COCO and VOC 320 px, not the FPN detectors' 800)

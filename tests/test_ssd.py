@@ -22,19 +22,20 @@ from hqod.quantization import QConv2d
 from helpers import ROOT, calibrate_random_model, fp32_then_qat, sgd_totals, synthetic_batches
 
 NUM_CLASSES = 3
-EXTRA_CHANNELS = [32, 16, 16, 16]
+EXTRA_CHANNELS = [32, 16, 16]  # the digits preset: three extra levels
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(config="configs/ssdlite_mv2_fp32.py", num_classes=NUM_CLASSES):
-    """``config`` with MobileNetV2 at width 0.25 and narrow extra levels."""
+    """``config`` with MobileNetV2 at width 0.25 (layer3, layer5, conv_last: 8, 24 and 1280
+    channels) and narrow extra levels."""
     cfg = LazyConfig.load(f"{ROOT}/{config}")
     cfg.model.num_classes = num_classes
     cfg.model.backbone.bottom_up.width_mult = 0.25
     cfg.model.backbone.extra_channels = EXTRA_CHANNELS
-    cfg.model.head.input_shape = [ShapeSpec(channels=c) for c in [24, 1280] + EXTRA_CHANNELS]
+    cfg.model.head.input_shape = [ShapeSpec(channels=c) for c in [8, 24, 1280] + EXTRA_CHANNELS]
     return cfg
 
 
@@ -147,8 +148,8 @@ def test_quantized_ssdlite_depthwise_convs_and_8bit_first_last():
     convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     assert all(isinstance(m, QConv2d) for m in convs.values())
     depthwise = [n for n, m in convs.items() if m.groups > 1]
-    # 17 blocks, 4 extra levels, 6 levels x 2 towers
-    assert len(depthwise) == 17 + 4 + 12 and all(convs[n].groups == convs[n].in_channels for n in depthwise)
+    # 17 blocks, 3 extra levels, 6 levels x 2 towers
+    assert len(depthwise) == 17 + 3 + 12 and all(convs[n].groups == convs[n].in_channels for n in depthwise)
     eight_bit = sorted(n for n, m in convs.items() if m.weight_quant.bits == 8)
     assert eight_bit == sorted(["backbone.bottom_up.stem"] + [f"head.{p}.{i}" for p in ("bbox_pred", "cls_score") for i in range(6)])
     assert all(m.weight_quant.bits == m.input_quant.bits == 4 for n, m in convs.items() if n not in eight_bit)
@@ -156,7 +157,7 @@ def test_quantized_ssdlite_depthwise_convs_and_8bit_first_last():
     # after a ReLU6: the predictors, the blocks' depthwise and projection convs, the first
     # block (reads the stem), the extra levels; the blocks' expansions read linear projections
     assert {"head.cls_score.0", "head.bbox_pred.5", "backbone.bottom_up.layer1.0.conv.0", "backbone.extras.0.0",
-            "backbone.extras.3.0", "backbone.bottom_up.layer2.0.conv.1", "backbone.bottom_up.layer2.0.conv.2"} <= unsigned
+            "backbone.extras.2.0", "backbone.bottom_up.layer2.0.conv.1", "backbone.bottom_up.layer2.0.conv.2"} <= unsigned
     assert not {"backbone.bottom_up.stem", "backbone.bottom_up.layer2.0.conv.0", "backbone.bottom_up.conv_last"} & unsigned
 
 
@@ -173,6 +174,25 @@ def test_per_level_head_declaration_is_checked():
     head.cls_score = torch.nn.Conv2d(8, 18, 1)
     with pytest.raises(ValueError, match="per-level predictor 'cls_score', which is not an nn.ModuleList"):
         check_dense_head(head, spec)
+
+
+@pytest.mark.parametrize("dataset", ["digits", "coco"])
+def test_preset_levels_match_the_backbone(dataset):
+    # the preset's levels (digits: from stride 8; COCO: the authors' from stride 16), their
+    # widths and their priors' strides agree with what the network computes
+    cfg = LazyConfig.load(f"{ROOT}/configs/ssdlite_mv2_fp32.py")
+    cfg.dataloader.dataset = dataset
+    model = instantiate(cfg.model).eval()
+    strides = {"digits": [8, 16, 32, 64, 128, 256], "coco": [16, 32, 64, 128, 256, 512]}[dataset]
+    assert list(model.anchor_generator.strides) == strides
+    with torch.no_grad():
+        features = model.backbone(torch.zeros(1, 3, 320, 320))
+    levels = [features[f] for f in model.head_in_features]
+    assert [f.shape[-1] for f in levels] == [math.ceil(320 / s) for s in strides]
+    assert [f.shape[1] for f in levels] == [s.channels for s in instantiate(cfg.model.head.input_shape)]
+    cfg.model.anchor_generator.strides = strides[::-1]
+    with pytest.raises(ValueError, match="prior strides .* are not those of the levels"):
+        instantiate(cfg.model)
 
 
 def test_mobilenet_v2_shapes():
@@ -205,13 +225,13 @@ def test_ssdlite_exports_to_onnx_runtime(tmp_path):
     model = calibrate_random_model(instantiate(small_cfg().model), dict(method="lsq", weight_bits=4, act_bits=4), size=128)
     path, optimized = str(tmp_path / "ssd.onnx"), str(tmp_path / "opt.onnx")
     info = export_onnx(model, path, image_size=(128, 128))
-    assert info["quantized_convs"] == 88
+    assert info["quantized_convs"] == 85
     assert info["outputs"] == [f"{p}.{level}" for p in ("cls_score", "bbox_pred") for level in range(6)]
     OnnxDetector(model, path, optimized_model=optimized)
-    # ONNX Runtime fuses a Q/DQ conv into QLinearConv only when its output goes to a Q: the 32
-    # depthwise convs (ReLU6 then the next conv's Q) and 9 of the 1x1 convs; the projections
+    # ONNX Runtime fuses a Q/DQ conv into QLinearConv only when its output goes to a Q: 31 of the
+    # 32 depthwise convs (ReLU6 then the next conv's Q) and 8 of the 1x1 convs; the projections
     # feed float residual adds and the ReLU6 of the expansions clips inside the next Q's range
-    assert executed_kernels(optimized)["QLinearConv"] == 41
+    assert executed_kernels(optimized)["QLinearConv"] == 39
     images = model.preprocess_image(next(synthetic_batches(1, seed=3, size=128))).tensor
     with torch.no_grad():
         ref = DetectorNetwork(prepare_for_export(model))(images)

@@ -2,8 +2,9 @@
 MobileNetV2's ``layer5`` (96 channels, stride 16) and ``conv_last`` (1280, stride 32) plus four
 extra levels (512, 256, 256, 128), a depthwise-separable head per level, 6 priors per location
 (aspect ratios 2 and 3), SSD's matching at IoU 0.5, hard negative mining 3:1 and the box coder's
-variances 0.1 / 0.2; the prior sizes of the 320-px input (the detector configs take them from the
-dataset preset: ``ssd_min_sizes``, ``ssd_max_sizes``)."""
+variances 0.1 / 0.2; the prior sizes of the 320-px input (the detector configs take the levels
+and priors from the dataset preset: ``ssd_in_features``, ``ssd_extra_channels``,
+``ssd_level_channels``, ``ssd_strides``, ``ssd_min_sizes``, ``ssd_max_sizes``)."""
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -26,7 +27,7 @@ model = L(SSD)(
         num_anchors=6,
         norm="BN",
     ),
-    head_in_features=["layer5", "conv_last", "extra1", "extra2", "extra3", "extra4"],
+    head_in_features=None,  # every level of the neck, in order of stride
     anchor_generator=L(SSDAnchorGenerator)(
         min_sizes=[48, 100, 150, 202, 253, 304],
         max_sizes=[100, 150, 202, 253, 304, 320],

@@ -7,8 +7,8 @@ Data configs set ``dataloader.dataset = "digits"`` and read the rest through the
 
 Besides names, class count and image sizes, a preset sets the batch size and the FPN/head width
 (``fpn_channels``): the papers' 256 for COCO and VOC, and 64 for the embedded dataset, whose 10
-classes and small images train 3x faster that way on a 2-core CPU; and SSD-lite's input and
-prior sizes (``ssd_*``) and YOLOX-tiny's input sizes (``yolox_*``), which are not the other
+classes and small images train 3x faster that way on a 2-core CPU; and SSD-lite's input sizes,
+levels and prior sizes (``ssd_*``) and YOLOX-tiny's input sizes (``yolox_*``), which are not the other
 detectors'. It also sets the schedule:
 ``batch_size`` is the reference batch of the preset's schedules and ``train_images`` turns the
 papers' epochs into iterations; the schedules themselves (FP32 and each QAT recipe) are in
@@ -33,11 +33,17 @@ IMAGENET_BACKBONE = "output/pretrained/imagenet_{name}.pth"
 YOLOX_TINY = dict(yolox_train_sizes=list(range(320, 641, 32)), yolox_test_size=416, yolox_max_size=640)
 
 # SSD-lite's 320-px setting (the HQOD authors' COCO config): shortest edge 320 (the longest at
-# most 533, detectron2's 800:1333 ratio; they resize to 320 x 320) and its prior sizes.
+# most 533, detectron2's 800:1333 ratio; they resize to 320 x 320); its six levels: MobileNetV2's
+# layer5 (96 channels, stride 16) and conv_last (1280, stride 32), then four extra levels; and its
+# prior sizes (the smallest 3x its level's stride).
 SSDLITE_320 = dict(
     ssd_train_sizes=[320],
     ssd_test_size=320,
     ssd_max_size=533,
+    ssd_in_features=["layer5", "conv_last"],
+    ssd_extra_channels=[512, 256, 256, 128],
+    ssd_level_channels=[96, 1280, 512, 256, 256, 128],
+    ssd_strides=[16, 32, 64, 128, 256, 512],
     ssd_min_sizes=[48, 100, 150, 202, 253, 304],
     ssd_max_sizes=[100, 150, 202, 253, 304, 320],
 )
@@ -57,13 +63,20 @@ PRESETS = {
         train_images=2000,  # tools/generate_digits.py's default (the digits schedules are in iterations)
         fpn_channels=64,
         backbone_checkpoint="output/pretrained/digits_{name}.pth",
-        # SSD-lite (configs/common/models/ssdlite.py): its input sizes and prior sizes (pixels).
-        # The digits (12-166 px in the 256-384 px scenes) at the preset's own sizes.
+        # SSD-lite (configs/common/models/ssdlite.py) at the preset's own sizes. The digits are
+        # 12-166 px, half of them under 40: COCO's stride-16 first level leaves half of them
+        # without a prior of IoU >= 0.5 (BENCHMARKS.md, "Lightweight detectors"), so here the
+        # first level is MobileNetV2's layer3 (32 channels, stride 8) and three extra levels
+        # follow conv_last; priors about 2.5x their level's stride.
         ssd_train_sizes=[224, 256, 288],
         ssd_test_size=384,
         ssd_max_size=512,
-        ssd_min_sizes=[16, 40, 80, 128, 176, 224],
-        ssd_max_sizes=[40, 80, 128, 176, 224, 288],
+        ssd_in_features=["layer3", "layer5", "conv_last"],
+        ssd_extra_channels=[512, 256, 256],
+        ssd_level_channels=[32, 96, 1280, 512, 256, 256],
+        ssd_strides=[8, 16, 32, 64, 128, 256],
+        ssd_min_sizes=[20, 40, 72, 120, 168, 224],
+        ssd_max_sizes=[40, 72, 120, 168, 224, 288],
         # YOLOX-tiny (configs/common/models/yolox.py): the preset's own sizes
         yolox_train_sizes=[224, 256, 288],
         yolox_test_size=384,

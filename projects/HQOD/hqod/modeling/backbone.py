@@ -20,10 +20,13 @@ def resnet_stages(depth: int, norm="BN", stride_in_1x1: bool = False):
     return ResNet.make_default_stages(depth, norm=norm, **kwargs)
 
 
-def level_shapes(channels: int, num_levels: int = 5):
-    """``[ShapeSpec(channels=channels)] * num_levels``: the head's input shapes, for LazyConfig,
-    so that the FPN width is set in one place (``model.backbone.out_channels``)."""
-    return [ShapeSpec(channels=channels)] * num_levels
+def level_shapes(channels, num_levels: int = 5):
+    """The head's input shapes, for LazyConfig, so that the widths are set in one place:
+    ``[ShapeSpec(channels=channels)] * num_levels`` for one width (``model.backbone.out_channels``
+    of an FPN), one ShapeSpec per entry for a list of per-level widths (SSD-lite's levels)."""
+    if isinstance(channels, int):
+        return [ShapeSpec(channels=channels)] * num_levels
+    return [ShapeSpec(channels=c) for c in channels]
 
 
 _DEPTHS = {  # (blocks per stage res2..res5, bottleneck) -> depth, as ResNet.make_default_stages

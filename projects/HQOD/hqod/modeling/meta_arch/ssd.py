@@ -152,6 +152,14 @@ class SSD(DenseDetector):
             test_*: score threshold, candidates per level, NMS IoU, detections per image.
         """
         super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        shapes = backbone.output_shape()
+        level_strides = [shapes[f].stride for f in self.head_in_features]
+        if list(anchor_generator.strides) != level_strides:
+            raise ValueError(
+                f"SSD: the prior strides {list(anchor_generator.strides)} are not those of the levels "
+                f"{self.head_in_features} ({level_strides}); set anchor_generator.strides (and one prior "
+                "size per level) to match the backbone."
+            )
         self.num_classes = num_classes
         self.anchor_generator = anchor_generator
         self.box2box_transform = box2box_transform
