@@ -29,12 +29,13 @@ MATRIX = [
         RESNET_DETS, ["r18", "r50"], ["lsq", "tqt", "aqdstar", "aqd"], [2, 3, 4], ["", "_hqod"]
     )
 ] + [f"configs/{det}_{bb}_fp32.py" for det in RESNET_DETS for bb in ["r18", "r50"]]
-# HQOD's Table II lightweight detectors: FP32, LSQ W4 and W2, with and without HQOD
+# HQOD's Table II lightweight detectors: FP32, LSQ W4 and W2, TQT W4, with and without HQOD;
+# AQD W4 for SSD-lite (YOLOX's SiLU rules AQD's scope out)
 MATRIX += [
     f"configs/{det}_{run}.py"
     for det in ["ssdlite_mv2", "yolox_tiny"]
-    for run in ["fp32", "lsq_w4", "lsq_w4_hqod", "lsq_w2", "lsq_w2_hqod"]
-]
+    for run in ["fp32", "lsq_w4", "lsq_w4_hqod", "lsq_w2", "lsq_w2_hqod", "tqt_w4", "tqt_w4_hqod"]
+] + ["configs/ssdlite_mv2_aqd_w4.py", "configs/ssdlite_mv2_aqd_w4_hqod.py"]
 
 
 def test_the_matrix_is_complete():

@@ -17,7 +17,10 @@ from detectron2.utils.events import EventStorage
 from hqod.engine import build_model
 from hqod.modeling import HQODSSD, SSD, MobileNetV2, SSDAnchorGenerator, SSDLiteHead, hard_negative_mask
 from hqod.modeling.dense_head import DenseHeadSpec, check_dense_head
-from hqod.quantization import QConv2d
+from hqod.quantization import QConv2d, QInvertedResidual, QMobileNetV2, set_integer_aware, to_integer
+from hqod.quantization.integer_layers import aligned_add
+from hqod.quantization.modules import add_alignment
+from hqod.quantization.integer import IntegerConversionError
 
 from helpers import ROOT, calibrate_random_model, fp32_then_qat, sgd_totals, synthetic_batches
 
@@ -159,6 +162,43 @@ def test_quantized_ssdlite_depthwise_convs_and_8bit_first_last():
     assert {"head.cls_score.0", "head.bbox_pred.5", "backbone.bottom_up.layer1.0.conv.0", "backbone.extras.0.0",
             "backbone.extras.2.0", "backbone.bottom_up.layer2.0.conv.1", "backbone.bottom_up.layer2.0.conv.2"} <= unsigned
     assert not {"backbone.bottom_up.stem", "backbone.bottom_up.layer2.0.conv.0", "backbone.bottom_up.conv_last"} & unsigned
+
+
+def test_ssdlite_aqd_scope_quantizes_the_inverted_residual_adds():
+    torch.manual_seed(0)
+    aqd = dict(method="lq", scope="aqd", weight_bits=4, act_bits=4)
+    model = calibrate_random_model(instantiate(small_cfg().model), aqd, size=128)
+    net = model.backbone.bottom_up
+    assert isinstance(net, QMobileNetV2)
+    # the blocks that keep their shape (stride 1, same width): at width 0.25 layer1's (8 -> 8
+    # channels) and the 10 of MobileNetV2 at any width
+    residual = {n: m for n, m in net.named_modules() if isinstance(m, QInvertedResidual)}
+    assert list(residual) == ["layer1.0", "layer2.1", "layer3.1", "layer3.2", "layer4.1", "layer4.2", "layer4.3", "layer5.1", "layer5.2", "layer6.1", "layer6.2"]
+    assert all(m.add_quant.bits == 8 and m.add_quant.signed for m in residual.values())
+    # each block's input grid: the projection BN output of the block before, or its sum
+    inputs = {id(block): q for block, q in net.block_inputs()}
+    assert inputs[id(net.layer2[1])] is net.layer2[0].conv[-1].norm.output_quant
+    assert inputs[id(net.layer3[2])] is net.layer3[1].add_quant
+    assert inputs[id(net.layer1[0])] is None  # reads the stem's ReLU6
+
+    block, seen = net.layer3[2], {}
+    block.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    with torch.no_grad():
+        model(next(synthetic_batches(1, seed=3, size=128)))
+        x, input_quant = seen["args"]
+        step = block.add_quant.integer_grid().scale
+        units = seen["out"] / step  # the sum lies on its quantizer's grid
+        assert (units - units.round()).abs().max() < 1e-3 and units.abs().max() > 1
+        # Eq. 7: the projection's integers (BN output grid) and the input's (layer3.1's sum)
+        # aligned by c / 2^d, then the sum quantized; integer-aware off: the float sum
+        projection = block.conv(x)
+        alignment = add_alignment(block.conv[-1].norm.output_quant, net.layer3[1].add_quant)
+        assert alignment is not None and alignment.d >= 8
+        assert torch.equal(seen["out"], block.add_quant(aligned_add(projection, x, alignment)))
+        set_integer_aware(model, False)  # (the convs' BN too: float)
+        assert torch.equal(block(x, input_quant), block.add_quant(block.conv(x) + x))
+    with pytest.raises(IntegerConversionError, match="built on SSDLiteNeck over QMobileNetV2"):
+        to_integer(set_integer_aware(model, True))
 
 
 def test_per_level_head_declaration_is_checked():

@@ -15,7 +15,7 @@ from detectron2.utils.events import EventStorage
 
 from hqod.engine import build_model
 from hqod.modeling import HQODYOLOX, YOLOX, CSPDarknet, simota_assign
-from hqod.quantization import QConv2d
+from hqod.quantization import QConv2d, quantize_model
 
 from helpers import ROOT, calibrate_random_model, fp32_then_qat, sgd_totals, synthetic_batches
 
@@ -169,6 +169,12 @@ def test_quantized_yolox_8bit_stem_and_nine_predictors():
     assert eight_bit == sorted(["backbone.bottom_up.stem.conv"] + predictors)
     assert all(m.weight_quant.bits == m.input_quant.bits == 4 for n, m in convs.items() if n not in eight_bit)
     assert all(convs[n].input_quant.signed for n in predictors)  # after SiLU: signed
+
+
+def test_yolox_refuses_aqd_scope():
+    # AQD's integer BN outputs and adds need ReLU-family activations; YOLOX's convs apply SiLU
+    with pytest.raises(ValueError, match="backbone.bottom_up.stem.conv applies SiLU.*scope 'aqd_star'"):
+        quantize_model(instantiate(small_cfg().model), dict(method="lq", scope="aqd", weight_bits=4, act_bits=4))
 
 
 # ---------------------------------------------------------------------- the configs, end to end

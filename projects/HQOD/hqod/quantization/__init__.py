@@ -48,7 +48,9 @@ from .modules import (
     QBottleneckBlock,
     QConv2d,
     QFPN,
+    QInvertedResidual,
     QLinear,
+    QMobileNetV2,
     QuantizedModule,
     cached_quantized_weights,
     QResNet,
@@ -115,6 +117,8 @@ __all__ = [
     "LevelSequential",
     "MultiLevelHead",
     "QResNet",
+    "QInvertedResidual",
+    "QMobileNetV2",
     "set_integer_aware",
     # AQD integer arithmetic and the integer-only engine
     "shift_approx",

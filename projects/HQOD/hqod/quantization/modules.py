@@ -17,7 +17,10 @@ Supporting a new layer type = registering one class. Where quantizers sit:
   producer is a ReLU) — the "W" and "A" of WxAy;
 * BN (scope ``aqd``): its output (signed), AQD Sec. 3.2.2;
 * residual add of ResNet blocks and FPN top-down add (scope ``aqd``): the sum (signed), before
-  the following ReLU, AQD Sec. 3.2.3.
+  the following ReLU, AQD Sec. 3.2.3; likewise MobileNetV2's residual add (no ReLU after it).
+
+Scope ``aqd`` needs ReLU-family activations (none, ReLU, ReLU6) after the BN outputs; a conv
+with another one (YOLOX's SiLU) is an error naming it.
 
 BN and add quantizers use ``quant.output_bits`` (default 8), conv inputs ``act_bits``.
 
@@ -56,6 +59,7 @@ from detectron2.layers import Conv2d, NaiveSyncBatchNorm
 from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 
+from hqod.modeling.mobilenet import InvertedResidual, MobileNetV2
 from hqod.utils import adopt_state
 
 from .integer_layers import (
@@ -81,6 +85,8 @@ __all__ = [
     "cached_quantized_weights",
     "find_quant_module_class",
     "QResNet",
+    "QInvertedResidual",
+    "QMobileNetV2",
     "add_alignment",
     "set_integer_aware",
 ]
@@ -204,6 +210,13 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
         bits = ctx.layer_bits(name)
         if bits is None:
             return None
+        activation = getattr(module, "activation", None)
+        if ctx.scope == "aqd" and not (activation is None or isinstance(activation, (nn.ReLU, nn.ReLU6))):
+            raise ValueError(
+                f"quantize_model: scope 'aqd' keeps BN outputs and adds on integer grids (AQD Eq. 4-8), "
+                f"which needs ReLU-family activations after them; {name} applies "
+                f"{type(activation).__name__}. Quantize this model with scope 'aqd_star' (LSQ, TQT)."
+            )
         weight_bits, act_bits = bits
         return cls(
             module,
@@ -351,7 +364,7 @@ def set_integer_aware(model: nn.Module, enabled: bool = True) -> nn.Module:
     ablations and benchmarks. Models of scope ``aqd`` are built with it on.
     """
     for m in model.modules():
-        if isinstance(m, (QConv2d, _QuantAddBlock, QFPN)):
+        if isinstance(m, (QConv2d, _QuantAddBlock, QInvertedResidual, QFPN)):
             m.integer_aware = bool(enabled)
     return model
 
@@ -451,6 +464,78 @@ class QResNet(ResNet, QuantizedModule):
             x = self.linear(torch.flatten(self.avgpool(x), 1))
             if "linear" in self._out_features:
                 outputs["linear"] = x
+        return outputs
+
+
+@QUANT_MODULES.register()
+class QInvertedResidual(_AQDOutputModule, InvertedResidual):
+    """
+    MobileNetV2's block with a residual (scope ``aqd``): the sum of the linear projection and
+    the block's input fake-quantized, the two aligned as AQD Eq. 7 does; no activation after it
+    (linear bottleneck). A block without residual is left as it is (its convs are converted as
+    children).
+    """
+
+    float_types = (InvertedResidual,)
+    integer_aware = True  # Eq. 7 alignment (False: the plain float sum, set_integer_aware)
+
+    def __init__(self, block: InvertedResidual, *, add_quant):
+        adopt_state(self, block)
+        self.add_quant = add_quant
+
+    @classmethod
+    def from_float(cls, module, *, name, ctx):
+        return super().from_float(module, name=name, ctx=ctx) if module.use_residual else None
+
+    @classmethod
+    def output_quantizers(cls, module, new_quantizer):
+        return {"add_quant": new_quantizer()}
+
+    def forward(self, x, input_quant=None):
+        """``input_quant``: the quantizer whose grid ``x`` lies on (:meth:`QMobileNetV2.block_inputs`)."""
+        out = self.conv(x)
+        alignment = add_alignment(_output_quantizer(self.conv[-1]), input_quant) if self.integer_aware else None
+        return self.add_quant(aligned_add(out, x, alignment))
+
+
+@QUANT_MODULES.register()
+class QMobileNetV2(MobileNetV2, QuantizedModule):
+    """
+    MobileNetV2 (scope ``aqd``) whose forward hands each quantized residual block the quantizer
+    whose grid the block's input lies on (:meth:`block_inputs`), as :class:`QResNet` does.
+    """
+
+    float_types = (MobileNetV2,)
+
+    def __init__(self, net: MobileNetV2):
+        adopt_state(self, net)
+
+    @classmethod
+    def from_float(cls, module, *, name, ctx):
+        return cls(module) if ctx.scope == "aqd" else None
+
+    def block_inputs(self):
+        """``(block, input quantizer)`` for every block in order: a block's input is the output
+        of the block before, its add's quantizer or, without residual, its projection's BN
+        output quantizer (None for the first block, which reads the stem's ReLU6)."""
+        prev = None
+        for name in self.stage_names:
+            for block in getattr(self, name):
+                yield block, prev
+                prev = block.add_quant if isinstance(block, QInvertedResidual) else _output_quantizer(block.conv[-1])
+
+    def forward(self, x):
+        outputs = {}
+        blocks = self.block_inputs()
+        for name in self._layers:
+            layer = getattr(self, name)
+            if name in self.stage_names:
+                for block, input_quant in itertools.islice(blocks, len(layer)):
+                    x = block(x, input_quant) if isinstance(block, QInvertedResidual) else block(x)
+            else:
+                x = layer(x)
+            if name in self._out_features:
+                outputs[name] = x
         return outputs
 
 

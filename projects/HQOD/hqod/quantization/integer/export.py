@@ -61,10 +61,16 @@ def _check_convertible(model: nn.Module):
         or (isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _OutputQuantBN)
             and not _in_multilevel(model, n))
     ]
-    if not has_bn_quant or not isinstance(getattr(model, "backbone", None), QFPN):
+    if not has_bn_quant:
+        raise _refuse("quantized with convs only (AQD*, quant.scope='aqd_star': float BN and float adds)")
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, FPN) and not isinstance(backbone, QFPN):
+        raise _refuse("not fully quantized (its FPN adds are float)")
+    if not isinstance(backbone, QFPN):
+        bottom_up = getattr(backbone, "bottom_up", backbone)
         raise _refuse(
-            "quantized with convs only (AQD*, quant.scope='aqd_star': float BN and float adds)"
-            if not has_bn_quant else "not fully quantized (its FPN adds are float)"
+            f"built on {type(backbone).__name__} over {type(bottom_up).__name__}",
+            "the engine converts ResNet + FPN detectors (RetinaNet, FCOS, ATSS)",
         )
     if fp32_layers:
         shown = ", ".join(fp32_layers[:8]) + (f" ... ({len(fp32_layers)} in all)" if len(fp32_layers) > 8 else "")
