@@ -164,7 +164,7 @@ def test_quantized_ssdlite_depthwise_convs_and_8bit_first_last():
     assert not {"backbone.bottom_up.stem", "backbone.bottom_up.layer2.0.conv.0", "backbone.bottom_up.conv_last"} & unsigned
 
 
-def test_ssdlite_aqd_scope_quantizes_the_inverted_residual_adds():
+def test_ssdlite_aqd_scope_quantizes_the_inverted_residual_adds(tmp_path):
     torch.manual_seed(0)
     aqd = dict(method="lq", scope="aqd", weight_bits=4, act_bits=4)
     model = calibrate_random_model(instantiate(small_cfg().model), aqd, size=128)
@@ -199,6 +199,10 @@ def test_ssdlite_aqd_scope_quantizes_the_inverted_residual_adds():
         assert torch.equal(block(x, input_quant), block.add_quant(block.conv(x) + x))
     with pytest.raises(IntegerConversionError, match="built on SSDLiteNeck over QMobileNetV2"):
         to_integer(set_integer_aware(model, True))
+    from hqod.deploy import OnnxExportError, export_onnx
+
+    with pytest.raises(OnnxExportError, match="exporter does not know: backbone.bottom_up.layer1.0.add_quant"):
+        export_onnx(model, str(tmp_path / "aqd.onnx"), image_size=(128, 128))
 
 
 def test_per_level_head_declaration_is_checked():
