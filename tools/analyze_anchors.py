@@ -15,8 +15,6 @@ their samples otherwise.
 import argparse
 import itertools
 
-import torch
-
 import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 
 from detectron2.config import instantiate
@@ -33,7 +31,7 @@ def main(args):
             f"{type(model).__name__} has no IoU anchor matcher (anchor_matcher, anchor_generator): "
             "this tool analyses anchor-based detectors such as RetinaNet and SSD-lite."
         )
-    torch.manual_seed(args.seed)
+    cfg.dataloader.train.seed = args.seed  # the loader's stream: the same images for every config
     loader = instantiate(cfg.dataloader.train)
     batch_size = cfg.dataloader.train.total_batch_size
     batches = itertools.islice(loader, -(-args.images // batch_size))
@@ -47,7 +45,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--images", type=int, default=120, help="training images to analyse (whole batches)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training loader's image stream and augmentation")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, key=value")
     return parser.parse_args(argv)
