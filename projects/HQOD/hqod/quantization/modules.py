@@ -364,16 +364,16 @@ def set_integer_aware(model: nn.Module, enabled: bool = True) -> nn.Module:
     ablations and benchmarks. Models of scope ``aqd`` are built with it on.
     """
     for m in model.modules():
-        if isinstance(m, (QConv2d, _QuantAddBlock, QInvertedResidual, QFPN)):
+        if isinstance(m, (QConv2d, _QuantAddBlock, QFPN)):
             m.integer_aware = bool(enabled)
     return model
 
 
 class _QuantAddBlock(_AQDOutputModule):
     """
-    ResNet block whose residual sum is fake-quantized before the last ReLU (scope ``aqd``), the
-    two branches aligned as AQD Eq. 7 does (:func:`add_alignment`). Its convs (and their BN)
-    are converted as children.
+    Residual block whose sum is fake-quantized (scope ``aqd``: ``add_quant``), the two branches
+    aligned as AQD Eq. 7 does (:func:`add_alignment`); for ResNet's blocks before the last ReLU
+    (:meth:`_residual`). Its convs (and their BN) are converted as children.
     """
 
     integer_aware = True  # Eq. 7 alignment (False: the plain float sum, set_integer_aware)
@@ -421,8 +421,20 @@ class QBottleneckBlock(_QuantAddBlock, BottleneckBlock):
         return self._residual(x, self.conv3(out), self.conv3, input_quant)
 
 
+class _AQDNetwork(QuantizedModule):
+    """A network converted under scope ``aqd`` only, the same state as the float one, whose
+    forward hands each quantized residual block the quantizer its input lies on."""
+
+    def __init__(self, net: nn.Module):
+        adopt_state(self, net)
+
+    @classmethod
+    def from_float(cls, module, *, name, ctx):
+        return cls(module) if ctx.scope == "aqd" else None
+
+
 @QUANT_MODULES.register()
-class QResNet(ResNet, QuantizedModule):
+class QResNet(_AQDNetwork, ResNet):
     """
     detectron2's ResNet (scope ``aqd``) whose forward hands each quantized residual block the
     quantizer whose grid the block's input lies on (:meth:`block_inputs`): the scale of an
@@ -431,13 +443,6 @@ class QResNet(ResNet, QuantizedModule):
     """
 
     float_types = (ResNet,)
-
-    def __init__(self, resnet: ResNet):
-        adopt_state(self, resnet)
-
-    @classmethod
-    def from_float(cls, module, *, name, ctx):
-        return cls(module) if ctx.scope == "aqd" else None
 
     def block_inputs(self):
         """``(block, input quantizer)`` for every block in order: the quantizer of the stem's BN
@@ -468,7 +473,7 @@ class QResNet(ResNet, QuantizedModule):
 
 
 @QUANT_MODULES.register()
-class QInvertedResidual(_AQDOutputModule, InvertedResidual):
+class QInvertedResidual(_QuantAddBlock, InvertedResidual):
     """
     MobileNetV2's block with a residual (scope ``aqd``): the sum of the linear projection and
     the block's input fake-quantized, the two aligned as AQD Eq. 7 does; no activation after it
@@ -477,19 +482,10 @@ class QInvertedResidual(_AQDOutputModule, InvertedResidual):
     """
 
     float_types = (InvertedResidual,)
-    integer_aware = True  # Eq. 7 alignment (False: the plain float sum, set_integer_aware)
-
-    def __init__(self, block: InvertedResidual, *, add_quant):
-        adopt_state(self, block)
-        self.add_quant = add_quant
 
     @classmethod
     def from_float(cls, module, *, name, ctx):
         return super().from_float(module, name=name, ctx=ctx) if module.use_residual else None
-
-    @classmethod
-    def output_quantizers(cls, module, new_quantizer):
-        return {"add_quant": new_quantizer()}
 
     def forward(self, x, input_quant=None):
         """``input_quant``: the quantizer whose grid ``x`` lies on (:meth:`QMobileNetV2.block_inputs`)."""
@@ -499,20 +495,13 @@ class QInvertedResidual(_AQDOutputModule, InvertedResidual):
 
 
 @QUANT_MODULES.register()
-class QMobileNetV2(MobileNetV2, QuantizedModule):
+class QMobileNetV2(_AQDNetwork, MobileNetV2):
     """
     MobileNetV2 (scope ``aqd``) whose forward hands each quantized residual block the quantizer
     whose grid the block's input lies on (:meth:`block_inputs`), as :class:`QResNet` does.
     """
 
     float_types = (MobileNetV2,)
-
-    def __init__(self, net: MobileNetV2):
-        adopt_state(self, net)
-
-    @classmethod
-    def from_float(cls, module, *, name, ctx):
-        return cls(module) if ctx.scope == "aqd" else None
 
     def block_inputs(self):
         """``(block, input quantizer)`` for every block in order: a block's input is the output
