@@ -306,8 +306,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
             num = _native.load().hqod_fq_backward_f32(
                 grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), x.numel(), step, qmin, qmax,
                 offset, int(rounded_mask), torch.get_num_threads(),
-            )
-            num = torch.tensor(num, dtype=torch.float64)
+            )  # a Python float (C double), as step and slope are on this path
         elif mode in ("exact", "fused"):
             c = _consts(qmin, qmax, offset, x)
             if mode == "exact":
@@ -331,7 +330,11 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         grad_param = None
         if ctx.needs_input_grad[1]:
             # dL/dp = sum(g * dx_hat/ds) * grad_factor * ds/dp, dx_hat/ds = (x_hat - x*inside)/s
-            grad_param = (num * (slope * grad_factor / step)).to(param.dtype).reshape(param.shape)
+            value = num * (slope * grad_factor / step)  # float64, then param's dtype
+            if isinstance(value, Tensor):
+                grad_param = value.to(param.dtype).reshape(param.shape)
+            else:  # one small tensor op instead of four, the same rounding
+                grad_param = torch.full(param.shape, value, dtype=param.dtype, device=param.device)
         if not ctx.needs_input_grad[0]:
             grad_x = None
         return grad_x, grad_param, None, None, None, None, None, None, None, None
