@@ -149,6 +149,22 @@ def test_tool_keeps_an_existing_checkpoint_and_refuses_bad_arguments(pretrained,
     assert "--crops >= --batch-size" in capsys.readouterr().err
 
 
+def test_tool_trains_each_backbone_with_its_schedule(tmp_path, monkeypatch):
+    """MobileNetV2 gets 3 passes over 51,200 crops, the others 2 over 25,600, unless told."""
+    tool = load_tool("pretrain_backbone")
+    seen = []
+
+    def record(**kwargs):
+        seen.append((kwargs["backbone"], kwargs["num_crops"], kwargs["epochs"]))
+        raise KeyboardInterrupt  # stop before training
+
+    monkeypatch.setattr(tool, "pretrain_backbone", record)
+    for argv in (["--backbone", "mv2"], ["--depth", "18"], ["--backbone", "mv2", "--crops", "256", "--epochs", "1"]):
+        with pytest.raises(KeyboardInterrupt):
+            tool.main(argv + ["--output", str(tmp_path / "x.pth")])
+    assert seen == [("mv2", 51200, 3), ("r18", 25600, 2), ("mv2", 256, 1)]
+
+
 def test_yolox_trains_from_scratch_on_real_data():
     cfg = LazyConfig.load(os.path.join(ROOT, "configs/yolox_tiny_fp32.py"))
     for preset in ("coco", "voc"):

@@ -21,7 +21,7 @@ import sys
 import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 from detectron2.utils.logger import setup_logger
 
-from hqod.pretrain import PRETRAIN_BACKBONES, PRETRAIN_DEPTHS, pretrain_backbone, pretrained_backbone_path, save_backbone_checkpoint
+from hqod.pretrain import PRETRAIN_BACKBONES, PRETRAIN_DEPTHS, pretrain_backbone, pretrain_schedule, pretrained_backbone_path, save_backbone_checkpoint
 
 
 def parse_args(argv=None):
@@ -30,8 +30,8 @@ def parse_args(argv=None):
     which.add_argument("--depth", type=int, choices=PRETRAIN_DEPTHS, help="ResNet depth (default 18): --backbone r<depth>")
     which.add_argument("--backbone", choices=PRETRAIN_BACKBONES, help="r18, r34, r50, mv2 (MobileNetV2, SSD-lite's) or csp_tiny (CSPDarknet, YOLOX-tiny's)")
     p.add_argument("--output", default=None, help="checkpoint path (default output/pretrained/digits_<backbone>.pth)")
-    p.add_argument("--crops", type=int, default=25600, help="training crops (default 25600)")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the crops (default 2)")
+    p.add_argument("--crops", type=int, default=None, help="training crops (default 25600; mv2: 51200)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the crops (default 2; mv2: 3)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     p.add_argument("--crop-size", type=int, default=64)
@@ -49,6 +49,9 @@ def main(argv=None):
     if os.path.isfile(output) and not args.force:
         print(f"{output} exists; keeping it (--force trains a new one).")
         return 0
+    crops, epochs = pretrain_schedule(backbone)
+    args.crops = crops if args.crops is None else args.crops
+    args.epochs = epochs if args.epochs is None else args.epochs
     if args.epochs < 1 or args.batch_size < 1 or args.crops < args.batch_size or args.crop_size < 32:
         print("error: --epochs and --batch-size must be >= 1, --crops >= --batch-size, --crop-size >= 32", file=sys.stderr)
         return 2
