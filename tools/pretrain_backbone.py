@@ -21,7 +21,16 @@ import sys
 import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 from detectron2.utils.logger import setup_logger
 
-from hqod.pretrain import PRETRAIN_BACKBONES, PRETRAIN_DEPTHS, pretrain_backbone, pretrain_schedule, pretrained_backbone_path, save_backbone_checkpoint
+from hqod.pretrain import (
+    DEFAULT_PRETRAIN_SCHEDULE,
+    PRETRAIN_BACKBONES,
+    PRETRAIN_DEPTHS,
+    PRETRAIN_SCHEDULES,
+    pretrain_backbone,
+    pretrain_schedule,
+    pretrained_backbone_path,
+    save_backbone_checkpoint,
+)
 
 
 def parse_args(argv=None):
@@ -30,8 +39,9 @@ def parse_args(argv=None):
     which.add_argument("--depth", type=int, choices=PRETRAIN_DEPTHS, help="ResNet depth (default 18): --backbone r<depth>")
     which.add_argument("--backbone", choices=PRETRAIN_BACKBONES, help="r18, r34, r50, mv2 (MobileNetV2, SSD-lite's) or csp_tiny (CSPDarknet, YOLOX-tiny's)")
     p.add_argument("--output", default=None, help="checkpoint path (default output/pretrained/digits_<backbone>.pth)")
-    p.add_argument("--crops", type=int, default=None, help="training crops (default 25600; mv2: 51200)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the crops (default 2; mv2: 3)")
+    special = "; ".join(f"{b}: {n} crops, {e} epochs" for b, (n, e) in PRETRAIN_SCHEDULES.items())
+    p.add_argument("--crops", type=int, default=None, help=f"training crops (default {DEFAULT_PRETRAIN_SCHEDULE[0]}; {special})")
+    p.add_argument("--epochs", type=int, default=None, help=f"passes over the crops (default {DEFAULT_PRETRAIN_SCHEDULE[1]}; {special})")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     p.add_argument("--crop-size", type=int, default=64)

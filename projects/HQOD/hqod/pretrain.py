@@ -44,6 +44,8 @@ __all__ = [
     "PRETRAIN_BACKBONES",
     "PRETRAIN_DEPTHS",
     "pretrain_schedule",
+    "PRETRAIN_SCHEDULES",
+    "DEFAULT_PRETRAIN_SCHEDULE",
     "save_converted_backbone",
 ]
 
@@ -276,8 +278,8 @@ def pretrain_backbone(
 ):
     """
     Train :class:`BackboneClassifier` of ``backbone`` for ``epochs`` passes over ``num_crops`` crops
-    of the ``fit`` digit samples (default: :func:`pretrain_schedule`; AdamW, linear warm-up over 10 steps then cosine decay, label
-    smoothing 0.1), then measure top-1 on ``holdout_crops`` crops of the held-out digit samples.
+    of the ``fit`` digit samples (both by default :func:`pretrain_schedule`'s; AdamW, linear
+    warm-up over 10 steps then cosine decay, label smoothing 0.1), then measure top-1 on ``holdout_crops`` crops of the held-out digit samples.
     ``bf16``: autocast the forward pass to bfloat16 (None: where the CPU has native bfloat16
     arithmetic, about 1.8x faster there). Returns ``(classifier, info)`` with ``info`` =
     ``{"backbone", "top1_holdout", "top1_fit_last", "seconds", ...}`` (the recipe included).
