@@ -59,9 +59,7 @@ def main(argv=None):
     if os.path.isfile(output) and not args.force:
         print(f"{output} exists; keeping it (--force trains a new one).")
         return 0
-    crops, epochs = pretrain_schedule(backbone)
-    args.crops = crops if args.crops is None else args.crops
-    args.epochs = epochs if args.epochs is None else args.epochs
+    args.crops, args.epochs = pretrain_schedule(backbone, args.crops, args.epochs)
     if args.epochs < 1 or args.batch_size < 1 or args.crops < args.batch_size or args.crop_size < 32:
         print("error: --epochs and --batch-size must be >= 1, --crops >= --batch-size, --crop-size >= 32", file=sys.stderr)
         return 2

@@ -67,9 +67,10 @@ PRETRAIN_SCHEDULES = {"mv2": (51200, 3)}
 DEFAULT_PRETRAIN_SCHEDULE = (25600, 2)
 
 
-def pretrain_schedule(backbone) -> Tuple[int, int]:
-    """``(crops, epochs)`` that ``tools/pretrain_backbone.py`` trains ``backbone`` with by default."""
-    return PRETRAIN_SCHEDULES.get(backbone_name(backbone), DEFAULT_PRETRAIN_SCHEDULE)
+def pretrain_schedule(backbone, crops: Optional[int] = None, epochs: Optional[int] = None) -> Tuple[int, int]:
+    """``(crops, epochs)`` to train ``backbone`` with: those given, else its default."""
+    default_crops, default_epochs = PRETRAIN_SCHEDULES.get(backbone_name(backbone), DEFAULT_PRETRAIN_SCHEDULE)
+    return (default_crops if crops is None else crops), (default_epochs if epochs is None else epochs)
 
 
 def pretrained_backbone_path(backbone) -> str:
@@ -279,15 +280,14 @@ def pretrain_backbone(
     """
     Train :class:`BackboneClassifier` of ``backbone`` for ``epochs`` passes over ``num_crops`` crops
     of the ``fit`` digit samples (both by default :func:`pretrain_schedule`'s; AdamW, linear
-    warm-up over 10 steps then cosine decay, label smoothing 0.1), then measure top-1 on ``holdout_crops`` crops of the held-out digit samples.
+    warm-up over 10 steps then cosine decay, label smoothing 0.1), then measure top-1 on
+    ``holdout_crops`` crops of the held-out digit samples.
     ``bf16``: autocast the forward pass to bfloat16 (None: where the CPU has native bfloat16
     arithmetic, about 1.8x faster there). Returns ``(classifier, info)`` with ``info`` =
     ``{"backbone", "top1_holdout", "top1_fit_last", "seconds", ...}`` (the recipe included).
     """
     name = backbone_name(backbone)
-    default_crops, default_epochs = pretrain_schedule(name)
-    num_crops = default_crops if num_crops is None else num_crops
-    epochs = default_epochs if epochs is None else epochs
+    num_crops, epochs = pretrain_schedule(name, num_crops, epochs)
     start = time.perf_counter()
     images, labels = crop_set(num_crops, seed=seed, size=crop_size, num_workers=num_workers)
     holdout = crop_set(holdout_crops, seed=seed + 1_000_003, split="holdout", size=crop_size, num_workers=num_workers)
