@@ -18,20 +18,16 @@ A mistake gives one error line (exit code 2; --debug for the traceback).
 """
 import argparse
 import json
-import logging
 import os
 import tempfile
-
-import torch
 
 import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 
 from detectron2.config import instantiate
-from detectron2.utils.logger import setup_logger
 
 from hqod.data import ensure_datasets
 from hqod.deploy import OnnxDetector, OnnxExportError, compare_onnx_model, conv_kernel_counts, executed_kernels, export_onnx
-from hqod.engine import UserError, load_config, load_trained_model, run_tool
+from hqod.engine import UserError, export_tool_main, load_config, load_trained_model, run_tool
 
 MAX_AP_DIFF = 0.1  # the deployment issue's target
 
@@ -102,8 +98,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    setup_logger(name="hqod", abbrev_name="hqod")
-    setup_logger(name="detectron2", abbrev_name="d2").setLevel(logging.WARNING)
-    torch.set_grad_enabled(False)
-    run(args)
+    export_tool_main(run, parse_args())

@@ -50,6 +50,18 @@ def run_tool(main, args):
         sys.exit(2)
 
 
+def export_tool_main(run, args):
+    """The ``__main__`` of an export tool (tools/export_onnx.py, tools/export_integer.py):
+    hqod's log, detectron2's warnings only, no autograd, then ``run(args)``. Here and not in
+    ``run``: the tests call ``run`` under pytest's output capture, which a logger must not bind."""
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(name="hqod", abbrev_name="hqod")
+    setup_logger(name="detectron2", abbrev_name="d2").setLevel(logging.WARNING)
+    torch.set_grad_enabled(False)
+    return run(args)
+
+
 def load_trained_model(cfg, config_file: str, checkpoint: str):
     """The detector of ``cfg`` with the weights (and quantizer state) of ``checkpoint``, on the
     CPU, in eval mode: what the export tools read. A missing checkpoint, or one without the
