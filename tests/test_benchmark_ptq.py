@@ -24,7 +24,8 @@ def test_commands(tool):
         "tools/train_net.py", "--config-file", "configs/retina_r18_fp32.py", "--eval-only",
         "train.output_dir=out/fp32", "train.init_checkpoint=fp32.pth",
     ]  # fmt: skip
-    assert len(tool.RUNS) == 1 + 4 * 5 + 3
+    assert len(tool.RUNS) == 1 + 4 * 5 + 3 + 2  # + mse_w4a4, adaround_w4a4 (the W4A4 decomposition)
+    assert tool.command("mse_w4a4", "out", "fp32.pth")[3] == "configs/retina_r18_mse_w4a4.py"
 
 
 def _record(name, ap, ap75=None, seconds=300.0):
@@ -49,11 +50,15 @@ def test_report_tables_and_targets(tool, tmp_path):
     records += [_record(f"{m}_w2a4", ap) for m, ap in zip(tool.METHODS, (10.0, 20.0, 25.0, 30.0))]
     records += [_record(f"{m}_w3a3", ap) for m, ap in zip(tool.METHODS, (30.0, 40.0, 39.0, 45.0))]
     records += [_record("regptq_w2a4_local", 26.0), _record("regptq_w2a4_unfiltered", 28.0), _record("regptq_w2a4_uniform", 31.0)]
+    records += [_record("minmax_w4a4", 53.0, seconds=18), _record("mse_w4a4", 53.5, 61.0, seconds=60)]
     _write(tmp_path / "records", records)
     text = tool.report(str(tmp_path / "records"), str(tmp_path / "out"))
     assert (tmp_path / "out" / "results.md").read_text() == text + "\n"
-    assert "| W4A4 | — | — | — | 56.00 (60.00) |" in text
-    assert "| W4A4 | — | — | — | 9.0 / 3.0 |" in text  # 540 s, 3072 MB
+    assert "| W4A4 | 53.00 (53.00) | — | — | 56.00 (60.00) |" in text
+    assert "| W4A4 | 0.3 / 3.0 | — | — | 9.0 / 3.0 |" in text  # 540 s, 3072 MB
+    assert "| MSE-searched steps, nearest rounding | 53.50 | 61.00 | 1.0 |" in text
+    assert "| + layer-wise AdaRound (AdaRound) | — | — | — |" in text
+    assert "| + global loss and LLAQ (Reg-PTQ) | 56.00 | 60.00 | 9.0 |" in text
     assert "| + global loss, unfiltered | 28.00 | 28.00 |" in text
     assert "- Reg-PTQ W4A4 within 2 AP of FP32: met: 56.00 vs FP32 57.70" in text
     assert "- W2A4: Reg-PTQ >= QDrop >= BRECQ >= min-max: met: 30.00 >= 25.00 >= 20.00 >= 10.00" in text

@@ -4,7 +4,9 @@ The post-training quantization benchmark (issue 16; Reg-PTQ's Tables 1-4 in kind
 embedded dataset: the FP32 RetinaNet-R18 of the accuracy benchmark, quantized by ``minmax``,
 ``brecq``, ``qdrop`` and ``regptq`` at W8A8, W4A8, W4A4, W3A3 and W2A4, and Reg-PTQ's ablations
 at W2A4 (local loss only -> + global loss unfiltered -> + the two-step filter; uniform vs LLAQ
-regression head). Each run is ``tools/ptq.py`` in its own process with the configs' defaults
+regression head), and W4A4 taken apart one method's addition at a time (min-max -> MSE step
+search -> AdaRound -> BRECQ -> QDrop -> Reg-PTQ: the ``mse_w4a4`` and ``adaround_w4a4`` runs
+besides the others). Each run is ``tools/ptq.py`` in its own process with the configs' defaults
 (256 training images); its record keeps the COCO results, the calibration's wall time and the
 process's peak memory.
 
@@ -65,6 +67,16 @@ RUNS.update(
         "regptq_w2a4_uniform": Run("regptq", "w2a4", ["ptq.head_quantizer=uniform"]),
     }
 )
+# W4A4 taken apart, one method's addition per row: where the reconstruction gains or loses AP
+DECOMPOSITION = [
+    ("min-max steps, nearest rounding", "minmax_w4a4"),
+    ("MSE-searched steps, nearest rounding", "mse_w4a4"),
+    ("+ layer-wise AdaRound (AdaRound)", "adaround_w4a4"),
+    ("+ block-wise, Fisher-weighted, learned activation steps (BRECQ)", "brecq_w4a4"),
+    ("+ activation dropping (QDrop)", "qdrop_w4a4"),
+    ("+ global loss and LLAQ (Reg-PTQ)", "regptq_w4a4"),
+]
+RUNS.update({"mse_w4a4": Run("mse", "w4a4", []), "adaround_w4a4": Run("adaround", "w4a4", [])})
 ORDERED_AT = ("w2a4", "w3a3")  # where Reg-PTQ >= QDrop >= BRECQ >= min-max is claimed
 TIME_LIMIT_S = 600  # R18 W4A4 Reg-PTQ calibration on 2 cores
 FP32_GAP = 2.0  # Reg-PTQ W4A4 within this many AP of FP32
@@ -175,6 +187,15 @@ def ablation_table(records):
     return "\n".join(lines)
 
 
+def decomposition_table(records):
+    lines = ["| W4A4 | AP | AP75 | calibration (min) |", "|---|---|---|---|"]
+    for label, name in DECOMPOSITION:
+        r = records.get(name)
+        minutes = _cell(r and r["calibration_s"] / 60, "{:.1f}")
+        lines.append(f"| {label} | {_cell(ap(records, name))} | {_cell(ap(records, name, 'AP75'))} | {minutes} |")
+    return "\n".join(lines)
+
+
 def verdict(ok):
     return "not measured" if ok is None else ("met" if ok else "MISSED")
 
@@ -220,6 +241,10 @@ def report(records_dir, output_dir):
             "Reg-PTQ ablation:",
             "",
             ablation_table(records),
+            "",
+            "W4A4, one method's addition per row:",
+            "",
+            decomposition_table(records),
             "",
             "Targets:",
             *targets(records),
