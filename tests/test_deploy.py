@@ -21,7 +21,7 @@ from hqod.deploy import (
     prepare_for_export,
 )
 from hqod.deploy.export import _refine_weight_units
-from hqod.deploy.qdq import quantize_dequantize
+from hqod.deploy.qdq import quantize_dequantize, quantize_dequantize_relu
 from hqod.quantization import IntegerGrid, QConv2d
 
 from helpers import calibrated_detector, load_tool, synthetic_batches
@@ -144,13 +144,37 @@ def test_zero_free_grid_in_onnx(tmp_path, bits):
     assert ref[-5:].tolist() == pytest.approx([0.5 * 0.0123, 0.5 * 0.0123, 0.5 * 0.0123, levels / 2 * 0.0123, -levels / 2 * 0.0123])
 
 
+@pytest.mark.parametrize("offset2", [0, 255])
+def test_relu_on_the_grid(tmp_path, offset2):
+    """relu(Q/DQ(x)) as one Q/DQ pair: on a grid with a zero level (signed 8 bits, eta in
+    [-128, 127]) the ReLU is the clip of the integers at zero (levels 0..127 in uint8, zero
+    point 0: QuantizeLinear, Clip, DequantizeLinear); on LQ's zero-free grid it stays a Relu."""
+    import onnx
+
+    eta_min, eta_max = (-128, 127) if offset2 == 0 else (0, 255)
+    grid = IntegerGrid(step=0.05, eta_min=eta_min, eta_max=eta_max, offset2=offset2)
+    x = torch.cat([torch.randn(1000) * 4, torch.tensor([0.0, -0.02, 0.03, 1e3, -1e3])])
+    ref = torch.relu(quantize_dequantize(x, grid))
+    module = _GridModule(grid, relu=True)
+    assert torch.equal(module(x), ref)
+    path = str(tmp_path / "relu.onnx")
+    torch.onnx.export(module, (x,), path, dynamo=False, opset_version=13, input_names=["x"], do_constant_folding=False)
+    ops = [n.op_type for n in onnx.load(path).graph.node if n.op_type != "Constant"]
+    if offset2 == 0:
+        assert ops == ["QuantizeLinear", "Clip", "DequantizeLinear"]
+        assert ref[-5:].tolist() == pytest.approx([0.0, 0.0, 0.05, 127 * 0.05, 0.0])
+    else:
+        assert ops[-1] == "Relu"
+    assert torch.equal(_ort_outputs(path, x, input_name="x")[0], ref)
+
+
 class _GridModule(torch.nn.Module):
-    def __init__(self, grid):
+    def __init__(self, grid, relu=False):
         super().__init__()
-        self.grid = grid
+        self.grid, self.relu = grid, relu
 
     def forward(self, x):
-        return quantize_dequantize(x, self.grid)
+        return (quantize_dequantize_relu if self.relu else quantize_dequantize)(x, self.grid)
 
 
 def test_nine_bit_weights_are_held_as_float():
@@ -217,6 +241,11 @@ def test_export_quantized_runs_integer_kernels(tmp_path, arch, quant, integer_co
     exported = prepare_for_export(model)
     # every weight in int8, the 8-bit predictors' -128 included
     assert all(m.integer_weights for m in exported.modules() if isinstance(m, QDQConv2d))
+    if arch == "retina" and quant.get("scope") == "aqd" and quant["method"] != "lq":
+        # grids with a zero level: the ReLU after each residual add is the clip of the add's
+        # integers (quantize_dequantize_relu); the one float Relu left is the stem's, which the
+        # max pool reads (ONNX Runtime drops a Relu only where a QuantizeLinear reads it)
+        assert kernels.get("Relu", 0) == 1
     if quant["method"] == "lq":
         return
     images = _images(model)

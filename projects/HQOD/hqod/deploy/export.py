@@ -40,7 +40,7 @@ from hqod.quantization.modules import QFPN, QConv2d, QResNet, _QuantAddBlock, ad
 from hqod.quantization.multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead
 from hqod.quantization.quantizers import Quantizer
 
-from .qdq import INT16_PAIR_LIMIT, QDQConv2d, fits_uint8, quantize_dequantize, uint8_max
+from .qdq import INT16_PAIR_LIMIT, QDQConv2d, fits_uint8, quantize_dequantize, quantize_dequantize_relu, uint8_max
 
 __all__ = [
     "OnnxExportError", "DetectorNetwork", "QDQTower", "QDQResidualBlock", "QDQFPN", "export_onnx", "output_names",
@@ -234,7 +234,7 @@ class QDQResidualBlock(nn.Module):
             if i < len(self.conv_names) - 1:
                 out = F.relu(out)
         shortcut = self.shortcut(x) if self.shortcut is not None else x
-        return F.relu(quantize_dequantize(out * self.factors[0] + shortcut * self.factors[1], self.add_grid))
+        return quantize_dequantize_relu(out * self.factors[0] + shortcut * self.factors[1], self.add_grid)
 
 
 class QDQFPN(QFPN):

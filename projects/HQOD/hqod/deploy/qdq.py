@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QDQConv2d", "quantize_dequantize", "dequantize", "fits_uint8", "uint8_max", "INT16_PAIR_LIMIT"]
+__all__ = ["QDQConv2d", "quantize_dequantize", "quantize_dequantize_relu", "dequantize", "fits_uint8", "uint8_max", "INT16_PAIR_LIMIT"]
 
 
 def _const(g, value, dtype=torch.float32):
@@ -94,6 +94,18 @@ def quantize_dequantize(x: torch.Tensor, grid) -> torch.Tensor:
     tensor; the exporter checks that it fits 8 bits), rounding half to even as the fake
     quantizers and ``QuantizeLinear`` do."""
     return _QuantizeDequantize.apply(x, float(grid.step), int(grid.eta_min), int(grid.eta_max), int(grid.offset2))
+
+
+def quantize_dequantize_relu(x: torch.Tensor, grid) -> torch.Tensor:
+    """``relu(quantize_dequantize(x, grid))``. On a grid with a zero level the ReLU is the clip
+    of the integers raised to that level: the same values, exported as one Q/DQ pair with
+    unsigned integers (``QuantizeLinear``, ``Clip`` on uint8, ``DequantizeLinear``) instead of a
+    float ``Relu`` over the dequantized map (about 9 % of the int8 model's time at the COCO
+    size). A grid without a zero level (AQD's signed LQ grid) keeps the float ``Relu``."""
+    if grid.offset2 % 2:
+        return F.relu(quantize_dequantize(x, grid))
+    offset = grid.offset2 // 2
+    return _QuantizeDequantize.apply(x, float(grid.step), max(int(grid.eta_min), offset), int(grid.eta_max), int(grid.offset2))
 
 
 class _Dequantize(torch.autograd.Function):
