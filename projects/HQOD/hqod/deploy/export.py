@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling.backbone.resnet import BasicStem
 
 from hqod.modeling.dense_head import dense_head_spec
 from hqod.utils import bn_affine, rebuild_as, replace_child
@@ -40,10 +41,10 @@ from hqod.quantization.modules import QFPN, QConv2d, QResNet, _QuantAddBlock, ad
 from hqod.quantization.multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead
 from hqod.quantization.quantizers import Quantizer
 
-from .qdq import INT16_PAIR_LIMIT, QDQConv2d, fits_uint8, quantize_dequantize, quantize_dequantize_relu, uint8_max
+from .qdq import INT16_PAIR_LIMIT, QDQConv2d, fits_uint8, quantize_dequantize, quantize_dequantize_relu, quantize_relu_max_pool, uint8_max
 
 __all__ = [
-    "OnnxExportError", "DetectorNetwork", "QDQTower", "QDQResidualBlock", "QDQFPN", "export_onnx", "output_names",
+    "OnnxExportError", "DetectorNetwork", "QDQTower", "QDQStem", "QDQResidualBlock", "QDQFPN", "export_onnx", "output_names",
     "prepare_for_export",
 ]
 
@@ -237,6 +238,20 @@ class QDQResidualBlock(nn.Module):
         return quantize_dequantize_relu(out * self.factors[0] + shortcut * self.factors[1], self.add_grid)
 
 
+class QDQStem(nn.Module):
+    """detectron2's ResNet stem (conv, ReLU, 3x3 max pool) as exported where its conv's output
+    is quantized (scope ``aqd``): ReLU and pool on the output integers
+    (:func:`~.qdq.quantize_relu_max_pool`), no float op over the largest map of the network."""
+
+    def __init__(self, stem: BasicStem):
+        super().__init__()
+        self.conv1 = stem.conv1
+        self.out_channels, self.stride = stem.out_channels, stem.stride
+
+    def forward(self, x):
+        return self.conv1(x, output_op=quantize_relu_max_pool)
+
+
 class QDQFPN(QFPN):
     """detectron2's FPN of scope ``aqd`` as exported: :class:`QFPN`'s forward with each top-down
     add computed from the alignment factors and grids taken from its quantizers at export."""
@@ -316,6 +331,9 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QConv2d):
             _replace(model, name, qdq_conv(module, name, [module.norm], getattr(module.norm, "output_quant", None)))
+    for name, module in list(model.named_modules()):
+        if type(module) is BasicStem and isinstance(module.conv1, QDQConv2d) and module.conv1.output_grid is not None:
+            _replace(model, name, QDQStem(module))
     for name, (factors, grid) in blocks.items():
         _replace(model, name, QDQResidualBlock(model.get_submodule(name), factors, grid))
     for name, (factors, grids) in fpns.items():

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QDQConv2d", "quantize_dequantize", "quantize_dequantize_relu", "dequantize", "fits_uint8", "uint8_max", "INT16_PAIR_LIMIT"]
+__all__ = ["QDQConv2d", "quantize_dequantize", "quantize_dequantize_relu", "quantize_relu_max_pool", "dequantize", "fits_uint8", "uint8_max", "INT16_PAIR_LIMIT"]
 
 
 def _const(g, value, dtype=torch.float32):
@@ -106,6 +106,16 @@ def quantize_dequantize_relu(x: torch.Tensor, grid) -> torch.Tensor:
         return F.relu(quantize_dequantize(x, grid))
     offset = grid.offset2 // 2
     return _QuantizeDequantize.apply(x, float(grid.step), max(int(grid.eta_min), offset), int(grid.eta_max), int(grid.offset2))
+
+
+def quantize_relu_max_pool(x: torch.Tensor, grid) -> torch.Tensor:
+    """``max_pool2d(relu(quantize_dequantize(x, grid)), 3, 2, 1)``, the ResNet stem after its
+    conv. The pool of grid values is on the grid, so quantizing it again changes no value; in
+    ONNX that pair around ``MaxPool``, of the same scale and zero point, is what ONNX Runtime
+    drops to pool the uint8 integers themselves (and the ReLU is a clip of them,
+    :func:`quantize_dequantize_relu`)."""
+    pooled = F.max_pool2d(quantize_dequantize_relu(x, grid), kernel_size=3, stride=2, padding=1)
+    return quantize_dequantize_relu(pooled, grid)
 
 
 class _Dequantize(torch.autograd.Function):
@@ -191,7 +201,10 @@ class QDQConv2d(nn.Module):
     def num_levels(self) -> int:
         return self.weight_scale.shape[0]
 
-    def forward(self, x, level: int = 0):
+    def forward(self, x, level: int = 0, output_op=quantize_dequantize):
+        """``output_op(x, output_grid)`` applies the output quantizer: the caller may fold what
+        follows the conv into it (the ResNet stem's ReLU and max pool,
+        :func:`quantize_relu_max_pool`)."""
         x = quantize_dequantize(x, self.input_grid)
         if self.integer_weights:
             weight = dequantize(self.weight_int, self.weight_scale[level], self.weight_zero_point)
@@ -200,7 +213,7 @@ class QDQConv2d(nn.Module):
             weight, bias = self.weight_float[level], self.bias_float[level]
         x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if self.output_grid is not None:
-            x = quantize_dequantize(x, self.output_grid)
+            x = output_op(x, self.output_grid)
         return x if self.activation is None else self.activation(x)
 
     def extra_repr(self):
