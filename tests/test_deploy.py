@@ -171,18 +171,27 @@ def test_relu_on_the_grid(tmp_path, offset2):
     assert torch.equal(_ort_outputs(path, x, input_name="x")[0], ref)
 
 
-def test_stem_relu_and_pool_on_the_integers(tmp_path):
-    """The ResNet stem after its conv, max_pool(relu(Q/DQ(x)), 3, 2, 1), on a signed 8-bit grid:
-    in ONNX the ReLU is a clip and the pool is wrapped in Q/DQ of one scale, which ONNX Runtime
-    drops to pool the uint8 integers; same values as PyTorch's ops on the dequantized map."""
+@pytest.mark.parametrize("offset2", [0, 255])
+def test_stem_relu_and_pool_on_the_integers(tmp_path, offset2):
+    """The ResNet stem after its conv, max_pool(relu(Q/DQ(x)), 3, 2, 1). On a signed 8-bit grid
+    with a zero level, in ONNX the ReLU is a clip and the pool is wrapped in Q/DQ of one scale,
+    which ONNX Runtime drops to pool the uint8 integers; on LQ's zero-free grid the ReLU's zeros
+    are off the grid and stay zeros. Same values as PyTorch's ops on the dequantized map."""
     import onnx
 
-    grid = IntegerGrid(step=0.05, eta_min=-128, eta_max=127, offset2=0)
+    eta_min, eta_max = (-128, 127) if offset2 == 0 else (0, 255)
+    grid = IntegerGrid(step=0.05, eta_min=eta_min, eta_max=eta_max, offset2=offset2)
     x = torch.randn(1, 3, 11, 10) * 3
+    x[..., :3, :3] = -1.0  # a window of negatives only: its pooled value is 0
     ref = F.max_pool2d(torch.relu(quantize_dequantize(x, grid)), kernel_size=3, stride=2, padding=1)
+    assert ref[0, 0, 0, 0] == 0
     module = _GridModule(grid, op=quantize_relu_max_pool)
     assert torch.equal(module(x), ref) and ref.shape == (1, 3, 6, 5)
     path = str(tmp_path / "stem.onnx")
+    if offset2:
+        torch.onnx.export(module, (x,), path, dynamo=False, opset_version=13, input_names=["x"], do_constant_folding=False)
+        assert torch.equal(_ort_outputs(path, x, input_name="x")[0], ref)
+        return
     torch.onnx.export(module, (x,), path, dynamo=False, opset_version=13, input_names=["x"], do_constant_folding=False)
     ops = [n.op_type for n in onnx.load(path).graph.node if n.op_type != "Constant"]
     assert ops == ["QuantizeLinear", "Clip", "DequantizeLinear", "MaxPool", "QuantizeLinear", "Clip", "DequantizeLinear"]

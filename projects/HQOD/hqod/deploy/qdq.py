@@ -113,9 +113,10 @@ def quantize_relu_max_pool(x: torch.Tensor, grid) -> torch.Tensor:
     conv. The pool of grid values is on the grid, so quantizing it again changes no value; in
     ONNX that pair around ``MaxPool``, of the same scale and zero point, is what ONNX Runtime
     drops to pool the uint8 integers themselves (and the ReLU is a clip of them,
-    :func:`quantize_dequantize_relu`)."""
+    :func:`quantize_dequantize_relu`). On a grid without a zero level (LQ), whose ReLU puts
+    zeros off the grid, the pool stays on the dequantized values."""
     pooled = F.max_pool2d(quantize_dequantize_relu(x, grid), kernel_size=3, stride=2, padding=1)
-    return quantize_dequantize_relu(pooled, grid)
+    return quantize_dequantize_relu(pooled, grid) if grid.offset2 % 2 == 0 else pooled
 
 
 class _Dequantize(torch.autograd.Function):
