@@ -333,6 +333,24 @@ def test_integer_bn_is_folded_exactly():
         assert steps.max() <= 1.0 + 1e-4 and (steps > 1e-3).float().mean() <= 1e-3, name
 
 
+def test_lq_integer_bn_rounds_the_accumulator_as_the_fake_quant_conv():
+    """AQD itself (LQ, scope aqd): the export's conv rounds its accumulator before Eq. 6 as the
+    fake-quant conv does, so from the same input it gives the fake-quant conv's output levels
+    (equal except where the two float convs' sums land on either side of a half-integer
+    accumulator, a few in a million), where folding the BN into the weights flipped 1e-4 of them
+    on a trained model."""
+    model = calibrated_detector("configs/retina_r18_fp32.py", dict(LSQ_W4, method="lq", scope="aqd"))
+    exported = prepare_for_export(model)
+    g = torch.Generator().manual_seed(0)
+    for name in ("backbone.bottom_up.stem.conv1", "backbone.bottom_up.res3.0.shortcut", "backbone.bottom_up.res4.1.conv2"):
+        conv, qdq = model.get_submodule(name), exported.get_submodule(name)
+        assert qdq.exact_accumulator and qdq.output_grid.offset2 % 2 == 1
+        x = torch.rand(2, conv.in_channels, 24, 24, generator=g) * 3
+        with torch.no_grad():
+            ref, out = conv(x), qdq(x)
+        assert (ref != out).float().mean() <= 1e-4, name
+
+
 def test_refuses_non_uniform_ptq_weights():
     from hqod.ptq import use_llaq
     from hqod.quantization import calibrate

@@ -151,6 +151,13 @@ def qdq_conv(
             total = bias * mult + shift
         scales.append(w_scale * torch.where(mult == 0, torch.ones_like(mult), mult))
         biases.append(total)
+    output_grid = None if output_quant is None else _activation_grid(output_quant, f"{name} (its output quantizer)")
+    if conv.integer_aware and output_grid is not None and output_grid.m == 2 and all(n is not None for n in norms):
+        # AQD's own grids (LQ: no zero level): float rounding ops follow the conv, so ONNX
+        # Runtime runs it in float; as in the fake-quant model, its accumulator is rounded to
+        # an integer before Eq. 6 (float noise of the conv removed; folding the BN into the
+        # weights instead flipped 5-100x more output levels than the fake-quant conv does)
+        return _exact_accumulator_conv(conv, name, norms, input_grid, q_w, w_scale, acc_step, bias, output_grid)
     q_w = torch.where(dead.view(-1, 1, 1, 1), torch.zeros_like(q_w), q_w)
     integer_weights = bool(q_w.min() >= -128 and q_w.max() <= 127)  # else 9-bit: LQ's zero-free 8 bits
     scales, biases = torch.stack(scales), torch.stack(biases)
@@ -159,7 +166,7 @@ def qdq_conv(
     common = dict(
         input_grid=input_grid, weight_scale=scales, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, activation=conv.activation,
-        output_grid=None if output_quant is None else _activation_grid(output_quant, f"{name} (its output quantizer)"),
+        output_grid=output_grid,
     )
     if not integer_weights:
         weights = q_w.double()[None] * scales.view(scales.shape + (1, 1, 1))
@@ -170,6 +177,30 @@ def qdq_conv(
     if bias_int.abs().max() >= 2**31:
         raise OnnxExportError(f"{name}: the folded bias does not fit int32 in accumulator units.")
     return QDQConv2d(weight_int=q_w, bias_int=bias_int, **common)
+
+
+def _exact_accumulator_conv(conv, name, norms, input_grid, q_w, w_scale, acc_step, bias, output_grid) -> QDQConv2d:
+    """The :class:`QDQConv2d` that computes AQD Eq. 4-6 as the fake-quant conv does: the float
+    conv of the quantized input and weight, its accumulator ``round(x / alpha_conv)``, then
+    ``(eta_conv + b_int + round(s)) * alpha_z`` per level (``beta`` where ``gamma = 0``)."""
+    acc_bias, out_scale, out_offset = [], [], []
+    for level, norm in enumerate(norms):
+        alpha_z, s_round, offset = integer_bn_params(norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps, acc_step)
+        zero = alpha_z == 0
+        acc_bias.append(torch.where(zero, torch.zeros_like(s_round), torch.round(bias / acc_step) + s_round))
+        out_scale.append(alpha_z)
+        out_offset.append(torch.where(zero, offset, torch.zeros_like(offset)))
+    zeros = torch.zeros(1, q_w.shape[0])
+    weights = (  # int8 where the integers fit (LQ's 8-bit zero-free weights need 9 bits: float)
+        dict(weight_int=q_w, bias_int=zeros) if q_w.min() >= -128 and q_w.max() <= 127
+        else dict(weight_int=None, weight_float=(q_w.double() * w_scale.view(-1, 1, 1, 1))[None], bias_float=zeros)
+    )
+    return QDQConv2d(
+        input_grid=input_grid, weight_scale=w_scale[None], stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, activation=conv.activation, output_grid=output_grid,
+        accumulator=dict(step=acc_step, bias=torch.stack(acc_bias), scale=torch.stack(out_scale), offset=torch.stack(out_offset)),
+        **weights,
+    )
 
 
 class QDQTower(nn.Module):

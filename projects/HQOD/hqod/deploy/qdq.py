@@ -163,14 +163,18 @@ class QDQConv2d(nn.Module):
     levels x C_out), ``bias_scale`` (float32, levels x C_out, ``alpha_x * weight_scale``).
     Weight integers that do not fit int8 (an 8-bit grid without a zero level: 9 bits) are held
     as float weights instead (``weight_float``, levels x the weight shape, and ``bias_float``):
-    the same values, a float conv.
+    the same values, a float conv. ``accumulator`` (AQD's integer BN before a grid without a
+    zero level, :func:`~.export._exact_accumulator_conv`): the conv's weights unfolded (one
+    scale row, no bias), then AQD Eq. 4-6 as the fake-quant conv computes
+    them, ``(round(x / alpha_conv) + acc_bias) * acc_scale + acc_offset`` per level (buffers
+    ``inv_acc_step``, ``acc_bias``, ``acc_scale``, ``acc_offset``).
     """
 
     def __init__(
         self, *, input_grid, weight_int: Optional[torch.Tensor], weight_scale: torch.Tensor,
         bias_int: Optional[torch.Tensor] = None, weight_float: Optional[torch.Tensor] = None,
         bias_float: Optional[torch.Tensor] = None, stride, padding, dilation, groups, activation=None,
-        output_grid=None,
+        output_grid=None, accumulator: Optional[dict] = None,
     ):
         super().__init__()
         if (weight_int is None) == (weight_float is None):
@@ -197,22 +201,34 @@ class QDQConv2d(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.activation = activation
         self.output_grid = output_grid
+        self.exact_accumulator = accumulator is not None
+        if self.exact_accumulator:  # AQD Eq. 4-6 after the conv (export._exact_accumulator_conv)
+            self.register_buffer("inv_acc_step", (1.0 / accumulator["step"].double()).to(torch.float32))
+            for key in ("bias", "scale", "offset"):
+                self.register_buffer(f"acc_{key}", accumulator[key].to(torch.float32))
 
     @property
     def num_levels(self) -> int:
-        return self.weight_scale.shape[0]
+        return (self.acc_scale if self.exact_accumulator else self.weight_scale).shape[0]
 
     def forward(self, x, level: int = 0, output_op=quantize_dequantize):
         """``output_op(x, output_grid)`` applies the output quantizer: the caller may fold what
         follows the conv into it (the ResNet stem's ReLU and max pool,
         :func:`quantize_relu_max_pool`)."""
         x = quantize_dequantize(x, self.input_grid)
-        if self.integer_weights:
+        if self.exact_accumulator:  # the weights unfolded, the same on every level
+            weight = dequantize(self.weight_int, self.weight_scale[0], self.weight_zero_point) if self.integer_weights else self.weight_float[0]
+            bias = None
+        elif self.integer_weights:
             weight = dequantize(self.weight_int, self.weight_scale[level], self.weight_zero_point)
             bias = dequantize(self.bias_int[level], self.bias_scale[level])
         else:
             weight, bias = self.weight_float[level], self.bias_float[level]
         x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.exact_accumulator:
+            view = (1, -1, 1, 1)
+            eta = torch.round(x * self.inv_acc_step.view(view))  # the integer accumulator
+            x = (eta + self.acc_bias[level].view(view)) * self.acc_scale[level].view(view) + self.acc_offset[level].view(view)
         if self.output_grid is not None:
             x = output_op(x, self.output_grid)
         return x if self.activation is None else self.activation(x)
