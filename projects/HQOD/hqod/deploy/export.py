@@ -135,6 +135,13 @@ def qdq_conv(
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(w_scale)
     if conv.integer_aware:
         bias = integer_bias_value(bias, acc_step) * acc_step
+    output_grid = None if output_quant is None else _activation_grid(output_quant, f"{name} (its output quantizer)")
+    if conv.integer_aware and output_grid is not None and output_grid.m == 2 and all(n is not None for n in norms):
+        # AQD's own grids (LQ: no zero level): float rounding ops follow the conv, so ONNX
+        # Runtime runs it in float; as in the fake-quant model, its accumulator is rounded to
+        # an integer before Eq. 6 (float noise of the conv removed; folding the BN into the
+        # weights instead flipped 5-100x more output levels than the fake-quant conv does)
+        return _exact_accumulator_conv(conv, norms, input_grid, q_w, w_scale, acc_step, bias, output_grid)
     scales, biases, dead = [], [], torch.zeros_like(w_scale, dtype=torch.bool)
     for level, norm in enumerate(norms):
         what = f"{name} (its norm, level {level})"
@@ -151,13 +158,6 @@ def qdq_conv(
             total = bias * mult + shift
         scales.append(w_scale * torch.where(mult == 0, torch.ones_like(mult), mult))
         biases.append(total)
-    output_grid = None if output_quant is None else _activation_grid(output_quant, f"{name} (its output quantizer)")
-    if conv.integer_aware and output_grid is not None and output_grid.m == 2 and all(n is not None for n in norms):
-        # AQD's own grids (LQ: no zero level): float rounding ops follow the conv, so ONNX
-        # Runtime runs it in float; as in the fake-quant model, its accumulator is rounded to
-        # an integer before Eq. 6 (float noise of the conv removed; folding the BN into the
-        # weights instead flipped 5-100x more output levels than the fake-quant conv does)
-        return _exact_accumulator_conv(conv, name, norms, input_grid, q_w, w_scale, acc_step, bias, output_grid)
     q_w = torch.where(dead.view(-1, 1, 1, 1), torch.zeros_like(q_w), q_w)
     integer_weights = bool(q_w.min() >= -128 and q_w.max() <= 127)  # else 9-bit: LQ's zero-free 8 bits
     scales, biases = torch.stack(scales), torch.stack(biases)
@@ -179,12 +179,12 @@ def qdq_conv(
     return QDQConv2d(weight_int=q_w, bias_int=bias_int, **common)
 
 
-def _exact_accumulator_conv(conv, name, norms, input_grid, q_w, w_scale, acc_step, bias, output_grid) -> QDQConv2d:
+def _exact_accumulator_conv(conv, norms, input_grid, q_w, w_scale, acc_step, bias, output_grid) -> QDQConv2d:
     """The :class:`QDQConv2d` that computes AQD Eq. 4-6 as the fake-quant conv does: the float
     conv of the quantized input and weight, its accumulator ``round(x / alpha_conv)``, then
     ``(eta_conv + b_int + round(s)) * alpha_z`` per level (``beta`` where ``gamma = 0``)."""
     acc_bias, out_scale, out_offset = [], [], []
-    for level, norm in enumerate(norms):
+    for norm in norms:
         alpha_z, s_round, offset = integer_bn_params(norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps, acc_step)
         zero = alpha_z == 0
         acc_bias.append(torch.where(zero, torch.zeros_like(s_round), torch.round(bias / acc_step) + s_round))
