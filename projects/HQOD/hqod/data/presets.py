@@ -66,8 +66,8 @@ PRESETS = {
         # SSD-lite (configs/common/models/ssdlite.py) at the preset's own sizes. The digits are
         # 12-166 px, half of them under 40: COCO's levels leave 45 % of the boxes (68 % of
         # those under 24 px) without a prior of IoU >= 0.5 (BENCHMARKS.md, "Lightweight
-        # detectors"), so here the first level is MobileNetV2's layer3 (32 channels, stride 8) and three extra levels
-        # follow conv_last; priors about 2.5x their level's stride.
+        # detectors"), so here the first level is MobileNetV2's layer3 (32 channels, stride 8)
+        # and three extra levels follow conv_last; priors about 2.5x their level's stride.
         ssd_train_sizes=[224, 256, 288],
         ssd_test_size=384,
         ssd_max_size=512,
