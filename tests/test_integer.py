@@ -472,7 +472,11 @@ def test_integer_engine_per_channel_weights():
     int_model = to_integer(model)
     assert integer_summary(int_model)["fits_int32"]
     head = int_model.head
-    assert all(s.shape == (getattr(head, n).conv.weight.shape[0],) for n, s in zip(head.output_names, head.output_scales))
+    # per output and level: the predictor's per-channel scales, the same on every level
+    assert all(
+        len(per_level) == 5 and all(s is per_level[0] for s in per_level) and per_level[0].shape == (getattr(head, n).conv.weight.shape[0],)
+        for n, per_level in zip(head.output_names, head.output_scales)
+    )
     report = compare_integer_model(model, int_model, synthetic_batches(1, seed=3))
     assert report.float64.max_step_diff < 1e-6 and report.float64.beyond_one_step == 0
     assert report.match_rate_ref64 == 1.0 and report.detections_integer > 0

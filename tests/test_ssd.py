@@ -20,7 +20,7 @@ from hqod.modeling.dense_head import DenseHeadSpec, check_dense_head
 from hqod.quantization import QConv2d, QInvertedResidual, QMobileNetV2, set_integer_aware, to_integer
 from hqod.quantization.integer_layers import aligned_add
 from hqod.quantization.modules import add_alignment
-from hqod.quantization.integer import IntegerConversionError
+from hqod.quantization.integer import IntConvUnit, IntegerConversionError
 
 from helpers import ROOT, calibrate_random_model, fp32_then_qat, sgd_totals, synthetic_batches
 
@@ -164,7 +164,7 @@ def test_quantized_ssdlite_depthwise_convs_and_8bit_first_last():
     assert not {"backbone.bottom_up.stem", "backbone.bottom_up.layer2.0.conv.0", "backbone.bottom_up.conv_last"} & unsigned
 
 
-def test_ssdlite_aqd_scope_quantizes_the_inverted_residual_adds(tmp_path):
+def test_ssdlite_aqd_scope_quantizes_the_inverted_residual_adds():
     torch.manual_seed(0)
     aqd = dict(method="lq", scope="aqd", weight_bits=4, act_bits=4)
     model = calibrate_random_model(instantiate(small_cfg().model), aqd, size=128)
@@ -197,12 +197,50 @@ def test_ssdlite_aqd_scope_quantizes_the_inverted_residual_adds(tmp_path):
         assert torch.equal(seen["out"], block.add_quant(aligned_add(projection, x, alignment)))
         set_integer_aware(model, False)  # (the convs' BN too: float)
         assert torch.equal(block(x, input_quant), block.add_quant(block.conv(x) + x))
-    with pytest.raises(IntegerConversionError, match="built on SSDLiteNeck over QMobileNetV2"):
+    # at width 0.25 the first block keeps the stem's width: its add reads the stem's ReLU6
+    # output, which lies on no grid (a float add in the fake-quant model too)
+    with pytest.raises(IntegerConversionError, match="layer1.0 adds its input, the stem's ReLU6 output"):
         to_integer(set_integer_aware(model, True))
-    from hqod.deploy import OnnxExportError, export_onnx
 
-    with pytest.raises(OnnxExportError, match="exporter does not know: backbone.bottom_up.layer1.0.add_quant"):
-        export_onnx(model, str(tmp_path / "aqd.onnx"), image_size=(128, 128))
+
+def test_ssdlite_aqd_integer_engine_is_exact():
+    """SSD-lite AQD W4A4 (width 0.5) through the integer engine: MobileNetV2's blocks with their
+    Eq. 7 adds, the ReLU6 clips, the extra levels and the per-level head compute the float64
+    fake-quant model exactly."""
+    from hqod.quantization.integer import IntegerMobileNetV2, IntegerPerLevelHead, IntegerSSDLiteNeck, integer_summary
+    from hqod.quantization.integer_check import compare_integer_model
+
+    cfg = small_cfg()
+    cfg.model.backbone.bottom_up.width_mult = 0.5  # layer3, layer5, conv_last: 16, 48, 1280 channels
+    cfg.model.head.input_shape = [ShapeSpec(channels=c) for c in [16, 48, 1280] + EXTRA_CHANNELS]
+    cfg.model.test_score_thresh = 0.0
+    torch.manual_seed(0)
+    model = calibrate_random_model(instantiate(cfg.model), dict(method="lq", scope="aqd", weight_bits=4, act_bits=4), size=128)
+    # calibrated on ReLU6 outputs, a reader's range ends at 6 or below; the first block's
+    # depthwise conv here reads [0, 12] (as training can make it) on 15 steps of 0.8: the stem's
+    # ReLU6 (its BN output grid reaches 15.2; BN scales x 8 to reach past 6 on these images)
+    # clips between two of its levels, 6 / 0.8 = 7.5
+    model.backbone.bottom_up.stem.norm.weight.data.mul_(8)
+    model.backbone.bottom_up.layer1[0].conv[0].input_quant.interval.data.fill_(12.0)
+    int_model = to_integer(model)
+    assert type(int_model.backbone) is IntegerSSDLiteNeck and type(int_model.backbone.bottom_up) is IntegerMobileNetV2
+    assert type(int_model.head) is IntegerPerLevelHead
+    # 52 convs in MobileNetV2 (stem, 17 blocks, conv_last), 9 in the extra levels, 24 in the head
+    summary = integer_summary(int_model)
+    assert summary["conv_units"] == 85 and summary["fits_int32"]
+    # ReLU6 on the integers: the reader's top level is the one the quantizer gives 6 (7.5 -> 8,
+    # round half to even), the others keep theirs (15; 255 for the 8-bit stem and predictors)
+    readers = {u.name: u.levels[0].in_requant.eta_max for u in int_model.modules() if isinstance(u, IntConvUnit)}
+    assert readers.pop("backbone.bottom_up.layer1.0.conv.0") == 8 and set(readers.values()) == {15, 255}
+    images = model.preprocess_image(next(synthetic_batches(1, seed=3, size=128))).tensor
+    with torch.no_grad():
+        stem = int_model.backbone.bottom_up.stem(images) * int_model.backbone.bottom_up.stem.units[0].out_scale
+    assert (stem > 6.4).float().mean() > 0.01  # values the clip changes (6.4: the level above 6)
+    report = compare_integer_model(model, int_model, synthetic_batches(1, seed=3, size=128))
+    assert report.float64.max_step_diff < 1e-6 and report.float64.beyond_one_step == 0
+    assert report.match_rate_ref64 == 1.0 and report.detections_integer > 0
+    assert [len(s) for s in int_model.head.output_scales] == [6, 6]
+    assert "cls_score" in report.format() and "per level" in report.format()  # each level its own step
 
 
 def test_per_level_head_declaration_is_checked():
@@ -283,3 +321,39 @@ def test_ssdlite_exports_to_onnx_runtime(tmp_path):
         assert (r - o).abs().max() <= 1e-5 * r.abs().max()
     steps = output_steps(model)  # per level: each level's predictor has its own scales
     assert [len(s) for s in steps.values()] == [6, 6] and not torch.equal(steps["cls_score"][0], steps["cls_score"][1])
+
+
+def test_ssdlite_aqd_scope_exports_to_onnx_runtime(tmp_path):
+    """Scope aqd on LSQ's grids: BN outputs and MobileNetV2's residual adds (AQD Eq. 7) on
+    8-bit grids. The export computes the fake-quant model and ONNX Runtime the export."""
+    from hqod.deploy import DetectorNetwork, export_onnx, prepare_for_export
+    from hqod.deploy.export import QDQInvertedResidual
+    from hqod.deploy.runtime import executed_kernels
+
+    from test_deploy import _ort_outputs
+
+    torch.manual_seed(0)
+    model = calibrate_random_model(instantiate(small_cfg().model), dict(method="lsq", scope="aqd", weight_bits=4, act_bits=4), size=128)
+    path, optimized = str(tmp_path / "ssd.onnx"), str(tmp_path / "opt.onnx")
+    export_onnx(model, path, image_size=(128, 128))
+    exported = prepare_for_export(model)
+    # the 11 blocks with a residual at width 0.25 (layer1.0's add reads the stem's ReLU6: a plain sum)
+    blocks = [n for n, m in exported.named_modules() if isinstance(m, QDQInvertedResidual)]
+    assert len(blocks) == 11 and exported.get_submodule(blocks[0]).factors == (1.0, 1.0)
+    assert all(exported.get_submodule(n).factors != (1.0, 1.0) for n in blocks[1:])
+    _ort_outputs(path, torch.zeros(1, 3, 128, 128), optimized_model=optimized)
+    # every conv output is quantized: all but the 12 predictors (float logits and deltas) run
+    # as integer kernels
+    assert executed_kernels(optimized)["QLinearConv"] == 85 - 12
+    images = model.preprocess_image(next(synthetic_batches(1, seed=3, size=128))).tensor
+    with torch.no_grad():
+        fake_quant = [t for per_level in model.head([model.backbone(images)[f] for f in model.head_in_features]) for t in per_level]
+        ref = DetectorNetwork(exported)(images)
+    plain = _ort_outputs(path, images, optimize=False)
+    for f, r, o in zip(fake_quant, ref, plain):
+        scale = float(f.abs().max())
+        # equal up to float32 rounding, but for a value within 1e-7 of a level boundary rounded
+        # to the other level, which moves what is downstream of it (a wrongly aligned add or
+        # folded BN moves every output by ~10 % of the range)
+        for a, b in ((f, r), (r, o)):
+            assert (a - b).abs().mean() <= 5e-3 * scale and (a - b).abs().max() <= 0.05 * scale

@@ -12,9 +12,10 @@ runs them around an ONNX Runtime session).
   integer kernels where a quantizer reads the conv's output.
 * Scope ``aqd`` (AQD): the integer BN folds exactly (its shift is an integer in accumulator
   units), its output quantizer follows the conv, and the residual blocks
-  (:class:`QDQResidualBlock`) and the FPN (:class:`QDQFPN`) add as AQD Eq. 7 does: each input
-  times its alignment factor (``c / 2^d`` for the larger-scale one), the sum on the add
-  quantizer's grid. Those factors are float multiplies in the graph.
+  (:class:`QDQResidualBlock`, MobileNetV2's :class:`QDQInvertedResidual`) and the FPN
+  (:class:`QDQFPN`) add as AQD Eq. 7 does: each input times its alignment factor (``c / 2^d``
+  for the larger-scale one), the sum on the add quantizer's grid. Those factors are float
+  multiplies in the graph.
 
 What cannot be exported is refused with one :class:`OnnxExportError` naming the layer: grids
 that are not integers times a step (PTQ's log-affine LLAQ), integer ranges beyond 8 bits of an
@@ -37,14 +38,15 @@ from hqod.modeling.dense_head import dense_head_spec
 from hqod.utils import bn_affine, rebuild_as, replace_child
 from hqod.quantization.calibration import uninitialized_quantizers
 from hqod.quantization.integer_layers import integer_bias_value, integer_bn_params
-from hqod.quantization.modules import QFPN, QConv2d, QResNet, _QuantAddBlock, add_alignment
+from hqod.quantization.modules import QFPN, QConv2d, QInvertedResidual, QMobileNetV2, QResNet, _QuantAddBlock, add_alignment
 from hqod.quantization.multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead
 from hqod.quantization.quantizers import Quantizer
 
 from .qdq import INT16_PAIR_LIMIT, QDQConv2d, fits_uint8, quantize_dequantize, quantize_dequantize_relu, quantize_relu_max_pool, uint8_max
 
 __all__ = [
-    "OnnxExportError", "DetectorNetwork", "QDQTower", "QDQStem", "QDQResidualBlock", "QDQFPN", "export_onnx", "output_names",
+    "OnnxExportError", "DetectorNetwork", "QDQTower", "QDQStem", "QDQResidualBlock", "QDQInvertedResidual", "QDQFPN", "export_onnx",
+    "output_names",
     "prepare_for_export",
 ]
 
@@ -269,6 +271,21 @@ class QDQResidualBlock(nn.Module):
         return quantize_dequantize_relu(out * self.factors[0] + shortcut * self.factors[1], self.add_grid)
 
 
+class QDQInvertedResidual(nn.Module):
+    """MobileNetV2's block with a residual, scope ``aqd``, as exported: its convs, then the
+    projection and the block's input added as AQD Eq. 7 does (:class:`QDQResidualBlock`), the
+    sum on the add quantizer's grid; no activation after it."""
+
+    def __init__(self, block: nn.Module, factors: Tuple[float, float], add_grid):
+        super().__init__()
+        self.conv = block.conv
+        self.factors = factors
+        self.add_grid = add_grid
+
+    def forward(self, x):
+        return quantize_dequantize(self.conv(x) * self.factors[0] + x * self.factors[1], self.add_grid)
+
+
 class QDQStem(nn.Module):
     """detectron2's ResNet stem (conv, ReLU, 3x3 max pool) as exported where its conv's output
     is quantized (scope ``aqd``): ReLU and pool on the output integers
@@ -295,18 +312,20 @@ class QDQFPN(QFPN):
         return quantize_dequantize(fused, self.fuse_grids[idx - 1])
 
 
-def _block_adds(resnet: QResNet, name: str) -> Dict[str, tuple]:
-    """``{block name: (alignment factors, add grid)}`` of a QResNet's quantized blocks."""
-    names = {id(b): f"{name}.{n}" for n, b in resnet.named_modules()}
+def _block_adds(network, name: str) -> Dict[str, tuple]:
+    """``{block name: (alignment factors, add grid)}`` of the quantized residual blocks of a
+    QResNet or a QMobileNetV2."""
+    names = {id(b): f"{name}.{n}" for n, b in network.named_modules()}
     adds = {}
-    for block, input_quant in resnet.block_inputs():
+    for block, input_quant in network.block_inputs():
         if isinstance(block, _QuantAddBlock):
             full = names[id(block)]
-            last = block.conv3 if hasattr(block, "conv3") else block.conv2
-            alignment = (
-                add_alignment(_conv_output_quantizer(last), block.shortcut_quantizer(input_quant))
-                if block.integer_aware else None
-            )
+            if isinstance(block, QInvertedResidual):  # the linear projection and the input
+                last, other = block.conv[-1], input_quant
+            else:  # the last conv and the shortcut
+                last = block.conv3 if hasattr(block, "conv3") else block.conv2
+                other = block.shortcut_quantizer(input_quant)
+            alignment = add_alignment(_conv_output_quantizer(last), other) if block.integer_aware else None
             adds[full] = (_factors(alignment), _activation_grid(block.add_quant, f"{full}.add_quant"))
     return adds
 
@@ -352,7 +371,7 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     # the adds' alignments and grids first: they come from the quantizers that the convs hold
     blocks, fpns = {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, QResNet):
+        if isinstance(module, (QResNet, QMobileNetV2)):
             blocks.update(_block_adds(module, name))
         elif isinstance(module, QFPN):
             fpns[name] = _fpn_adds(module, name)
@@ -366,7 +385,9 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
         if type(module) is BasicStem and isinstance(module.conv1, QDQConv2d) and module.conv1.output_grid is not None:
             _replace(model, name, QDQStem(module))
     for name, (factors, grid) in blocks.items():
-        _replace(model, name, QDQResidualBlock(model.get_submodule(name), factors, grid))
+        block = model.get_submodule(name)
+        export_block = QDQInvertedResidual if isinstance(block, QInvertedResidual) else QDQResidualBlock
+        _replace(model, name, export_block(block, factors, grid))
     for name, (factors, grids) in fpns.items():
         _replace(model, name, _qdq_fpn(model.get_submodule(name), factors, grids))
     left = [n for n, m in model.named_modules() if isinstance(m, Quantizer)]

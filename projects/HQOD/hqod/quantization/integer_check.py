@@ -34,8 +34,8 @@ from detectron2.structures import Instances, pairwise_iou
 
 from hqod.modeling.dense_head import detections_from_head_outputs
 
-from .integer import IntegerHead, integer_summary
-from .integer.ops import scale_output
+from .integer import IntegerHead, IntegerPerLevelHead, integer_summary
+from .integer.network import scale_outputs
 from .modules import QConv2d, QLinear
 
 __all__ = ["AgreementReport", "compare_integer_model", "fake_quant_reference", "match_detections"]
@@ -98,7 +98,7 @@ class AgreementReport:
 
     num_images: int
     num_outputs: int
-    output_steps: Dict[str, Union[float, List[float]]]  # a list: one step per channel
+    output_steps: Dict[str, List[Union[float, List[float]]]]  # per level; a list: one step per channel
     detections_integer: int
     float32: _Agreement
     float64: Optional[_Agreement]
@@ -161,10 +161,7 @@ class AgreementReport:
                 f"(fake-quant) / {self.detections_integer} (integer): match rate {100 * rate:.2f}%",
             ]
 
-        steps = ", ".join(
-            f"{k} {min(v):.4g}..{max(v):.4g} per channel" if isinstance(v, list) else f"{k} {v:.4g}"
-            for k, v in self.output_steps.items()
-        )
+        steps = ", ".join(_steps_text(k, per_level) for k, per_level in self.output_steps.items())
         lines = [f"Integer-only engine vs fake-quant model on {self.num_images} images "
                  f"(output steps: {steps})"]
         lines += agree("float32 (as run)", self.float32)
@@ -187,6 +184,14 @@ class AgreementReport:
             f"{s['float64_convs']} in float64, all exact); {s['int32']}"
         )
         return "\n".join(lines)
+
+
+def _steps_text(name: str, per_level: List[Union[float, List[float]]]) -> str:
+    """An output's steps over its levels (and channels), as the report prints them."""
+    values = [x for v in per_level for x in (v if isinstance(v, list) else [v])]
+    if len(set(values)) == 1:
+        return f"{name} {values[0]:.4g}"
+    return f"{name} {min(values):.4g}..{max(values):.4g} per {'channel' if isinstance(per_level[0], list) else 'level'}"
 
 
 def _ulp(r: torch.Tensor) -> torch.Tensor:
@@ -226,14 +231,14 @@ def compare_integer_model(
     from hqod.evaluation import COCOEvaluator
 
     head = int_model.head
-    if not isinstance(head, IntegerHead):
+    if not isinstance(head, (IntegerHead, IntegerPerLevelHead)):
         raise TypeError("compare_integer_model: int_model must come from to_integer().")
     fq_model.eval()
     int_model.eval()
     ref_model = fake_quant_reference(fq_model) if reference64 else None
     names = head.output_names
-    # output steps: a float, or (1, C, 1, 1) with per-channel weights
-    steps = {n: s.view(1, -1, 1, 1) if isinstance(s, torch.Tensor) else s for n, s in zip(names, head.output_scales)}
+    # output steps per output and level: a float, or (1, C, 1, 1) with per-channel weights
+    steps = {n: [s.view(1, -1, 1, 1) if isinstance(s, torch.Tensor) else s for s in per_level] for n, per_level in zip(names, head.output_scales)}
     evaluators = {}
     if dataset_name is not None:
         for key in ("fq", "int") + (("ref",) if reference64 else ()):
@@ -260,7 +265,7 @@ def compare_integer_model(
         int_images = int_model.preprocess_image(batch)
         int_feats = _features_and_head(int_model, int_images.tensor)
         int_q = head.forward_integer(int_feats)
-        int_preds = [[scale_output(q, s) for q in per_level] for per_level, s in zip(int_q, head.output_scales)]
+        int_preds = scale_outputs(int_q, head.output_scales)
         int_out = detections_from_head_outputs(int_model, int_images, int_preds, batch)
         t2 = time.perf_counter()
         t_fq += t1 - t0
@@ -272,15 +277,15 @@ def compare_integer_model(
             refs.append(("ref", a64, ref_preds, detections_from_head_outputs(ref_model, images, ref_preds, batch)))
         for key, agreement, preds, outs in refs:
             for name, per_level_ref, per_level_int in zip(names, preds, int_q):
-                for r, q in zip(per_level_ref, per_level_int):
+                for r, q, step in zip(per_level_ref, per_level_int, steps[name]):
                     r = r.detach().cpu()  # in its own dtype (the ulp below is that format's)
-                    diff = (r.double() / steps[name] - q.cpu().double()).abs()
+                    diff = (r.double() / step - q.cpu().double()).abs()
                     if diff.numel():
                         m = float(diff.max())
                         agreement.per_output_max[name] = max(agreement.per_output_max[name], m)
                         agreement.max_step_diff = max(agreement.max_step_diff, m)
                         agreement.beyond_one_step += int((diff > 1.0).sum())
-                        ulp = _ulp(r) / steps[name]
+                        ulp = _ulp(r) / step
                         agreement.max_ulp_steps = max(agreement.max_ulp_steps, float(ulp.max()))
                         agreement.beyond_one_step_and_float += int((diff > 1.0 + 2 * ulp).sum())
             for o_ref, o_int in zip(outs, int_out):
@@ -300,7 +305,7 @@ def compare_integer_model(
     return AgreementReport(
         num_images=n_images,
         num_outputs=n_values,
-        output_steps={n: s.flatten().tolist() if isinstance(s, torch.Tensor) else s for n, s in steps.items()},
+        output_steps={n: [s.flatten().tolist() if isinstance(s, torch.Tensor) else s for s in per_level] for n, per_level in steps.items()},
         detections_integer=n_int_dets,
         float32=a32,
         float64=a64,

@@ -1,8 +1,8 @@
 """
 The integer-only engine (AQD, Chen et al., CVPR 2021, Sec. 3.2): :func:`to_integer` turns a
 trained, fully quantized AQD detector (``quant.scope="aqd"``; RetinaNet, FCOS or ATSS on a
-detectron2 ResNet + FPN with BN, including the HQOD variants) into a model that computes what
-an integer accelerator would:
+detectron2 ResNet + FPN with BN, SSD-lite on MobileNetV2, including the HQOD variants) into a
+model that computes what an integer accelerator would:
 
 * integer activations ``q`` on each quantizer's grid (``x_hat = q * alpha``, AQD Eq. 1; the
   zero-free signed grid of Eq. 3 as the odd integers ``2 * eta - (2^b - 1)``);
@@ -16,7 +16,8 @@ an integer accelerator would:
   ``M``, 64-bit product as gemmlowp / TFLite, round half to even as the fake quantizers),
   then clipping;
 * residual and FPN adds as ``eta_1 * 2^d + eta_2 * c`` (Eq. 7-8, int32 by construction);
-* ReLU, max-pooling and nearest upsampling on the integers.
+* ReLU, ReLU6 (its clip at 6 applied where the next conv requantizes), max-pooling and
+  nearest upsampling on the integers.
 
 Floats appear only where data enters and leaves the network: the normalized image is quantized
 by the stem conv's input quantizer (as the fake-quant model does, in float64), and the
@@ -24,7 +25,8 @@ predictors' integer outputs (classification logits, box deltas, centerness) are 
 their scales ``alpha`` when they leave the head. Everything after that is detectron2's normal
 post-processing: the converted model is an instance of the same meta-architecture whose
 ``backbone`` and ``head`` are :class:`IntegerFPN` (over an :class:`IntegerResNet`) /
-:class:`IntegerHead`.
+:class:`IntegerHead`, or for SSD-lite :class:`IntegerSSDLiteNeck` (over an
+:class:`IntegerMobileNetV2`) / :class:`IntegerPerLevelHead`.
 
 Exactness. Integers are held in int64 tensors. Convolutions run as float convolutions of
 integer-valued tensors (PyTorch has no integer convolution on CPU): float32 where every partial
@@ -50,7 +52,7 @@ quantizer), :mod:`.network` (the integer backbone and head built from them), :mo
 (save / load).
 """
 from .export import integer_summary, to_integer
-from .network import IntegerFPN, IntegerHead, IntegerResNet
+from .network import IntegerFPN, IntegerHead, IntegerMobileNetV2, IntegerPerLevelHead, IntegerResNet, IntegerSSDLiteNeck
 from .ops import IntAdd, IntConv, IntConvUnit, IntegerConversionError, IntRequant
 from .serialization import INTEGER_FORMAT, INTEGER_FORMAT_VERSION, load_integer_model, save_integer_model
 
@@ -63,6 +65,9 @@ __all__ = [
     "IntegerFPN",
     "IntegerResNet",
     "IntegerHead",
+    "IntegerMobileNetV2",
+    "IntegerSSDLiteNeck",
+    "IntegerPerLevelHead",
     "IntRequant",
     "IntConv",
     "IntConvUnit",

@@ -1,9 +1,11 @@
 """
 Conversion of a trained AQD fake-quant detector into the integer network (:func:`to_integer`):
 the checks that it is convertible, the export of every quantized conv with its BN and
-requantizations, of the adds, the backbone and the head, and :func:`integer_summary`.
+requantizations, of the adds, the backbones (ResNet + FPN, MobileNetV2 + SSD-lite's extra
+levels) and the heads, and :func:`integer_summary`.
 """
 import copy
+import dataclasses
 import itertools
 import logging
 import math
@@ -17,12 +19,21 @@ from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicStem
 
+from hqod.modeling.dense_head import dense_head_spec
+from hqod.modeling.mobilenet import SSDLiteNeck
+
 from ...utils import rebuild_as
 from ..integer_layers import INT32_MAX, IntegerGrid, integer_bias_value, integer_bn_params
-from ..modules import QBottleneckBlock, QConv2d, QFPN, QResNet, QuantizedModule, _OutputQuantBN, _QuantAddBlock, add_alignment
+from ..modules import (
+    QBottleneckBlock, QConv2d, QFPN, QInvertedResidual, QMobileNetV2, QResNet, QuantizedModule, _OutputQuantBN, _QuantAddBlock,
+    add_alignment,
+)
 from ..multilevel import LevelSequential, MultiLevelBatchNorm, MultiLevelHead
 from ..quantizers import Quantizer
-from .network import IntBlock, IntegerFPN, IntegerHead, IntegerResNet, IntegerTower, IntStem
+from .network import (
+    IntBlock, IntConvChain, IntegerFPN, IntegerHead, IntegerMobileNetV2, IntegerPerLevelHead, IntegerResNet, IntegerSSDLiteNeck,
+    IntegerTower, IntInvertedResidual, IntStem,
+)
 from .ops import IntAdd, IntConv, IntConvUnit, IntegerConversionError, IntLevel, IntQuantizeInput, IntRequant
 
 __all__ = ["to_integer", "integer_summary"]
@@ -66,17 +77,17 @@ def _check_convertible(model: nn.Module):
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, FPN) and not isinstance(backbone, QFPN):
         raise _refuse("not fully quantized (its FPN adds are float)")
-    if not isinstance(backbone, QFPN):
-        bottom_up = getattr(backbone, "bottom_up", backbone)
+    bottom_up = getattr(backbone, "bottom_up", backbone)
+    if not (isinstance(backbone, QFPN) or (type(backbone) is SSDLiteNeck and isinstance(bottom_up, QMobileNetV2))):
         raise _refuse(
             f"built on {type(backbone).__name__} over {type(bottom_up).__name__}",
-            "the engine converts ResNet + FPN detectors (RetinaNet, FCOS, ATSS)",
+            "the engine converts ResNet + FPN detectors (RetinaNet, FCOS, ATSS) and MobileNetV2 + SSD-lite",
         )
     if fp32_layers:
         shown = ", ".join(fp32_layers[:8]) + (f" ... ({len(fp32_layers)} in all)" if len(fp32_layers) > 8 else "")
         raise _refuse("partially quantized", f"layers kept FP32 (quant.overrides / first_last_bits=None): {shown}")
     if not isinstance(model, DenseDetector):
-        raise _refuse(f"a {type(model).__name__}", "the engine converts dense detectors (RetinaNet, FCOS, ATSS)")
+        raise _refuse(f"a {type(model).__name__}", "the engine converts dense detectors (RetinaNet, FCOS, ATSS, SSD-lite)")
     bad = [n for n, q in quantizers.items() if not q.is_initialized]
     if bad:
         raise IntegerConversionError(
@@ -102,10 +113,12 @@ def _in_multilevel(model, name: str) -> bool:
 @dataclass
 class _Val:
     """What the exporter knows about an integer tensor: its scale (a float, or one per channel:
-    the accumulator of a conv with per-channel weights) and a bound of |q|."""
+    the accumulator of a conv with per-channel weights), a bound of |q| and, after a ReLU6, the
+    value its reader clips at (``upper``: 6)."""
 
     scale: Union[float, torch.Tensor]
     max_abs: int
+    upper: Optional[float] = None
 
 
 def _ratios(scale, step: float) -> List[float]:
@@ -164,7 +177,7 @@ class _Exporter:
         self._note_bound(name, acc_max)
         levels, out_scale, out_max_abs = [], acc_scale, acc_max
         for src, params in zip(srcs, bn_params):
-            in_req = self.requant(_ratios(src.scale, in_grid.step), in_grid, src.max_abs)
+            in_req = self.requant(_ratios(src.scale, in_grid.step), _clipped_grid(conv.input_quant, src.upper), src.max_abs)
             if params is None:
                 levels.append(IntLevel(in_req, None, None))
                 continue
@@ -195,6 +208,17 @@ class _Exporter:
         return IntAdd(alignment.c, alignment.d, alignment.rescaled, req), _Val(grid.scale, grid.max_abs)
 
 
+def _clipped_grid(quantizer: Quantizer, upper: Optional[float]) -> IntegerGrid:
+    """``quantizer``'s grid; with ``upper`` (its input went through ReLU6) the top level
+    lowered to the one ``quantizer`` gives ``upper``, computed by the quantizer itself in
+    float32 as the fake-quant model does."""
+    grid = quantizer.integer_grid()
+    if upper is None:
+        return grid
+    x_hat = float(quantizer(torch.full((1, 1, 1, 1), upper, dtype=torch.float32)))
+    return dataclasses.replace(grid, eta_max=min(grid.eta_max, round(x_hat / grid.step + grid.offset2 / 2)))
+
+
 def _grid_val(q: Quantizer) -> _Val:
     g = q.integer_grid()
     return _Val(g.scale, g.max_abs)
@@ -202,6 +226,25 @@ def _grid_val(q: Quantizer) -> _Val:
 
 def _unit_val(unit: IntConvUnit) -> _Val:
     return _Val(unit.out_scale, unit.out_max_abs)
+
+
+def _export_chain(ex: _Exporter, convs: List[Tuple[str, nn.Module]], src: _Val, entry: Optional[IntQuantizeInput] = None):
+    """Quantized convs in sequence, ``(name, conv)``, each with its BN and ReLU, ReLU6 or no
+    activation, reading ``src``: ``(IntConvChain, value of its output)``."""
+    units, relus, val = [], [], src
+    for name, conv in convs:
+        unit = ex.conv_unit(conv, [val], None, name)
+        activation = getattr(conv, "activation", None)
+        if activation is not None and type(activation) not in (nn.ReLU, nn.ReLU6):
+            raise _refuse("not convertible", f"{name} applies {type(activation).__name__} (the engine: ReLU, ReLU6)")
+        units.append(unit)
+        relus.append(activation is not None)
+        val = _Val(unit.out_scale, unit.out_max_abs, 6.0 if type(activation) is nn.ReLU6 else None)
+    return IntConvChain(units, relus, entry), val
+
+
+def _children(prefix: str, sequential: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return [(f"{prefix}.{n}", m) for n, m in sequential.named_children()]
 
 
 def _export_block(ex: _Exporter, block, input_quant, src: _Val, name: str) -> IntBlock:
@@ -227,7 +270,7 @@ def _export_block(ex: _Exporter, block, input_quant, src: _Val, name: str) -> In
     return IntBlock(units, shortcut, add)
 
 
-def _export_backbone(ex: _Exporter, fpn: FPN) -> IntegerFPN:
+def _export_fpn(ex: _Exporter, fpn: FPN) -> Tuple[IntegerFPN, Dict[str, _Val]]:
     resnet = fpn.bottom_up
     if not isinstance(resnet, ResNet) or not isinstance(resnet.stem, BasicStem):
         raise _refuse("not convertible", f"the engine supports detectron2 ResNet backbones, not {type(resnet).__name__}")
@@ -286,10 +329,55 @@ def _export_backbone(ex: _Exporter, fpn: FPN) -> IntegerFPN:
         top.p6, top.p7 = p6, p7
         scales.update(p6=p6.out_scale, p7=p7.out_scale)
         bounds.update(p6=p6.out_max_abs, p7=p7.out_max_abs)
-    return IntegerFPN(
+    int_fpn = IntegerFPN(
         fpn, bottom_up=int_resnet, laterals=laterals, outputs=outputs, adds=adds, top_block=top,
         feature_scales=scales, feature_max_abs=bounds,
     )
+    return int_fpn, {n: _Val(scales[n], bounds[n]) for n in names}
+
+
+def _export_mobilenet(ex: _Exporter, net: QMobileNetV2, prefix: str) -> Tuple[IntegerMobileNetV2, Dict[str, _Val]]:
+    entry_grid = net.stem.input_quant.integer_grid()
+    stem, val = _export_chain(
+        ex, [(f"{prefix}.stem", net.stem)], _Val(entry_grid.scale, entry_grid.max_abs), IntQuantizeInput(entry_grid)
+    )
+    vals, stages = {"stem": val}, []
+    block_inputs = net.block_inputs()
+    for sname in net.stage_names:
+        blocks = []
+        for i, (block, input_quant) in enumerate(itertools.islice(block_inputs, len(getattr(net, sname)))):
+            name = f"{prefix}.{sname}.{i}"
+            convs, out = _export_chain(ex, _children(f"{name}.conv", block.conv), val)
+            if isinstance(block, QInvertedResidual):
+                if not block.integer_aware:
+                    raise _refuse("not integer-aware", f"{name} adds in float (set_integer_aware(model, True))")
+                if input_quant is None:  # at some widths the first block keeps the stem's width
+                    raise _refuse("not fully quantized", f"{name} adds its input, the stem's ReLU6 output, which lies on no grid")
+                add, out = ex.add(block.conv[-1].output_quantizer(), input_quant, block.add_quant, f"{name}.add")
+                convs = IntInvertedResidual(convs, add)
+            elif block.use_residual:
+                raise _refuse("not fully quantized", f"{name} adds in float")
+            blocks.append(convs)
+            val = out
+        stages.append(blocks)
+        vals[sname] = val
+    conv_last, vals["conv_last"] = _export_chain(ex, [(f"{prefix}.conv_last", net.conv_last)], val)
+    return IntegerMobileNetV2(net, stem=stem, stages=stages, conv_last=conv_last), vals
+
+
+def _export_ssdlite_neck(ex: _Exporter, neck: SSDLiteNeck) -> Tuple[IntegerSSDLiteNeck, Dict[str, _Val]]:
+    bottom_up, bottom_vals = _export_mobilenet(ex, neck.bottom_up, "backbone.bottom_up")
+    vals = {f: bottom_vals[f] for f in neck.in_features}
+    val, extras = vals[neck.in_features[-1]], []
+    for i, extra in enumerate(neck.extras, start=1):
+        chain, val = _export_chain(ex, _children(f"backbone.extras.{i - 1}", extra), val)
+        extras.append(chain)
+        vals[f"extra{i}"] = val
+    int_neck = IntegerSSDLiteNeck(
+        neck, bottom_up=bottom_up, extras=extras, feature_scales={f: v.scale for f, v in vals.items()},
+        feature_max_abs={f: v.max_abs for f, v in vals.items()},
+    )
+    return int_neck, vals
 
 
 def _export_head(ex: _Exporter, head: MultiLevelHead, feature_vals: List[_Val]) -> IntegerHead:
@@ -329,6 +417,30 @@ def _export_head(ex: _Exporter, head: MultiLevelHead, feature_vals: List[_Val]) 
     return IntegerHead(head, towers=towers, predictors=predictors)
 
 
+def _export_per_level_head(ex: _Exporter, head: nn.Module, feature_vals: List[_Val]) -> IntegerPerLevelHead:
+    """A declared head with its own towers (``nn.Sequential`` of quantized convs with their BN
+    and activation) and predictors on each level (``shared=False``, e.g. SSD-lite's)."""
+    spec = dense_head_spec(type(head))
+    if spec is None or spec.shared:
+        raise _refuse("not convertible", f"head {type(head).__name__} is neither a quantized multi-level head nor a per-level dense head")
+    towers, tower_vals = {}, {}
+    for tname in spec.towers:
+        chains, vals = [], []
+        for level, (tower, src) in enumerate(zip(getattr(head, tname), feature_vals)):
+            chain, val = _export_chain(ex, _children(f"head.{tname}.{level}", tower), src)
+            chains.append(chain)
+            vals.append(val)
+        towers[tname], tower_vals[tname] = chains, vals
+    predictors = {
+        pname: [
+            ex.conv_unit(conv, [val], None, f"head.{pname}.{level}")
+            for level, (conv, val) in enumerate(zip(getattr(head, pname), tower_vals[tname]))
+        ]
+        for pname, tname in spec.predictors.items()
+    }
+    return IntegerPerLevelHead(head, spec=spec, towers=towers, predictors=predictors)
+
+
 class _BNView:
     """One level's BN of a multi-level BN with the shared output quantizer."""
 
@@ -344,11 +456,13 @@ def to_integer(model: nn.Module, *, multiplier_bits: int = 31) -> nn.Module:
     Convert a trained AQD detector (fake-quant, ``quant.scope="aqd"``, quantizers initialized)
     into the integer-only model: a copy of ``model`` (same meta-architecture, same detectron2
     post-processing) whose ``backbone`` and ``head`` compute with integers
-    (:class:`IntegerFPN`, :class:`IntegerHead`), on the CPU (it can be moved to a GPU);
+    (:class:`IntegerFPN` / :class:`IntegerSSDLiteNeck`, :class:`IntegerHead` /
+    :class:`IntegerPerLevelHead`), on the CPU (it can be moved to a GPU);
     ``model`` is left as it is.
 
     Args:
-        model: the fake-quant detector (RetinaNet, FCOS, ATSS or their HQOD subclasses).
+        model: the fake-quant detector (RetinaNet, FCOS, ATSS, SSD-lite or their HQOD
+            subclasses).
         multiplier_bits: bits of the requantization multipliers (31: int32).
 
     Raises:
@@ -363,9 +477,11 @@ def to_integer(model: nn.Module, *, multiplier_bits: int = 31) -> nn.Module:
     model.eval()
     try:
         ex = _Exporter(multiplier_bits)
-        backbone = _export_backbone(ex, model.backbone)
-        vals = [_Val(backbone.feature_scales[f], backbone.feature_max_abs[f]) for f in model.head_in_features]
-        head = _export_head(ex, model.head, vals)
+        export_backbone = _export_fpn if isinstance(model.backbone, QFPN) else _export_ssdlite_neck
+        backbone, feature_vals = export_backbone(ex, model.backbone)
+        vals = [feature_vals[f] for f in model.head_in_features]
+        export_head = _export_head if isinstance(model.head, MultiLevelHead) else _export_per_level_head
+        head = export_head(ex, model.head, vals)
     finally:
         model.train(was_training)
     memo = {id(model.backbone): backbone, id(model.head): head}
