@@ -207,19 +207,36 @@ def _exact_accumulator_conv(conv, norms, input_grid, q_w, w_scale, acc_step, bia
 
 class QDQTower(nn.Module):
     """A head tower of the exported model: its quantized convs with the next multi-level BN
-    folded per level (:class:`QDQConv2d`), the other layers as they were; ``forward(x, level)``."""
+    folded per level (:class:`QDQConv2d`), the other layers as they were; ``forward(x, level)``.
+    ``readers``: how many predictors read the tower. ONNX Runtime drops a float ``Relu`` only
+    where one ``QuantizeLinear`` reads it; where the tower's last ReLU has more readers (FCOS's
+    box tower: the box deltas and the centerness) and follows a conv whose output is quantized
+    (scope ``aqd``), it is the clip of that conv's integers instead
+    (:func:`~.qdq.quantize_dequantize_relu`: the same values, no float op)."""
 
-    def __init__(self, layers: List[nn.Module]):
+    def __init__(self, layers: List[nn.Module], readers: int = 1):
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        last = len(layers) - 2
+        self.relu_on_integers = [  # the conv whose ReLU is folded into its output quantizer
+            i == last and readers > 1 and isinstance(layer, QDQConv2d) and layer.output_grid is not None
+            and layer.activation is None and isinstance(layers[-1], nn.ReLU)
+            for i, layer in enumerate(layers)
+        ]
 
     def forward(self, x, level: int):
-        for layer in self.layers:
-            x = layer(x, level) if isinstance(layer, QDQConv2d) else layer(x)
+        folded = False
+        for layer, relu_on_integers in zip(self.layers, self.relu_on_integers):
+            if folded:  # this ReLU was applied on the integers
+                folded = False
+            elif relu_on_integers:
+                x, folded = layer(x, level, output_op=quantize_dequantize_relu), True
+            else:
+                x = layer(x, level) if isinstance(layer, QDQConv2d) else layer(x)
         return x
 
 
-def _qdq_tower(tower: LevelSequential, name: str) -> QDQTower:
+def _qdq_tower(tower: LevelSequential, name: str, readers: int) -> QDQTower:
     layers = list(tower.named_children())
     out, skip = [], set()
     for i, (idx, layer) in enumerate(layers):
@@ -236,7 +253,7 @@ def _qdq_tower(tower: LevelSequential, name: str) -> QDQTower:
                 out.append(qdq_conv(layer, f"{name}.{idx}", [layer.norm], getattr(layer.norm, "output_quant", None)))
         else:
             out.append(layer)
-    return QDQTower(out)
+    return QDQTower(out, readers)
 
 
 def _factors(alignment) -> Tuple[float, float]:
@@ -377,7 +394,9 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
             fpns[name] = _fpn_adds(module, name)
     for name, module in list(model.named_modules()):
         if isinstance(module, LevelSequential):
-            _replace(model, name, _qdq_tower(module, name))
+            head_name, _, tower_name = name.rpartition(".")
+            readers = list(model.get_submodule(head_name).spec.predictors.values()).count(tower_name)
+            _replace(model, name, _qdq_tower(module, name, readers))
     for name, module in list(model.named_modules()):
         if isinstance(module, QConv2d):
             _replace(model, name, qdq_conv(module, name, [module.norm], getattr(module.norm, "output_quant", None)))
