@@ -15,7 +15,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from hqod.engine import build_model
-from hqod.modeling import HQODSSD, SSD, MobileNetV2, SSDAnchorGenerator, SSDLiteHead, hard_negative_mask
+from hqod.modeling import HQODSSD, SSD, MobileNetV2, SSDAnchorGenerator, SSDLiteHead, SSDLiteNeck, hard_negative_mask
 from hqod.modeling.dense_head import DenseHeadSpec, check_dense_head
 from hqod.quantization import QConv2d, QInvertedResidual, QMobileNetV2, set_integer_aware, to_integer
 from hqod.quantization.integer_layers import aligned_add
@@ -201,6 +201,10 @@ def test_ssdlite_aqd_scope_quantizes_the_inverted_residual_adds():
     # output, which lies on no grid (a float add in the fake-quant model too)
     with pytest.raises(IntegerConversionError, match="layer1.0 adds its input, the stem's ReLU6 output"):
         to_integer(set_integer_aware(model, True))
+    # a neck the engine does not know (a subclass may compute anything): one error naming it
+    model.backbone.__class__ = type("OtherNeck", (SSDLiteNeck,), {})
+    with pytest.raises(IntegerConversionError, match="built on OtherNeck over QMobileNetV2"):
+        to_integer(model)
 
 
 def test_ssdlite_aqd_integer_engine_is_exact():
