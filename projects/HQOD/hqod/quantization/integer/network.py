@@ -119,8 +119,8 @@ class IntegerHead(MultiLevelHead):
     The quantized multi-level head (its declaration, names and ``forward``) on integers: its
     towers are :class:`IntegerTower`, its predictors :class:`IntConvUnit`, whose int32 outputs
     leave the network multiplied by their scales (``output_scales``, per output and level: a
-    float, or one per channel with per-channel weights) — the only float multiply of the head. Returns the float head's
-    structure (one list per output, one tensor per level).
+    float, or one per channel with per-channel weights) — the only float multiply of the head.
+    Returns the float head's structure (one list per output, one tensor per level).
     """
 
     def __init__(self, head: MultiLevelHead, *, towers: Dict[str, IntegerTower], predictors: Dict[str, IntConvUnit]):
