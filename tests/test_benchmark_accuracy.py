@@ -162,6 +162,8 @@ def test_run_writes_records_and_retrains_a_missing_fp32_model(tool, tmp_path, mo
     assert fp32["model_sha256"] == sha and qat["init_sha256"] == sha
     assert qat["results"]["bbox"]["AP"] == 12.5 and qat["commit"] == "abc1234"
     assert qat["fp32_bbox"] == {"AP": 12.5, "AP50": 20.0, "AP75": 10.0}  # its FP32 model's (the fake's)
+    # and its FP32 model's harmony: gaps 0.777 and 0.035 (half below 0.1); two points, score up, IoU down
+    assert qat["fp32_harmony"]["gap_0.0-0.1"] == pytest.approx(50.0) and qat["fp32_harmony"]["corr"] == pytest.approx(-1.0)
     assert qat["tp"] == {"score": [0.123457, 0.8], "iou": [0.9, 0.765432]}  # 6 decimals
     assert len(calls) == 2
     tool.run("lsq_w2", 0, out, records, None)  # recorded: not run again
@@ -263,12 +265,45 @@ def test_targets_harmony(tool):
     corr = {"fp32": 0.40, "lsq_w4": 0.35, "lsq_w4_hqod": 0.37, "lsq_w3": 0.30, "lsq_w3_hqod": 0.31, "lsq_w2": 0.25, "lsq_w2_hqod": 0.24}
     gap01 = {"fp32": 1.0, "lsq_w4": 0.5, "lsq_w4_hqod": 0.9, "lsq_w3": 0.2, "lsq_w3_hqod": 0.4, "lsq_w2": 0.0, "lsq_w2_hqod": 0.1}
     falls, corr_rises, share_rises = tool.targets_harmony(harmony_records(corr, gap01), "lsq")
-    assert falls == "- LSQ: score-IoU correlation falls as bits drop (FP32 > W4 > W3 > W2): met (0.400 > 0.350 > 0.300 > 0.250)"
-    assert corr_rises == "- LSQ+HQOD raises the score-IoU correlation at W4, W3, W2: missed (W4 0.370 vs 0.350, W3 0.310 vs 0.300, W2 0.240 vs 0.250)"
-    assert share_rises == "- LSQ+HQOD raises the share of TPs with gap < 0.1 at W4, W3, W2: met (W4 0.90% vs 0.50%, W3 0.40% vs 0.20%, W2 0.10% vs 0.00%)"
+    assert falls == (
+        "- LSQ: score-IoU correlation falls as bits drop (FP32 > W4 > W3 > W2): met "
+        "(corr minus its FP32 model's: +0.000 > -0.050 > -0.100 > -0.150)"
+    )
+    assert corr_rises == "- LSQ+HQOD raises the score-IoU correlation at W4, W3, W2: missed (W4 +0.020 (+0.020), W3 +0.010 (+0.010), W2 -0.010 (-0.010))"
+    assert share_rises == (
+        "- LSQ+HQOD raises the share of TPs with gap < 0.1 at W4, W3, W2: met "
+        "(W4 +0.4 pt (+0.4 pt), W3 +0.2 pt (+0.2 pt), W2 +0.1 pt (+0.1 pt))"
+    )
     del corr["lsq_w3"], gap01["lsq_w3"]
     falls, corr_rises, _ = tool.targets_harmony(harmony_records(corr, gap01), "lsq")
     assert falls.endswith(": not measured (missing lsq_w3)") and corr_rises.endswith(": not measured (missing lsq_w3)")
+
+
+def test_targets_harmony_across_fp32_models(tool):
+    """Runs that fine-tuned two FP32 models (corr 0.40, the FP32 record's, and 0.50): each run's
+    correlation is taken against its own model's, each HQOD run against its baseline of the same
+    seed and model."""
+    records = [record("fp32", 0, corr=0.40), record("lsq_w4", 0, corr=0.38), record("lsq_w4_hqod", 0, corr=0.39)]
+    records += [record("lsq_w3", 0, corr=0.46), record("lsq_w3_hqod", 0, corr=0.47)]  # the second model's
+    records += [record("lsq_w2", 0, corr=0.30), record("lsq_w2_hqod", 0, corr=0.33), record("lsq_w2_hqod", 1, corr=0.20)]
+    for rec in records:
+        rec["model_sha256" if rec["name"] == "fp32" else "init_sha256"] = "first"
+    for rec in records[3:5] + records[7:]:
+        rec["init_sha256"] = "second"
+        rec["fp32_harmony"] = {"corr": 0.50}
+    falls, corr_rises, _ = tool.targets_harmony(records, "lsq")
+    # by the means alone W3 (0.46) sits above W4 (0.38) and FP32 (0.40); against their own models
+    # W4 lost 0.02, W3 0.04 and W2 0.10
+    assert falls.endswith(": met (corr minus its FP32 model's: +0.000 > -0.020 > -0.040 > -0.100)")
+    # seed 1 of W2 + HQOD (the second model) has no baseline: only seed 0 is paired (+0.03)
+    assert corr_rises.endswith(": met (W4 +0.010 (+0.010), W3 +0.010 (+0.010), W2 +0.030 (+0.030))")
+    records[4]["init_sha256"] = "first"  # W3 + HQOD from the other model than its baseline
+    _, corr_rises, _ = tool.targets_harmony(records, "lsq")
+    assert corr_rises.endswith(": not measured (no seed of one FP32 model with both runs at W3)")
+    del records[1]["init_sha256"], records[0]["model_sha256"]
+    records[1]["init_sha256"] = "third"  # an FP32 model with neither its own copy nor the FP32 record
+    falls, _, _ = tool.targets_harmony(records, "lsq")
+    assert falls.endswith(": not measured (the score-IoU correlation of lsq_w4's FP32 model is unknown)")
 
 
 def test_targets_all_lines(tool):

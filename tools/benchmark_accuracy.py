@@ -18,9 +18,9 @@ Training goes to ``--output-dir`` (default ``output/benchmark_accuracy``): ``<ru
 run and ``seed<S>/<run>/`` per QAT run (an interrupted run resumes there). A finished run leaves
 its record in ``--records-dir`` (default ``benchmarks/accuracy``, tracked in git, so the
 benchmark can be finished over several sittings on fresh machines): its command, commit, wall
-time, COCO and harmony results, every true positive's score and IoU, and the SHA-256 and AP of
-the FP32 model it fine-tuned (the SHA-256 of its final model for an FP32 run); the targets
-against FP32 compare each run with its own FP32 model. A run with a record is never repeated;
+time, COCO and harmony results, every true positive's score and IoU, and the SHA-256, COCO and
+harmony results of the FP32 model it fine-tuned (the SHA-256 of its final model for an FP32 run);
+the targets against FP32 compare each run with its own FP32 model. A run with a record is never repeated;
 when a QAT run needs an FP32 model whose record exists but whose checkpoint this machine lacks,
 the FP32 run is trained again (same command and seed) and the report names any QAT record whose
 FP32 model differs from the recorded one. The report, ``results.md`` in the output directory
@@ -251,9 +251,12 @@ def run(name, seed, output_dir, records_dir, fp32_checkpoint):
         record["model_sha256"] = sha256(init if name == "fp32" and fp32_checkpoint else final_model(output_dir, name))
     else:
         record["init_sha256"] = sha256(init)
-        # the AP of the FP32 model it fine-tuned (this machine's, which a later sitting may not reproduce)
-        with open(os.path.join(run_dir(output_dir, RUNS[name].fp32, FP32_SEED), "inference", "results.json")) as f:
+        # the COCO and harmony results of the FP32 model it fine-tuned (this machine's, which a
+        # later sitting may not reproduce)
+        fp32_inference = os.path.join(run_dir(output_dir, RUNS[name].fp32, FP32_SEED), "inference")
+        with open(os.path.join(fp32_inference, "results.json")) as f:
             record["fp32_bbox"] = json.load(f)["bbox"]
+        record["fp32_harmony"] = harmony_metrics(*load_tp_records(fp32_inference))
     path = record_path(records_dir, name, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -343,18 +346,18 @@ def results_table(records):
     return "\n".join(lines)
 
 
-def paired_differences(records, baseline, variant, key):
-    """{seed: variant - baseline} of bbox ``key`` over the seeds both runs finished from the same
-    FP32 model (a pair split by a retrained FP32 model that came out different is left out)."""
-    base, var = values(records, baseline, key), values(records, variant, key)
+def paired_differences(records, baseline, variant, key, task="bbox"):
+    """{seed: variant - baseline} of ``task``'s ``key`` over the seeds both runs finished from the
+    same FP32 model (a pair split by a retrained FP32 model that came out different is left out)."""
+    base, var = values(records, baseline, key, task), values(records, variant, key, task)
     init = {(r["name"], r["seed"]): r.get("init_sha256") for r in records}
     same = lambda seed: init[baseline, seed] == init[variant, seed]  # noqa: E731
     return {seed: var[seed] - base[seed] for seed in sorted(base.keys() & var.keys()) if same(seed)}
 
 
-def differences_cell(diffs):
+def differences_cell(diffs, fmt="{:+.2f}"):
     """``mean (per seed)`` of paired differences."""
-    return f"{np.mean(list(diffs.values())):+.2f} ({per_seed_cell(diffs.values(), '{:+.2f}')})"
+    return f"{fmt.format(np.mean(list(diffs.values())))} ({per_seed_cell(diffs.values(), fmt)})"
 
 
 def differences_table(records):
@@ -377,20 +380,26 @@ def target_line(records, text, names, measure):
     return f"- {text}: {verdict} ({detail})"
 
 
-def fp32_reference(records, name):
-    """Mean AP of the FP32 models ``name``'s runs fine-tuned: each record's own (``fp32_bbox``,
-    kept since a new machine may train the FP32 run again), else the FP32 record's; None when
+def fp32_result(records, record, key, task="bbox"):
+    """``task``'s ``key`` of the FP32 model a QAT ``record`` fine-tuned: the record's own copy
+    (``fp32_bbox`` / ``fp32_harmony``, kept since a new machine may train the FP32 run again),
+    else the FP32 run's record when it is that model (or the record does not say); None when
     neither is known."""
-    parent = RUNS[name].fp32
-    recorded = values(records, parent, "AP")
-    aps = []
+    own = record.get(f"fp32_{task}", {}).get(key)
+    if own is not None:
+        return own
+    init = record.get("init_sha256")
     for r in records:
-        if r["name"] == name:
-            ap = r.get("fp32_bbox", {}).get("AP")
-            if ap is None and not recorded:
-                return None
-            aps.append(ap if ap is not None else float(np.mean(list(recorded.values()))))
-    return float(np.mean(aps)) if aps else None
+        if r["name"] == RUNS[record["name"]].fp32 and init in (None, r.get("model_sha256")):
+            return r["results"][task][key]
+    return None
+
+
+def fp32_reference(records, name):
+    """Mean AP of the FP32 models ``name``'s runs fine-tuned (:func:`fp32_result`); None when one
+    is unknown."""
+    aps = [fp32_result(records, r, "AP") for r in records if r["name"] == name]
+    return None if not aps or None in aps else float(np.mean(aps))
 
 
 def target_against_fp32(records, text, name, ok, label):
@@ -438,19 +447,32 @@ def target_hqod_w2(records, method):
 
 def targets_harmony(records, method):
     """(d) ``method``'s score-IoU correlation falls as bits drop; HQOD raises it and the share of
-    TPs with gap < 0.1 at every bit width."""
-    chain = ["fp32", *(f"{method}_w{bits}" for bits in BITS)]
+    TPs with gap < 0.1 at every bit width. Each run is compared with the FP32 model it fine-tuned
+    (the fall: the mean over seeds of corr minus its FP32 model's) and each HQOD run with its
+    baseline of the same seed and FP32 model (the rise: the mean paired difference), so that runs
+    on FP32 models trained in different sittings can be compared."""
+    chain = [f"{method}_w{bits}" for bits in BITS]
     pairs = [(f"{method}_w{bits}", f"{method}_w{bits}_hqod") for bits in BITS]
 
     def falls():
-        corr = [mean(records, name, "corr", "harmony") for name in chain]
-        return all(a > b for a, b in zip(corr, corr[1:])), " > ".join(f"{c:.3f}" for c in corr)
+        drops = [0.0]  # FP32 against itself
+        for name in chain:
+            runs = [r for r in records if r["name"] == name]
+            fp32 = [fp32_result(records, r, "corr", "harmony") for r in runs]
+            if None in fp32:
+                return None, f"the score-IoU correlation of {name}'s FP32 model is unknown"
+            drops.append(float(np.mean([r["results"]["harmony"]["corr"] - c for r, c in zip(runs, fp32)])))
+        detail = "corr minus its FP32 model's: " + " > ".join(f"{d:+.3f}" for d in drops)
+        return all(a > b for a, b in zip(drops, drops[1:])), detail
 
     def rises(key, fmt):
         def measure():
-            means = [(mean(records, h, key, "harmony"), mean(records, base, key, "harmony")) for base, h in pairs]
-            detail = ", ".join(f"W{bits} {fmt.format(h)} vs {fmt.format(b)}" for bits, (h, b) in zip(BITS, means))
-            return all(h > b for h, b in means), detail
+            diffs = [paired_differences(records, base, h, key, "harmony") for base, h in pairs]
+            unpaired = [f"W{bits}" for bits, d in zip(BITS, diffs) if not d]
+            if unpaired:
+                return None, f"no seed of one FP32 model with both runs at {', '.join(unpaired)}"
+            detail = ", ".join(f"W{bits} {differences_cell(d, fmt)}" for bits, d in zip(BITS, diffs))
+            return all(np.mean(list(d.values())) > 0 for d in diffs), detail
 
         return measure
 
@@ -459,8 +481,8 @@ def targets_harmony(records, method):
     names = [name for pair in pairs for name in pair]
     return [
         target_line(records, f"{m}: score-IoU correlation falls as bits drop ({order})", chain, falls),
-        target_line(records, f"{m}+HQOD raises the score-IoU correlation at {at}", names, rises("corr", "{:.3f}")),
-        target_line(records, f"{m}+HQOD raises the share of TPs with gap < 0.1 at {at}", names, rises("gap_0.0-0.1", "{:.2f}%")),
+        target_line(records, f"{m}+HQOD raises the score-IoU correlation at {at}", names, rises("corr", "{:+.3f}")),
+        target_line(records, f"{m}+HQOD raises the share of TPs with gap < 0.1 at {at}", names, rises("gap_0.0-0.1", "{:+.1f} pt")),
     ]
 
 
