@@ -2,6 +2,7 @@
 (dataloader.dataset=coco: the 320-px setting)."""
 from detectron2.config import LazyCall as L
 
+from hqod.data.ssd_augmentation import DatasetMapperWithBoxes, MinIoURandomCrop, RandomExpand, photometric_distortion
 from hqod.modeling import level_shapes
 
 from .common.models.ssdlite import model
@@ -23,6 +24,14 @@ resize_train.max_size = "${hqod_data:${dataloader.dataset},ssd_max_size}"
 resize_test = dataloader.test.mapper.augmentations[0]
 resize_test.short_edge_length = "${hqod_data:${dataloader.dataset},ssd_test_size}"
 resize_test.max_size = "${hqod_data:${dataloader.dataset},ssd_max_size}"
+# SSD's augmentation before the resize (photometric distortion, zoom-out, min-IoU crop), with
+# the preset's probabilities: on COCO and VOC as the authors train SSD-lite, off on digits
+dataloader.train.mapper._target_ = DatasetMapperWithBoxes
+dataloader.train.mapper.pre_augmentations = [
+    L(photometric_distortion)(prob="${hqod_data:${dataloader.dataset},ssd_photometric_prob}"),
+    L(RandomExpand)(prob="${hqod_data:${dataloader.dataset},ssd_expand_prob}", fill=model.pixel_mean),
+    L(MinIoURandomCrop)(prob="${hqod_data:${dataloader.dataset},ssd_crop_prob}"),
+]
 # The preset's pretrained MobileNetV2: on digits, output/pretrained/digits_mv2.pth from
 # `tools/pretrain_backbone.py --backbone mv2`; on COCO and VOC, output/pretrained/imagenet_mv2.pth.
 train.init_checkpoint = "${hqod_backbone:${dataloader.dataset},mv2}"

@@ -46,6 +46,11 @@ SSDLITE_320 = dict(
     ssd_strides=[16, 32, 64, 128, 256, 512],
     ssd_min_sizes=[48, 100, 150, 202, 253, 304],
     ssd_max_sizes=[100, 150, 202, 253, 304, 320],
+    # SSD's training augmentation (hqod.data.ssd_augmentation), as the authors train SSD-lite:
+    # each photometric change and the zoom-out with probability 0.5, the min-IoU crop always
+    ssd_photometric_prob=0.5,
+    ssd_expand_prob=0.5,
+    ssd_crop_prob=1.0,
 )
 
 PRESETS = {
@@ -77,6 +82,11 @@ PRESETS = {
         ssd_strides=[8, 16, 32, 64, 128, 256],
         ssd_min_sizes=[20, 40, 72, 120, 168, 224],
         ssd_max_sizes=[40, 72, 120, 168, 224, 288],
+        # SSD's training augmentation off: its zoom-out shrinks the 12-px digits below the
+        # smallest prior, and the digits schedules are far shorter than the authors' 120 epochs
+        ssd_photometric_prob=0.0,
+        ssd_expand_prob=0.0,
+        ssd_crop_prob=0.0,
         # YOLOX-tiny (configs/common/models/yolox.py): the preset's own sizes
         yolox_train_sizes=[224, 256, 288],
         yolox_test_size=384,
