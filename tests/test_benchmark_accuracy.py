@@ -95,6 +95,8 @@ def test_list_runs_nothing(tool, tmp_path, monkeypatch, capsys):
     assert len(lines) == len(entries) + 2
     for line, (name, seed) in zip(lines[1:], entries):
         assert line.split() == [name, str(seed), "todo"]
+        end = lines[0].index("seed") + 4  # the seeds right-aligned under their header, whatever the name's length
+        assert line[:end].split() == [name, str(seed)] and line[end - 1] == str(seed)
     assert lines[-1] == f"0 done, {len(entries)} remaining"
     assert os.listdir(tmp_path) == []
 

@@ -270,7 +270,8 @@ def read_record(path):
 
 def plan_table(entries, output_dir, records_dir):
     """One line per (run, seed) with its status and the wall minutes of a finished one; totals."""
-    lines = [f"{'run':<18} {'seed':>4}  {'status':<8} {'wall (min)':>10}"]
+    width = max(len("run"), *(len(name) for name, _ in entries))
+    lines = [f"{'run':<{width}} {'seed':>4}  {'status':<8} {'wall (min)':>10}"]
     done = 0
     for name, seed in entries:
         status = run_status(output_dir, records_dir, name, seed)
@@ -278,7 +279,7 @@ def plan_table(entries, output_dir, records_dir):
         if status == "done":
             done += 1
             wall = f"{read_record(record_path(records_dir, name, seed))['wall_s'] / 60:.1f}"
-        lines.append(f"{name:<18} {seed:>4}  {status:<8} {wall:>10}".rstrip())
+        lines.append(f"{name:<{width}} {seed:>4}  {status:<8} {wall:>10}".rstrip())
     lines.append(f"{done} done, {len(entries) - done} remaining")
     return "\n".join(lines)
 
