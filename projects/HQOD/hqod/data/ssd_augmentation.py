@@ -72,8 +72,9 @@ class MinIoURandomCrop(T.Augmentation):
     ``max_trials`` patches of sides uniform in [``min_crop_size``, 1] of the image's, aspect
     (height / width) in ``aspect_range``, at a uniform position, until one has that IoU with every
     box and holds at least one box centre; when none does, another mode is drawn (the whole image
-    after ``max_modes`` modes without a patch). Images without boxes are kept whole. Boxes are clipped to the patch by detectron2's annotation transform
-    (those left empty are dropped), where the authors' code drops a box whose centre is outside.
+    after ``max_modes`` modes without a patch). Images without boxes are kept whole. Boxes are
+    clipped to the patch by detectron2's annotation transform (those left empty are dropped),
+    where the authors' code drops a box whose centre is outside.
     """
 
     input_args = ("image", "boxes")
@@ -119,9 +120,9 @@ class MinIoURandomCrop(T.Augmentation):
 
 def photometric_distortion(prob: float = 0.5) -> T.AugmentationList:
     """SSD's photometric distortion with detectron2's augmentations, each applied with
-    probability ``prob`` (0: none, no random number drawn): brightness x [0.75, 1.25] (the authors' +-32 of 255, about +-25 % at a
-    mid-grey mean), contrast and saturation x [0.5, 1.5]. Their hue shift (+-18 degrees) has no
-    detectron2 augmentation and is left out."""
+    probability ``prob`` (0: none, no random number drawn): brightness x [0.75, 1.25] (the
+    authors' +-32 of 255, about +-25 % at a mid-grey mean), contrast and saturation x [0.5, 1.5].
+    Their hue shift (+-18 degrees) has no detectron2 augmentation and is left out."""
     changes = [T.RandomBrightness(0.75, 1.25), T.RandomContrast(0.5, 1.5), T.RandomSaturation(0.5, 1.5)]
     return T.AugmentationList([T.RandomApply(change, prob=prob) for change in changes] if prob > 0 else [])
 
