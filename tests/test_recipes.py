@@ -207,17 +207,15 @@ def test_readme_commands_resolve_to_the_papers_schedules():
         OmegaConf.to_container(cfg.dataloader, resolve=True)
         out = os.path.normpath(cfg.train.output_dir)
         assert outputs.setdefault(out, command) == command, f"{command} and {outputs[out]} share {out}"
-        if "ptq" in cfg:  # tools/ptq.py (Reg-PTQ's row): no schedule, it calibrates an FP32 row's detector
-            qat_inits.append((os.path.normpath(cfg.train.init_checkpoint), preset, cfg.model.backbone.get("norm"), command))
-            continue
-        recipe = "fp32" if "quant" not in cfg else {"lsq": "hqod", "tqt": "hqod", "lq": "aqd"}[cfg.quant.method] + (
-            "_w2" if cfg.quant.weight_bits == 2 else "_w4"
-        )
-        iters, lr, steps, warmup, clip = EXPECTED[preset][recipe]
-        got = _schedule_of(cfg)
-        assert (got[0], got[2], got[4]) == (iters, steps, clip), command
-        assert got[1] == pytest.approx(lr, rel=1e-12) and got[3] == pytest.approx(warmup, abs=1e-6)
-        if recipe == "fp32":
+        if "ptq" not in cfg:  # a tools/ptq.py row (Reg-PTQ's) has no schedule: it calibrates
+            recipe = "fp32" if "quant" not in cfg else {"lsq": "hqod", "tqt": "hqod", "lq": "aqd"}[cfg.quant.method] + (
+                "_w2" if cfg.quant.weight_bits == 2 else "_w4"
+            )
+            iters, lr, steps, warmup, clip = EXPECTED[preset][recipe]
+            got = _schedule_of(cfg)
+            assert (got[0], got[2], got[4]) == (iters, steps, clip), command
+            assert got[1] == pytest.approx(lr, rel=1e-12) and got[3] == pytest.approx(warmup, abs=1e-6)
+        if "quant" not in cfg:
             fp32_outputs[os.path.join(out, "model_final.pth")] = (preset, cfg.model.backbone.get("norm"))
         else:
             qat_inits.append((os.path.normpath(cfg.train.init_checkpoint), preset, cfg.model.backbone.get("norm"), command))

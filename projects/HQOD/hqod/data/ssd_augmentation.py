@@ -18,7 +18,7 @@ import detectron2.data.transforms as T
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
-from detectron2.structures import BoxMode
+from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
 __all__ = ["DatasetMapperWithBoxes", "ExpandTransform", "MinIoURandomCrop", "RandomExpand", "photometric_distortion"]
 
@@ -56,14 +56,6 @@ class RandomExpand(T.Augmentation):
         return ExpandTransform(left, top, right, bottom, orig_w=w, orig_h=h, pad_value=tuple(self.fill))
 
 
-def _iou_with(crop: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one XYXY box with each of ``boxes`` (N, 4)."""
-    lt, rb = np.maximum(crop[:2], boxes[:, :2]), np.minimum(crop[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / (area(crop) + area(boxes) - inter)
-
-
 class MinIoURandomCrop(T.Augmentation):
     """
     SSD's patch sampling, with probability ``prob`` (1: always, the authors'; 0: never, no random
@@ -99,7 +91,7 @@ class MinIoURandomCrop(T.Augmentation):
         if len(boxes) == 0 or self.prob <= 0 or (self.prob < 1 and self._rand_range() >= self.prob):
             return NoOpTransform()
         h, w = image.shape[:2]
-        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        gt, centres = Boxes(torch.from_numpy(boxes)), (boxes[:, :2] + boxes[:, 2:]) / 2
         for _ in range(self.max_modes):
             min_iou = self.modes[np.random.randint(len(self.modes))]
             if min_iou is None:
@@ -110,7 +102,9 @@ class MinIoURandomCrop(T.Augmentation):
                     continue
                 x0, y0 = int(self._rand_range(0, w - cw)), int(self._rand_range(0, h - ch))
                 crop = np.array([x0, y0, x0 + int(cw), y0 + int(ch)], dtype=np.float64)
-                if crop[2] <= crop[0] or crop[3] <= crop[1] or _iou_with(crop, boxes).min() < min_iou:
+                if crop[2] <= crop[0] or crop[3] <= crop[1]:
+                    continue
+                if pairwise_iou(Boxes(torch.from_numpy(crop[None])), gt).min() < min_iou:  # every box
                     continue
                 inside = (centres > crop[:2]).all(axis=1) & (centres < crop[2:]).all(axis=1)
                 if inside.any():
