@@ -6,9 +6,9 @@ HIoU-only (LSQ W2, Table IV); LSQ W2 + HarDet* (Table III); ATSS-R18 FP32, TQT W
 SSD-lite MobileNetV2 and YOLOX-tiny FP32, LSQ W4 and LSQ W4+HQOD (Table II's lightweight detectors). Each run is
 ``tools/train_net.py`` in its own process, with the benchmark's schedule (``SCHEDULE``). The FP32
 detectors are trained once (seed 0); every QAT run fine-tunes its FP32 detector with its own seed
-(``train.seed``): by default 0-2 for the W2 pairs, 0-1 for the W4 pairs and 0 for the others,
+(``train.seed``): by default 0-2 for the W2 pairs (ATSS's too), 0-1 for the W4 pairs and 0 for the others,
 and seeds 3-5 of LSQ W2 ± HQOD as the pairs of HarDet* (3-5), TCorr-only and HIoU-only (3)
-(``RUNS``). The default plan is about 49 runs; on the 2-core AVX-512 machines of 2026-12-02
+(``RUNS``). The default plan is about 53 runs; on the 2-core AVX-512 machines of 2026-12-02
 (float32) a QAT run takes 13-15 min and the RetinaNet FP32 run about 45-60 min.
 
     python tools/benchmark_accuracy.py                                  # the whole benchmark
