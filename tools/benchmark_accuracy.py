@@ -85,7 +85,6 @@ RUNS = {
     # HQOD's Table III baseline: the other harmony loss at W2 (paper: -0.5 AP vs LSQ, HQOD +1.4)
     "lsq_w2_hardet": Run("retina_r18_lsq_w2_hardet", [], "fp32", (3, 4, 5)),
     "atss_fp32": Run("atss_r18_fp32", [], None, (0,)),
-    # a W2 pair, so 3 seeds as the RetinaNet W2 pairs (one seed until 2026-12-02)
     "atss_tqt_w2": Run("atss_r18_tqt_w2", [], "atss_fp32", (0, 1, 2)),
     "atss_tqt_w2_hqod": Run("atss_r18_tqt_w2_hqod", [], "atss_fp32", (0, 1, 2)),
     "ssdlite_fp32": Run("ssdlite_mv2_fp32", [], None, (0,)),
