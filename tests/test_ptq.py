@@ -70,6 +70,28 @@ def test_llaq_initialization_is_a_power_of_two_grid_that_fits_the_weight():
         q.integer_grid()
 
 
+def test_per_channel_llaq_is_a_per_tensor_llaq_per_output_channel():
+    torch.manual_seed(0)
+    # three output channels of different scales and centres (a per-tensor grid would fit the widest)
+    w = torch.stack([torch.distributions.Laplace(c, s).sample((8, 3, 3)) for c, s in ((0.0, 0.5), (0.1, 0.02), (-0.05, 0.002))])
+    q = LLAQQuantizer(bits=4, granularity="channel", channels=3)
+    q.observe(w)
+    with torch.no_grad():
+        out = q(w)
+    for c in range(3):
+        alone = LLAQQuantizer(bits=4)
+        alone.observe(w[c])
+        for name in ("mu", "k_pos", "a_pos", "k_neg", "a_neg"):
+            assert getattr(q, name)[c].item() == pytest.approx(getattr(alone, name).item(), rel=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(out[c], alone(w[c]), rtol=1e-6, atol=1e-7)
+    # the narrow channel keeps its resolution: error well under a per-tensor grid's
+    whole = LLAQQuantizer(bits=4)
+    whole.observe(w)
+    with torch.no_grad():
+        assert (out[2] - w[2]).pow(2).mean() < 0.01 * (whole(w)[2] - w[2]).pow(2).mean()
+
+
 def test_two_step_filter_on_hand_made_boxes():
     fp = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10.0]])
     q = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 1.0]])

@@ -20,6 +20,10 @@ details; ours (../shared/notes/regptq.md):
 * Initialization: ratio 2 between levels (``k = 1 / ln 2``, so that the levels are powers of
   two times a scale: integer multiply and shift at inference), the largest level searched
   between 1/4 and 1 times the side's largest magnitude for the least squared error.
+* Granularity: that of the uniform weight quantizer it replaces (:func:`use_llaq`): per output
+  channel (``mu`` and the four parameters per channel, as a per-channel uniform quantizer has a
+  step per channel) or per tensor. The paper does not say; one set per tensor cost RetinaNet-R18
+  W4A4 3 AP against the per-channel uniform head (BENCHMARKS.md, issue 16).
 
 The levels are not uniform: the integer-only engine (uniform grids) refuses LLAQ layers.
 """
@@ -50,54 +54,63 @@ class LLAQQuantizer(Quantizer):
     """LLAQ on a weight tensor (see the module docstring); ``bits`` 2..8, signed."""
 
     def __init__(self, *, bits: int, signed: bool = True, **options):
-        options.pop("granularity", None), options.pop("channels", None)
         super().__init__(bits=bits, signed=True, step_init="paper", **options)
-        self.register_buffer("mu", torch.zeros(()))
-        self.k_pos = nn.Parameter(torch.tensor(1.0 / math.log(2.0)))
-        self.a_pos = nn.Parameter(torch.tensor(0.0))
-        self.k_neg = nn.Parameter(torch.tensor(1.0 / math.log(2.0)))
-        self.a_neg = nn.Parameter(torch.tensor(0.0))
+        self.register_buffer("mu", torch.zeros((self.channels,) if self.per_channel else ()))
+        self.k_pos, self.a_pos = self._new_param(1.0 / math.log(2.0)), self._new_param(0.0)
+        self.k_neg, self.a_neg = self._new_param(1.0 / math.log(2.0)), self._new_param(0.0)
         self.levels_pos, self.levels_neg = self.qmax, -self.qmin
 
     def _param(self):
         return self.a_pos
 
     def _quantize(self, x: Tensor, k_pos, a_pos, k_neg, a_neg) -> Tensor:
-        d = x - self.mu
+        mu = self.mu
+        if self.per_channel:  # the parameters of output channel c on x[c]
+            view = (-1,) + (1,) * (x.dim() - 1)
+            mu, k_pos, a_pos, k_neg, a_neg = (t.view(view) for t in (mu, k_pos, a_pos, k_neg, a_neg))
+        d = x - mu
         m = d.abs()
         pos, pos_pass = _side_value(m, k_pos, a_pos, self.levels_pos)
         neg, neg_pass = _side_value(m, k_neg, a_neg, self.levels_neg)
         positive = d >= 0
         value = torch.where(positive, pos, -neg)
         passes = torch.where(positive, pos_pass, neg_pass)
-        return self.mu + value + (x - x.detach()) * passes
+        return mu + value + (x - x.detach()) * passes
 
     def _fake_quantize(self, x: Tensor) -> Tensor:
         return self._quantize(x, self.k_pos, self.a_pos, self.k_neg, self.a_neg)
 
     @torch.no_grad()
     def observe(self, x: Tensor):
-        """Set ``mu`` and the four parameters from the weight (deterministic: the same weight
-        gives the same state, so repeated calls change nothing)."""
-        x = x.detach().float()
-        self.mu.copy_(x.flatten().median())
-        d = x - self.mu
-        k = 1.0 / math.log(2.0)
+        """Set ``mu`` and the four parameters from the weight, per channel or per tensor
+        (deterministic: the same weight gives the same state, so repeated calls change
+        nothing)."""
+        rows = x.detach().float()
+        rows = self._rows(rows) if self.per_channel else rows.reshape(1, -1)
+        mu = rows.median(dim=1).values  # (rows,)
+        d = rows - mu[:, None]
+        k = torch.tensor(1.0 / math.log(2.0))
         params = {}
         for side, mask, levels in (("pos", d >= 0, self.levels_pos), ("neg", d < 0, self.levels_neg)):
-            m = d[mask].abs()
-            top = float(m.max()) if m.numel() else 1.0
-            best = None
+            m = d.abs() * mask
+            top = m.amax(dim=1)
+            top = torch.where(top > 0, top, torch.ones_like(top))  # an empty side: any grid
+            best_err, best_a = None, None
             for factor in _SEARCH:
                 # the largest level exp((L - a) / k) = factor * top
-                a = torch.tensor(levels - k * math.log(max(factor * top, 1e-12)))
-                value, _ = _side_value(m, torch.tensor(k), a, levels)
-                err = float((value - m).pow(2).sum())
-                if best is None or err < best[0]:
-                    best = (err, a)
-            params[side] = best[1]
-        self.k_pos.fill_(k), self.k_neg.fill_(k)
-        self.a_pos.copy_(params["pos"]), self.a_neg.copy_(params["neg"])
+                a = levels - k * torch.log((factor * top).clamp_min(1e-12))
+                value, _ = _side_value(m, k, a[:, None], levels)
+                err = ((value - m).pow(2) * mask).sum(dim=1)
+                if best_err is None:
+                    best_err, best_a = err, a
+                else:
+                    better = err < best_err
+                    best_err, best_a = torch.where(better, err, best_err), torch.where(better, a, best_a)
+            params[side] = best_a
+        shape = self.mu.shape
+        self.mu.copy_(mu.reshape(shape))
+        self.k_pos.fill_(float(k)), self.k_neg.fill_(float(k))
+        self.a_pos.copy_(params["pos"].reshape(shape)), self.a_neg.copy_(params["neg"].reshape(shape))
         self.initialized.fill_(1)
         self._known_initialized = True
 
@@ -122,7 +135,10 @@ class LLAQQuantizer(Quantizer):
         return self.integer_grid()
 
     def extra_repr(self):
-        return f"LLAQ bits={self.bits}, levels +{self.levels_pos}/-{self.levels_neg}, fake_quant={self.fake_quant_enabled}"
+        return (
+            f"LLAQ bits={self.bits}, levels +{self.levels_pos}/-{self.levels_neg}{self._granularity_repr()}, "
+            f"fake_quant={self.fake_quant_enabled}"
+        )
 
 
 def default_llaq_layers(model: nn.Module) -> List[str]:
@@ -144,7 +160,8 @@ def default_llaq_layers(model: nn.Module) -> List[str]:
 
 def use_llaq(model: nn.Module, patterns: Iterable[str] = None) -> List[str]:
     """Give the quantized convs named by ``patterns`` (globs; None: :func:`default_llaq_layers`)
-    an LLAQ weight quantizer of their weight bits, in place. Returns their names."""
+    an LLAQ weight quantizer of their weight bits and granularity, in place. Returns their
+    names."""
     names = default_llaq_layers(model) if patterns is None else None
     done = []
     for name, m in model.named_modules():
@@ -152,7 +169,8 @@ def use_llaq(model: nn.Module, patterns: Iterable[str] = None) -> List[str]:
             continue
         if (names is not None and name in names) or (names is None and any(fnmatchcase(name, p) for p in patterns)):
             old = m.weight_quant
-            m._init_weight_quant(LLAQQuantizer(bits=old.bits).to(m.weight.device))
+            llaq = LLAQQuantizer(bits=old.bits, granularity=old.granularity, channels=old.channels)
+            m._init_weight_quant(llaq.to(m.weight.device))
             done.append(name)
     if not done:
         raise ValueError(
