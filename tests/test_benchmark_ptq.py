@@ -2,6 +2,7 @@
 target verdicts) on hand-made records whose answers are written out here."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -103,3 +104,11 @@ def test_a_run_leaves_its_record(tool, tmp_path, monkeypatch):
     assert tool.status(out, records, "qdrop_w4a4") == "done"
     monkeypatch.setattr(tool.subprocess, "run", lambda *a, **k: pytest.fail("a finished run ran again"))
     tool.run("qdrop_w4a4", out, records, str(fp32))
+    # another FP32 model: the record is stale, the run is made again and its record replaced
+    fp32.write_bytes(b"other weights")
+    assert tool.status(out, records, "qdrop_w4a4", tool.sha256(str(fp32))) == "stale"
+    assert tool.status(out, records, "qdrop_w4a4") == "done"  # no model to compare with
+    monkeypatch.setattr(tool.subprocess, "run", fake)
+    shutil.rmtree(os.path.join(out, "qdrop_w4a4"))  # what tools/ptq.py --overwrite does
+    tool.run("qdrop_w4a4", out, records, str(fp32))
+    assert json.load(open(os.path.join(records, "qdrop_w4a4.json")))["fp32_sha256"] == tool.sha256(str(fp32))

@@ -20,8 +20,9 @@ The FP32 detector is ``--fp32-checkpoint`` (default: the accuracy benchmark's,
 fp32`` trains it); the ``fp32`` run evaluates it. Runs go to ``--output-dir`` (default
 ``output/benchmark_ptq/<run>``); a finished run leaves its record in ``--records-dir`` (default
 ``benchmarks/ptq``, tracked in git, so the benchmark can be finished over several sittings) with
-its command, commit, date, machine and the SHA-256 of the FP32 model it quantized, and is never
-repeated; an interrupted one is run again from the start. The report (``results.md`` in the
+its command, commit, date, machine and the SHA-256 of the FP32 model it quantized, and is not
+repeated while that model stays the same (a record of another FP32 model is stale: the run is made
+again and its record replaced); an interrupted one is run again from the start. The report (``results.md`` in the
 output directory) has the AP table, the ablation, wall time and peak memory, and the targets.
 """
 import argparse
@@ -90,10 +91,14 @@ def record_path(records_dir, name):
     return os.path.join(records_dir, f"{name}.json")
 
 
-def status(output_dir, records_dir, name):
-    """done (its record exists), partial (its output directory exists) or todo."""
-    if os.path.isfile(record_path(records_dir, name)):
-        return "done"
+def status(output_dir, records_dir, name, fp32_sha256=None):
+    """done (its record exists, made from the FP32 model of SHA-256 ``fp32_sha256`` when given),
+    stale (its record quantized another FP32 model), partial (its output directory exists) or todo."""
+    path = record_path(records_dir, name)
+    if os.path.isfile(path):
+        with open(path) as f:
+            recorded = json.load(f)["fp32_sha256"]
+        return "done" if fp32_sha256 in (None, recorded) else "stale"
     return "partial" if os.path.isdir(run_dir(output_dir, name)) else "todo"
 
 
@@ -110,8 +115,9 @@ def command(name, output_dir, fp32_checkpoint):
 
 
 def run(name, output_dir, records_dir, fp32_checkpoint):
-    """Run one entry unless it has a record; write its record."""
-    if status(output_dir, records_dir, name) == "done":
+    """Run one entry unless it has a record of this FP32 model; write its record."""
+    fp32_sha256 = sha256(fp32_checkpoint)
+    if status(output_dir, records_dir, name, fp32_sha256) == "done":
         return
     out = run_dir(output_dir, name)
     os.makedirs(out, exist_ok=True)
@@ -129,7 +135,7 @@ def run(name, output_dir, records_dir, fp32_checkpoint):
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "wall_s": time.perf_counter() - start,
-        "fp32_sha256": sha256(fp32_checkpoint),
+        "fp32_sha256": fp32_sha256,
     }
     with open(os.path.join(out, "inference", "results.json")) as f:
         record["results"] = json.load(f)
@@ -277,8 +283,9 @@ def main(argv=None):
     fp32 = relative_to(ROOT, args.fp32_checkpoint)
     os.chdir(ROOT)  # the commands (and the paths above) are relative to the repository root
     if args.list:
+        fp32_sha256 = sha256(fp32) if os.path.isfile(fp32) else None
         for name in args.runs:
-            print(f"{name:<24} {status(output_dir, records_dir, name)}")
+            print(f"{name:<24} {status(output_dir, records_dir, name, fp32_sha256)}")
         return
     if not args.report_only:
         if not os.path.isfile(fp32):
