@@ -20,7 +20,10 @@ loader and its workers), for ``--iters`` iterations after ``--warmup``, one run 
 round, variants interleaved over ``--rounds`` rounds; the per-iteration times are those of
 detectron2's IterationTimer (what the training log prints). Only the final evaluation is left
 out. ``--shape demo`` is the configs as they are (FPN width 64, 224-288 px, batch 4, 10
-classes); ``--shape paper`` the papers' (width 256, 320 px, batch 2, 80 classes).
+classes); ``--shape paper`` the papers' (width 256, 320 px, batch 2, 80 classes). Every variant trains in
+float32, or with ``--amp`` with ``train.amp.enabled`` (:mod:`hqod.engine.amp`: the FP32 detector
+under bfloat16 autocast, the QAT ones with their convolutions on bfloat16 integer codes), as the
+demo's stages do.
 ``--profile`` adds a breakdown of one run per variant (cProfile, cumulative seconds per
 iteration: data, forward, losses, HQOD terms, quantizers, integer BN, backward, optimizer,
 metrics, hooks).
@@ -173,9 +176,9 @@ def loop_run(name, args, profile=False):
                 f"train.checkpointer.period={10 * total}",
                 f"train.eval_period={10 * total}",
                 f"train.log_period={10 * total}",
-                # float32 against float32: the FP32 configs train with bfloat16 autocast
-                # (train.amp) where the CPU has it; QAT always runs in float32
-                "train.amp.enabled=False",
+                # float32 against float32, or with --amp each variant with train.amp (FP32:
+                # bfloat16 autocast; QAT: convolutions on bfloat16 integer codes)
+                f"train.amp.enabled={args.amp}",
             ],
         )
         # the same FP32 weights for every variant (trained weights: their value ranges matter)
@@ -234,7 +237,8 @@ def main_loop(args):
         f"{torch.get_num_threads()} threads; {datetime.date.today().isoformat()}  ",
         f"Loop: tools/train_net.py's trainer, hooks and data path; shape {args.shape} "
         f"({' '.join(LOOP_SHAPES[args.shape]) or 'the configs as they are'}); {args.iters} timed iterations "
-        f"after {args.warmup} per run, {args.rounds} interleaved rounds; load average at the end {load}.",
+        f"after {args.warmup} per run, {args.rounds} interleaved rounds; "
+        f"{'train.amp on (bfloat16)' if args.amp else 'float32'}; load average at the end {load}.",
         "",
         "| variant | config | median s/iter | data s/iter | ratio (medians) | ratio (median of per-round) | target |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -292,6 +296,7 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=30, help="--loop: timed iterations per run")
     parser.add_argument("--loop-variants", nargs="+", default=list(LOOP_VARIANTS), choices=list(LOOP_VARIANTS))
     parser.add_argument("--profile", action="store_true", help="--loop: add a cProfile breakdown")
+    parser.add_argument("--amp", action="store_true", help="--loop: every variant with train.amp.enabled (default: float32)")
     parser.add_argument("--fp32-checkpoint", default="", help="--loop: FP32 detector every variant starts from")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -10,8 +10,14 @@ gradients and the optimizer stay float32, and evaluation runs in float32. A CPU 
 bfloat16 would emulate it (slower than float32): there the run trains in float32 and the log
 says so.
 
-Quantization-aware training is refused with AMP: fake quantization rounds to grids that a
-bfloat16 value (8 significant bits) cannot hold exactly, so QAT trains in float32.
+Quantization-aware training with AMP on such a CPU is :class:`BFloat16CodesTrainer`: a
+fake-quantized value ``x_hat = q * alpha`` is not exact in bfloat16 (8 significant bits), but
+its integer code ``q`` is (every integer up to 256, so every grid of up to 8 bits), so the
+quantized convolutions run on their codes in bfloat16 (exact products, float32 accumulation;
+only their outputs rounded to bfloat16) and scale back to float32
+(:func:`~hqod.quantization.set_bfloat16_codes`); the quantizers, BN, losses, weights and
+optimizer stay float32. On CUDA, QAT with AMP is refused (not built: float16 autocast would
+round the fake-quantized values themselves).
 """
 import logging
 import time
@@ -19,6 +25,8 @@ import time
 import torch
 
 from detectron2.engine import AMPTrainer, SimpleTrainer
+
+from hqod.quantization import set_bfloat16_codes
 
 from .defaults import UserError
 
@@ -57,21 +65,34 @@ class CPUAutocastTrainer(SimpleTrainer):
         self.optimizer.step()
 
 
+class BFloat16CodesTrainer(SimpleTrainer):
+    """detectron2's SimpleTrainer with the model's quantized convolutions computing, while
+    training, on their integer codes in bfloat16 (:func:`~hqod.quantization.set_bfloat16_codes`);
+    everything else float32."""
+
+    def __init__(self, model, data_loader, optimizer):
+        super().__init__(model, data_loader, optimizer)
+        set_bfloat16_codes(model)
+
+
 def trainer_class(cfg, device: torch.device):
-    """The trainer class for ``cfg.train.amp`` on ``device``: SimpleTrainer, AMPTrainer (CUDA)
-    or CPUAutocastTrainer (CPU with native bfloat16)."""
+    """The trainer class for ``cfg.train.amp`` on ``device``: SimpleTrainer, AMPTrainer (CUDA),
+    CPUAutocastTrainer (CPU with native bfloat16) or for quantization-aware training
+    BFloat16CodesTrainer (CPU with native bfloat16)."""
     if not cfg.train.get("amp", {}).get("enabled", False):
         return SimpleTrainer
-    if cfg.get("quant") is not None:
-        raise UserError(
-            "train.amp.enabled=True with a quant node: quantization-aware training runs in "
-            "float32 (fake quantization needs float32 grids). Set train.amp.enabled=False."
-        )
+    quantized = cfg.get("quant") is not None
     if device.type == "cuda":
+        if quantized:
+            raise UserError(
+                "train.amp.enabled=True with a quant node on CUDA: quantization-aware training "
+                "runs in float32 there (float16 autocast would round the fake-quantized values). "
+                "Set train.amp.enabled=False."
+            )
         return AMPTrainer
     if device.type == "cpu":
         if native_bfloat16_cpu():
-            return CPUAutocastTrainer
+            return BFloat16CodesTrainer if quantized else CPUAutocastTrainer
         logger.warning(
             "train.amp.enabled=True, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
             "training in float32 instead (emulated bfloat16 would be slower)."

@@ -54,6 +54,7 @@ from .modules import (
     QuantizedModule,
     cached_quantized_weights,
     QResNet,
+    set_bfloat16_codes,
     set_integer_aware,
 )
 from .multilevel import (
@@ -119,6 +120,7 @@ __all__ = [
     "QResNet",
     "QInvertedResidual",
     "QMobileNetV2",
+    "set_bfloat16_codes",
     "set_integer_aware",
     # AQD integer arithmetic and the integer-only engine
     "shift_approx",

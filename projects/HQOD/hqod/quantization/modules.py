@@ -88,6 +88,7 @@ __all__ = [
     "QInvertedResidual",
     "QMobileNetV2",
     "add_alignment",
+    "set_bfloat16_codes",
     "set_integer_aware",
 ]
 
@@ -194,6 +195,7 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
     """
 
     float_types = (nn.Conv2d, Conv2d)
+    bfloat16_codes = False  # training convs on bfloat16 integer codes (set_bfloat16_codes)
 
     def __init__(self, conv: nn.Conv2d, *, weight_quant, input_quant, integer_aware: bool = False):
         """``conv`` with the given quantizers; ``integer_aware`` (scope ``aqd``): integer bias
@@ -244,7 +246,31 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
         bias = self.bias
         if acc_step is not None and bias is not None:
             bias = integer_bias(bias, acc_step)  # an int32 bias in units of alpha_conv
+        if self.bfloat16_codes and self.training:
+            out = self._conv_of_codes(x, weight, bias)
+            if out is not None:
+                return out, acc_step
         return self._conv_forward(x, weight, bias), acc_step
+
+    def _conv_of_codes(self, x, weight, bias):
+        """``conv(x_hat, W_hat) + b`` as ``alpha_x * alpha_w * conv(q_x, q_w) + b`` (AQD Eq. 1, 4)
+        with the integer codes ``q = x_hat / alpha`` in bfloat16: bfloat16 (8 significant bits)
+        holds every integer up to 256, so every code of a 2-8-bit grid (at most 255 in
+        magnitude), and the products are exact; the convolution accumulates in float32 and only
+        its output is rounded to bfloat16 (as a bfloat16-autocast FP32 stage's). The scales are
+        constants here: the gradients to ``x_hat`` and ``W_hat`` are the float conv's (to
+        bfloat16 precision) and reach the steps through the quantizers. None while fake
+        quantization is off."""
+        if self.accumulator_step() is None or self.padding_mode != "zeros":
+            return None
+        grid_x, grid_w = self.input_quant.integer_grid(), self.weight_quant.integer_grid()
+        scale_x = float(grid_x.scale)
+        scale_w = torch.as_tensor(grid_w.scale, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        codes_x = (x / scale_x).to(torch.bfloat16)
+        codes_w = (weight / scale_w).to(torch.bfloat16)
+        acc = F.conv2d(codes_x, codes_w, None, self.stride, self.padding, self.dilation, self.groups)
+        out = acc.to(x.dtype) * (scale_w.reshape(1, -1, 1, 1) * scale_x)
+        return out if bias is None else out + bias.reshape(1, -1, 1, 1)
 
     def forward(self, x):
         x, acc_step = self.accumulate(x)
@@ -366,6 +392,19 @@ def set_integer_aware(model: nn.Module, enabled: bool = True) -> nn.Module:
     for m in model.modules():
         if isinstance(m, (QConv2d, _QuantAddBlock, QFPN)):
             m.integer_aware = bool(enabled)
+    return model
+
+
+def set_bfloat16_codes(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """
+    Let every quantized conv of ``model`` compute, while training, on its integer codes in
+    bfloat16 (:meth:`QConv2d._conv_of_codes`): bfloat16 convolution kernels on integers it holds
+    exactly, for quantization-aware training with ``train.amp.enabled`` on a CPU with native
+    bfloat16 (:mod:`hqod.engine.amp`). Evaluation and the quantizers stay float32.
+    """
+    for m in model.modules():
+        if isinstance(m, QConv2d):
+            m.bfloat16_codes = bool(enabled)
     return model
 
 
