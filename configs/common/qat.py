@@ -53,7 +53,7 @@ def to_qat(train, optimizer, lr_multiplier, quant, *, fp32: str, name: str):
     gradient clipping; zero weight decay on quantizer steps."""
     recipe = f"{RECIPE_FAMILY[quant.method]}_w{quant.weight_bits}"
     train.init_checkpoint = f"output/{fp32}/model_final.pth"
-    train.amp.enabled = False  # fake quantization trains in float32 (hqod.engine.amp)
+    train.amp.enabled = False  # float32; True: convolutions on bfloat16 codes (hqod.engine.amp)
     train.output_dir = f"./output/{name}"
     preset_schedule(train, optimizer, recipe, lr_multiplier)
     optimizer.params = copy.deepcopy(qat_optimizer_params)
