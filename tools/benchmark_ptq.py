@@ -21,9 +21,10 @@ fp32`` trains it); the ``fp32`` run evaluates it. Runs go to ``--output-dir`` (d
 ``output/benchmark_ptq/<run>``); a finished run leaves its record in ``--records-dir`` (default
 ``benchmarks/ptq``, tracked in git, so the benchmark can be finished over several sittings) with
 its command, commit, date, machine and the SHA-256 of the FP32 model it quantized, and is not
-repeated while that model stays the same (a record of another FP32 model is stale: the run is made
-again and its record replaced); an interrupted one is run again from the start. The report (``results.md`` in the
-output directory) has the AP table, the ablation, wall time and peak memory, and the targets.
+repeated while that model stays the same (a record of another FP32 model is stale: the run is
+made again and its record replaced); an interrupted one is run again from the start. The report
+(``results.md`` in the output directory) has the AP table, the ablation, wall time and peak
+memory, and the targets.
 """
 import argparse
 import datetime
