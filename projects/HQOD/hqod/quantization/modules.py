@@ -231,10 +231,13 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
         """``alpha_conv = alpha_x * alpha_w`` (AQD Eq. 4): the value of one unit of the integer
         accumulator — a float, or a (C,) float64 tensor with per-channel weights; None while
         fake quantization is off (calibration, FP32 checks)."""
-        iq, wq = self.input_quant, self.weight_quant
-        if not (iq.fake_quant_enabled and wq.fake_quant_enabled and iq.is_initialized and wq.is_initialized):
+        if not self._fake_quant_active():
             return None
-        return iq.integer_grid().scale * wq.integer_grid().scale
+        return self.input_quant.integer_grid().scale * self.weight_quant.integer_grid().scale
+
+    def _fake_quant_active(self) -> bool:
+        iq, wq = self.input_quant, self.weight_quant
+        return iq.fake_quant_enabled and wq.fake_quant_enabled and iq.is_initialized and wq.is_initialized
 
     def accumulate(self, x):
         """The conv of the quantized input and weight: ``(eta_conv * alpha_conv, alpha_conv)``
@@ -261,7 +264,7 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
         constants here: the gradients to ``x_hat`` and ``W_hat`` are the float conv's (to
         bfloat16 precision) and reach the steps through the quantizers. None while fake
         quantization is off."""
-        if self.accumulator_step() is None or self.padding_mode != "zeros":
+        if not self._fake_quant_active() or self.padding_mode != "zeros":
             return None
         grid_x, grid_w = self.input_quant.integer_grid(), self.weight_quant.integer_grid()
         scale_x = float(grid_x.scale)
