@@ -17,7 +17,9 @@ Fields (validated by ``hqod.ptq.PTQConfig``, which documents them in full):
   init_images     images the observers set the steps on (64)
   samples         calls cached per block/layer, at random (128; 0: all)
   iters           optimization steps per block or layer (500; the papers use 2,000-20,000)
-  lr, round_lr    Adam: activation steps (4e-5, QDrop's), AdaRound and LLAQ parameters (1e-3)
+  lr, round_lr    Adam: activation steps (4e-5, QDrop's), AdaRound's rounding variables (None:
+                  20 / iters, the travel of BRECQ's 1e-3 x 20,000 steps)
+  llaq_lr         Adam: LLAQ's parameters (1e-3)
   round_weight    AdaRound's regularizer (0.01), annealed from 20 to 2 after warmup (0.2)
   fisher          BRECQ's squared-gradient weights (None: the method's)
   drop_prob       QDrop's probability of an unquantized activation (None: 0.5 for qdrop/regptq)

@@ -19,7 +19,15 @@ Fields (None = the method's default, :data:`METHOD_DEFAULTS`):
   images (128; 0: all): a step reads one, so a few hundred steps need no more, and the caches of
   every unit fit one pass of the FP32 model.
 * ``iters``: optimization steps per block / layer; ``lr``: Adam's learning rate of the
-  activation steps (QDrop: 4e-5); ``round_lr``: of AdaRound's rounding variables (1e-3).
+  activation steps (QDrop: 4e-5); ``round_lr``: of AdaRound's rounding variables (None:
+  ``ROUND_TRAVEL / iters``, 0.04 at 500 steps; see below); ``llaq_lr``: of LLAQ's parameters
+  (1e-3).
+
+  ``round_lr``: Adam moves a parameter by at most about its learning rate per step, so BRECQ's and
+  QDrop's 1e-3 over 20,000 steps let a rounding variable ``V`` travel about 20 in logit space,
+  enough to turn any weight's rounding; 1e-3 over our 500 steps allowed 0.5, and only weights
+  next to a rounding boundary could change (RetinaNet-R18 W2A4 BRECQ: 0.27 AP, against 39.5 with
+  0.01; BENCHMARKS.md, issue 16). The default keeps the papers' travel at any step count.
 * ``round_weight``: AdaRound's regularizer weight (0.01), its exponent annealed from 20 to 2
   after a warm-up of ``warmup`` (0.2) of the steps.
 * ``fisher``: weight the output error by the squared gradient of the detection loss (BRECQ).
@@ -43,9 +51,12 @@ Fields (None = the method's default, :data:`METHOD_DEFAULTS`):
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional, Tuple
 
-__all__ = ["PTQConfig", "METHOD_DEFAULTS", "HEAD_QUANTIZERS"]
+__all__ = ["PTQConfig", "METHOD_DEFAULTS", "HEAD_QUANTIZERS", "ROUND_TRAVEL"]
 
 HEAD_QUANTIZERS = ("uniform", "llaq")
+# Adam's learning rate times the steps of AdaRound's rounding variables in BRECQ and QDrop
+# (1e-3 x 20,000): the default round_lr is this over ``iters``
+ROUND_TRAVEL = 20.0
 
 # What each method is, as defaults of the fields left None.
 METHOD_DEFAULTS = {
@@ -68,7 +79,8 @@ class PTQConfig:
     batch_size: int = 1
     iters: int = 500
     lr: float = 4e-5
-    round_lr: float = 1e-3
+    round_lr: Optional[float] = None
+    llaq_lr: float = 1e-3
     round_weight: float = 0.01
     warmup: float = 0.2
     fisher: Optional[bool] = None
@@ -109,9 +121,9 @@ class PTQConfig:
             low = 0 if key in ("iters", "window", "samples") else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"ptq.{key} must be an int >= {low}; got {v!r}.")
-        for key in ("lr", "round_lr", "round_weight", "lam", "p", "theta_c", "theta_i", "warmup", "drop_prob"):
+        for key in ("lr", "round_lr", "llaq_lr", "round_weight", "lam", "p", "theta_c", "theta_i", "warmup", "drop_prob"):
             v = kw.get(key, getattr(cls, key))
-            if v is None and key == "drop_prob":
+            if v is None and key in ("drop_prob", "round_lr"):
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"ptq.{key} must be a number >= 0; got {v!r}.")
@@ -157,6 +169,7 @@ class PTQConfig:
         """The config with every None replaced by the method's default."""
         return replace(
             self,
+            round_lr=ROUND_TRAVEL / max(self.iters, 1) if self.round_lr is None else self.round_lr,
             fisher=self._default("fisher", False),
             drop_prob=self._default("drop_prob", 0.0),
             global_loss=self._default("global_loss", False),

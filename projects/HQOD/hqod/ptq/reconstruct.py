@@ -13,10 +13,13 @@ granularity every quantized layer. For each unit:
    its weights (the weight steps fixed), the steps of its activation quantizers and LLAQ's
    parameters, with Adam, on
 
-       sum_features(F * (O_hat - O)^2), averaged over the batch
+       sum_channels(F * (O_hat - O)^2), averaged over the batch and the output positions
        + round_weight * sum_weights(1 - |2h(V) - 1|^beta)  [+ the global term]
 
-   (AdaRound's and BRECQ's normalization: the relative weight of the regularizer matters),
+   (BRECQ's and QDrop's normalization, ``.sum(1).mean()`` on (N, C, H, W): the relative weight
+   of the regularizer matters. Summed over the positions too, the error of a 32 x 32 window
+   outweighed the regularizer 1,024 times more than in BRECQ, the rounding variables were not
+   driven to 0 or 1, and making them hard undid the reconstruction: BENCHMARKS.md, issue 16),
 
    ``F`` the Fisher weight normalized to mean 1 over the unit (1 without ``fisher``), beta
    annealed from 20 to 2 after the warm-up; QDrop: each activation quantizer of the unit and
@@ -554,7 +557,7 @@ def _optimize_unit(unit, cache: _Cache, cfg: PTQConfig, role, glob: Optional[_Gl
     if act_params:
         groups.append({"params": act_params, "lr": cfg.lr})
     if llaq_params:
-        groups.append({"params": llaq_params, "lr": cfg.round_lr})
+        groups.append({"params": llaq_params, "lr": cfg.llaq_lr})
     n = len(cache.q_in)
     if not groups or cfg.iters == 0 or n == 0:
         finish()
@@ -568,7 +571,7 @@ def _optimize_unit(unit, cache: _Cache, cfg: PTQConfig, role, glob: Optional[_Gl
 
     def error(k, out):
         w = cache.grad_sq[k] * norm if norm is not None else 1.0
-        return (w * (out - cache.fp_out[k]).pow(2)).flatten(1).sum(1).mean()
+        return (w * (out - cache.fp_out[k]).pow(2)).sum(1).mean()  # see the module docstring
 
     try:
         for it in range(cfg.iters):
