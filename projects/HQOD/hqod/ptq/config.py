@@ -27,7 +27,8 @@ Fields (None = the method's default, :data:`METHOD_DEFAULTS`):
   QDrop's 1e-3 over 20,000 steps let a rounding variable ``V`` travel about 20 in logit space,
   enough to turn any weight's rounding; 1e-3 over our 500 steps allowed 0.5, and only weights
   next to a rounding boundary could change (RetinaNet-R18 W2A4 BRECQ: 0.27 AP, against 39.5 with
-  0.01; BENCHMARKS.md, issue 16). The default keeps the papers' travel at any step count.
+  0.01 and 48.1 with the default; BENCHMARKS.md, issue 16). The default keeps the papers' travel
+  at any step count.
 * ``round_weight``: AdaRound's regularizer weight (0.01), its exponent annealed from 20 to 2
   after a warm-up of ``warmup`` (0.2) of the steps.
 * ``fisher``: weight the output error by the squared gradient of the detection loss (BRECQ).
