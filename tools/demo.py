@@ -64,12 +64,12 @@ def main(argv=None):
     start = time.perf_counter()
     run([sys.executable, "tools/generate_digits.py"])
     run([sys.executable, "tools/pretrain_backbone.py", "--depth", "18"])  # kept if it exists
-    rows = []
+    rows, qat_amp = [], qat_amp_override()
     for name, config, overrides in STAGES:
         out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(config))[0])
         run(
             [sys.executable, "tools/train_net.py", "--config-file", config, "--resume"]
-            + [o.format(out=args.output_dir, qat_amp=qat_amp_override()) for o in overrides]
+            + [o.format(out=args.output_dir, qat_amp=qat_amp) for o in overrides]
             + [f"train.output_dir={out}"]
         )
         rows.append((name, final_metrics(out), out))
