@@ -46,26 +46,42 @@ def test_llaq_forward_and_gradients_follow_its_formula():
     assert q.k_neg.grad.item() == pytest.approx(gk_neg, rel=1e-5)
 
 
-def test_llaq_initialization_is_a_power_of_two_grid_that_fits_the_weight():
+def _geometric_grid_error(m: torch.Tensor, levels: int, ratio: float, largest: float) -> float:
+    """Squared error of rounding magnitudes ``m`` in log space to the grid {0} + {largest *
+    ratio^-i, i < levels}, written out (LLAQ's ``psi = k log m + a``, ``j = round(psi)``)."""
+    k = 1 / math.log(ratio)
+    a = levels - k * math.log(largest)
+    j = (k * torch.log(m.clamp_min(1e-30)) + a).round().clamp(0, levels)
+    value = torch.where(j >= 1, torch.exp((j - a) / k), torch.zeros_like(m))
+    return float((value - m).pow(2).sum())
+
+
+def test_llaq_initialization_searches_the_ratio_and_the_largest_level():
     torch.manual_seed(0)
     w = torch.distributions.Laplace(0.02, 0.05).sample((4096,))
     q = LLAQQuantizer(bits=4)
     q.observe(w)
     assert q.mu.item() == pytest.approx(float(w.median()))
-    assert q.k_pos.item() == pytest.approx(1 / math.log(2))  # ratio 2 between levels
+    ratio = math.exp(1 / q.k_pos.item())
+    assert any(ratio == pytest.approx(2 ** (i / 8), rel=1e-5) for i in range(1, 17))  # a searched ratio
     with torch.no_grad():
         out = q(w)
         levels = torch.unique(out - q.mu)
     pos, neg = levels[levels > 1e-9], -levels[levels < -1e-9]
     assert len(pos) == 7 and len(neg) == 8  # 3-bit magnitudes per side: 2^3 - 1 and 2^3 codes
-    for side in (pos, neg.flip(0)):
-        torch.testing.assert_close(side[1:] / side[:-1], torch.full((len(side) - 1,), 2.0), rtol=1e-4, atol=0)
-    # the searched largest level is no worse than the side's largest magnitude itself
-    top = LLAQQuantizer(bits=4)
-    top.observe(w)
-    with torch.no_grad():
-        top.a_pos.fill_(7 - top.k_pos.item() * math.log(float((w - top.mu).max())))
-    assert (out - w).pow(2).sum() <= (top(w) - w).pow(2).sum() + 1e-9
+    for side, k in ((pos, q.k_pos), (neg.flip(0), q.k_neg)):  # geometric levels, ratio exp(1 / k)
+        expected = torch.full((len(side) - 1,), math.exp(1 / k.item()))
+        torch.testing.assert_close(side[1:] / side[:-1], expected, rtol=1e-4, atol=0)
+    # no worse than the best grid of ratio 2 (the levels powers of two), whose largest level is
+    # searched over 1/4 .. 1 of the side's largest magnitude in 64 steps here
+    d = (w - q.mu).detach()
+    pos_m, neg_m = d[d >= 0], -d[d < 0]
+    ratio_two = sum(
+        min(_geometric_grid_error(m, n, 2.0, f * float(m.max())) for f in torch.linspace(0.25, 1, 64).tolist())
+        for m, n in ((pos_m, 7), (neg_m, 8))
+    )
+    searched = float((out - w).pow(2).sum())
+    assert searched < 0.6 * ratio_two  # a Laplacian at 4 bits: 0.53x measured
     with pytest.raises(ValueError, match="non-uniform"):
         q.integer_grid()
 

@@ -17,9 +17,13 @@ details; ours (../shared/notes/regptq.md):
   so ``d w_hat / d a = -sign(d) * m_hat / k`` and ``d w_hat / d k = -sign(d) * m_hat * (j - a)
   / k^2`` on ``j >= 1``, 0 on ``j = 0``; the weight's gradient passes straight through where
   ``psi(m) <= L + 1/2`` (not clipped above).
-* Initialization: ratio 2 between levels (``k = 1 / ln 2``, so that the levels are powers of
-  two times a scale: integer multiply and shift at inference), the largest level searched
-  between 1/4 and 1 times the side's largest magnitude for the least squared error.
+* Initialization: per side (and per channel), the ratio between levels and the largest level
+  searched together for the least squared error: ratios ``2^(i/8)``, ``i = 1..16`` (``k = 1 /
+  ln(ratio)``), the largest level between 1/4 and 1 times the side's largest magnitude. A ratio
+  fixed at 2 (levels powers of two) left RetinaNet-R18's regression tower at 4 bits with 2.7x
+  the squared error of the per-channel uniform grid; searched, 1.1x, and at 2 and 3 bits as low
+  as the uniform grid's or lower (BENCHMARKS.md, issue 16). Any ratio is a fixed-point
+  multiplier per level at inference (the paper's integer multiply and shift).
 * Granularity: that of the uniform weight quantizer it replaces (:func:`use_llaq`): per output
   channel (``mu`` and the four parameters per channel, as a per-channel uniform quantizer has a
   step per channel) or per tensor. The paper does not say; one set per tensor cost RetinaNet-R18
@@ -39,6 +43,7 @@ from hqod.quantization import QConv2d, Quantizer
 __all__ = ["LLAQQuantizer", "use_llaq", "default_llaq_layers"]
 
 _SEARCH = tuple(2.0 ** (-k / 8) for k in range(0, 17))  # largest level / max|d|, 1 .. 1/4
+_RATIOS = tuple(2.0 ** (i / 8) for i in range(1, 17))  # between neighbouring levels, 1.09 .. 4
 
 
 def _side_value(m: Tensor, k: Tensor, a: Tensor, levels: int):
@@ -89,28 +94,31 @@ class LLAQQuantizer(Quantizer):
         rows = self._rows(rows) if self.per_channel else rows.reshape(1, -1)
         mu = rows.median(dim=1).values  # (rows,)
         d = rows - mu[:, None]
-        k = torch.tensor(1.0 / math.log(2.0))
         params = {}
         for side, mask, levels in (("pos", d >= 0, self.levels_pos), ("neg", d < 0, self.levels_neg)):
             m = d.abs() * mask
             top = m.amax(dim=1)
             top = torch.where(top > 0, top, torch.ones_like(top))  # an empty side: any grid
-            best_err, best_a = None, None
-            for factor in _SEARCH:
-                # the largest level exp((L - a) / k) = factor * top
-                a = levels - k * torch.log((factor * top).clamp_min(1e-12))
-                value, _ = _side_value(m, k, a[:, None], levels)
-                err = ((value - m).pow(2) * mask).sum(dim=1)
-                if best_err is None:
-                    best_err, best_a = err, a
-                else:
-                    better = err < best_err
-                    best_err, best_a = torch.where(better, err, best_err), torch.where(better, a, best_a)
-            params[side] = best_a
+            best_err = best_k = best_a = None
+            for ratio in _RATIOS:
+                k = torch.full_like(top, 1.0 / math.log(ratio))
+                for factor in _SEARCH:
+                    # the largest level exp((L - a) / k) = factor * top
+                    a = levels - k * torch.log((factor * top).clamp_min(1e-12))
+                    value, _ = _side_value(m, k[:, None], a[:, None], levels)
+                    err = ((value - m).pow(2) * mask).sum(dim=1)
+                    if best_err is None:
+                        best_err, best_k, best_a = err, k, a
+                    else:
+                        better = err < best_err
+                        best_err = torch.where(better, err, best_err)
+                        best_k, best_a = torch.where(better, k, best_k), torch.where(better, a, best_a)
+            params[side] = best_k, best_a
         shape = self.mu.shape
         self.mu.copy_(mu.reshape(shape))
-        self.k_pos.fill_(float(k)), self.k_neg.fill_(float(k))
-        self.a_pos.copy_(params["pos"].reshape(shape)), self.a_neg.copy_(params["neg"].reshape(shape))
+        for side in ("pos", "neg"):
+            k, a = params[side]
+            getattr(self, f"k_{side}").copy_(k.reshape(shape)), getattr(self, f"a_{side}").copy_(a.reshape(shape))
         self.initialized.fill_(1)
         self._known_initialized = True
 
