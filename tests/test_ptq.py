@@ -14,6 +14,8 @@ from detectron2.layers import Conv2d
 
 from helpers import ROOT, load_tool, tiny_overrides
 from hqod.ptq import LLAQQuantizer, PTQConfig, box_filter_mask, fold_batch_norms
+from hqod.ptq import llaq as llaq_module
+from hqod.ptq.llaq import _side_value
 from hqod.ptq.reconstruct import _Cache, _choose_window, _optimize_unit, _same_output
 from hqod.quantization import LSQQuantizer, quantize_model
 
@@ -56,7 +58,7 @@ def _geometric_grid_error(m: torch.Tensor, levels: int, ratio: float, largest: f
     return float((value - m).pow(2).sum())
 
 
-def test_llaq_initialization_searches_the_ratio_and_the_largest_level():
+def test_llaq_initialization_searches_the_ratio_and_the_largest_level(monkeypatch):
     torch.manual_seed(0)
     w = torch.distributions.Laplace(0.02, 0.05).sample((4096,))
     q = LLAQQuantizer(bits=4)
@@ -82,6 +84,17 @@ def test_llaq_initialization_searches_the_ratio_and_the_largest_level():
     )
     searched = float((out - w).pow(2).sum())
     assert searched < 0.6 * ratio_two  # a Laplacian at 4 bits: 0.53x measured
+    # calibration observes the weight on every forward: the search runs again only where the
+    # weight or the parameters changed since (then it restores what the weight gives)
+    calls = []
+    monkeypatch.setattr(llaq_module, "_side_value", lambda *a: calls.append(1) or _side_value(*a))
+    q.observe(w)
+    assert calls == []
+    k_pos = q.k_pos.item()
+    with torch.no_grad():
+        q.k_pos.add_(1.0)
+    q.observe(w)
+    assert len(calls) == 2 * 16 * 17 and q.k_pos.item() == pytest.approx(k_pos)  # 2 sides x ratios x largest levels
     with pytest.raises(ValueError, match="non-uniform"):
         q.integer_grid()
 
