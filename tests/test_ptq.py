@@ -15,8 +15,8 @@ from detectron2.layers import Conv2d
 from helpers import ROOT, load_tool, tiny_overrides
 from hqod.ptq import LLAQQuantizer, PTQConfig, box_filter_mask, fold_batch_norms
 from hqod.ptq import llaq as llaq_module
-from hqod.ptq.llaq import _side_value
-from hqod.ptq.reconstruct import _Cache, _choose_window, _optimize_unit, _same_output
+from hqod.ptq.llaq import _side_value, log_code, use_llaq
+from hqod.ptq.reconstruct import AdaRoundLLAQ, _Cache, _choose_window, _optimize_unit, _same_output
 from hqod.quantization import LSQQuantizer, quantize_model
 
 
@@ -156,11 +156,15 @@ def test_fold_batch_norms_computes_what_eval_mode_computes():
         fold_batch_norms(gn)
 
 
-def test_reconstruction_lowers_a_layers_output_error():
+def _toy_reconstruction(head_quantizer: str):
+    """A W2 conv reconstructed for 1,000 steps against its FP32 self, without Fisher weights:
+    (the quantized conv, its weight before, the error before and after)."""
     torch.manual_seed(0)
     fp = nn.Conv2d(8, 8, 3, padding=1)
     q = quantize_model(nn.Conv2d(8, 8, 3, padding=1), {"weight_bits": 2, "act_bits": 8, "weight_granularity": "channel"})
     q.load_state_dict(fp.state_dict(), strict=False)
+    if head_quantizer == "llaq":
+        use_llaq(q, ["*"])
     # inputs correlated over channels and space, as feature maps are (AdaRound's gain comes
     # from those correlations; with i.i.d. inputs nearest rounding is already near optimal)
     mix = torch.randn(8, 8) + 2.0
@@ -175,6 +179,11 @@ def test_reconstruction_lowers_a_layers_output_error():
     cfg = cfg.__class__(**{**cfg.as_dict(), "fisher": False})
     w_before = q.weight.detach().clone()
     before, after = _optimize_unit(q, cache, cfg, None, None, torch.Generator().manual_seed(0), 1)
+    return q, w_before, before, after
+
+
+def test_reconstruction_lowers_a_layers_output_error():
+    q, w_before, before, after = _toy_reconstruction("uniform")
     # W2 AdaRound with the default round_lr (20 / 1,000 steps): 0.28 x nearest rounding's error
     # measured; 0.90 with round_lr 1e-3 and the error summed over positions (the defect of
     # BENCHMARKS.md, issue 16), 1.23 with round_lr 1e-3 alone
@@ -185,6 +194,42 @@ def test_reconstruction_lowers_a_layers_output_error():
     torch.testing.assert_close(ints, ints.round(), rtol=0, atol=1e-4)
     assert ((q.weight - w_before).abs() <= steps * (1 + 1e-4)).all()  # floor or ceil of w / s
     torch.testing.assert_close(q.weight_quant(q.weight), q.weight, rtol=0, atol=1e-6)
+
+
+def test_adaround_on_llaqs_grid_starts_at_the_weight_and_ends_on_a_neighbouring_level():
+    torch.manual_seed(0)
+    w = torch.distributions.Laplace(0.0, 0.05).sample((4, 16, 3, 3))
+    llaq = LLAQQuantizer(bits=3, granularity="channel", channels=4)
+    llaq.observe(w)
+    ada = AdaRoundLLAQ(llaq, w)
+    mu, k_pos, a_pos, k_neg, a_neg = llaq.parameters_for(w)
+    inside = (w - mu <= torch.exp((3 - a_pos) / k_pos)) & (mu - w <= torch.exp((4 - a_neg) / k_neg))
+    with torch.no_grad():
+        soft = ada(w)  # h(V) is the weight's place between its two levels (up to the 1e-4 clamp)
+        torch.testing.assert_close(soft[inside], w[inside], rtol=0, atol=2e-4 * float(w.abs().max()))
+        ada.hard = True
+        hard = ada(w)
+    # each weight on the lower or upper of its two neighbouring levels, on its own side
+    codes = torch.where(w >= mu, log_code((hard - mu).abs(), k_pos, a_pos), log_code((hard - mu).abs(), k_neg, a_neg))
+    codes = torch.where(hard == mu, torch.zeros_like(codes), codes)
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)
+    assert ((codes.round() == ada.lo) | (codes.round() == ada.hi)).all()
+    assert ((hard - mu) * (w - mu) >= 0).all()
+    with torch.no_grad():  # LLAQ maps the written weight to itself
+        torch.testing.assert_close(llaq(hard), hard, rtol=0, atol=1e-6)
+    # gradients reach LLAQ's parameters through the soft rounding
+    ada.hard = False
+    ada(w).sum().backward()
+    assert all(float(p.grad.abs().sum()) > 0 for p in (llaq.k_pos, llaq.a_pos, llaq.k_neg, llaq.a_neg))
+
+
+def test_reconstruction_learns_the_rounding_on_llaqs_grid():
+    q, w_before, before, after = _toy_reconstruction("llaq")
+    # W2 LLAQ (1 level above mu, 2 below): 0.18 x its nearest (log-space) rounding's error
+    # measured; 0.29 with LLAQ's k and a learned alone (nearest rounding kept)
+    assert after < 0.23 * before
+    with torch.no_grad():  # the learned rounding written into the weight, which LLAQ reproduces
+        torch.testing.assert_close(q.weight_quant(q.weight), q.weight, rtol=0, atol=1e-6)
 
 
 def test_windows_compute_the_whole_maps_output_in_the_window():

@@ -40,19 +40,28 @@ from torch import Tensor, nn
 
 from hqod.quantization import QConv2d, Quantizer
 
-__all__ = ["LLAQQuantizer", "use_llaq", "default_llaq_layers"]
+__all__ = ["LLAQQuantizer", "use_llaq", "default_llaq_layers", "level", "log_code"]
 
 _SEARCH = tuple(2.0 ** (-k / 8) for k in range(0, 17))  # largest level / max|d|, 1 .. 1/4
 _RATIOS = tuple(2.0 ** (i / 8) for i in range(1, 17))  # between neighbouring levels, 1.09 .. 4
 
 
+def level(j: Tensor, k: Tensor, a: Tensor) -> Tensor:
+    """The magnitude of code ``j`` (0 for ``j = 0``): ``exp((j - a) / k)``."""
+    return torch.where(j >= 1, torch.exp((j - a) / k), torch.zeros_like(j))
+
+
+def log_code(m: Tensor, k: Tensor, a: Tensor) -> Tensor:
+    """``psi(m) = k log(m) + a``, the real-valued code of magnitude ``m``."""
+    return k * torch.log(m.clamp_min(1e-30)) + a
+
+
 def _side_value(m: Tensor, k: Tensor, a: Tensor, levels: int):
     """The quantized magnitudes of one side (autograd w.r.t. k and a) and the mask where the
     input's gradient passes."""
-    psi = k * torch.log(m.clamp_min(1e-30)) + a
+    psi = log_code(m, k, a)
     j = psi.detach().round().clamp(0, levels)
-    value = torch.where(j >= 1, torch.exp((j - a) / k), torch.zeros_like(m))
-    return value, psi.detach() <= levels + 0.5
+    return level(j, k, a), psi.detach() <= levels + 0.5
 
 
 class LLAQQuantizer(Quantizer):
@@ -72,11 +81,18 @@ class LLAQQuantizer(Quantizer):
     def _param(self):
         return self.a_pos
 
-    def _quantize(self, x: Tensor, k_pos, a_pos, k_neg, a_neg) -> Tensor:
-        mu = self.mu
-        if self.per_channel:  # the parameters of output channel c on x[c]
+    def parameters_for(self, x: Tensor, k_pos=None, a_pos=None, k_neg=None, a_neg=None):
+        """``mu, k_pos, a_pos, k_neg, a_neg`` (by default the quantizer's own) broadcastable to
+        the weight ``x``: per channel, those of output channel ``c`` on ``x[c]``."""
+        params = (self.mu, k_pos, a_pos, k_neg, a_neg)
+        params = tuple(own if t is None else t for t, own in zip(params, self._state()))
+        if self.per_channel:
             view = (-1,) + (1,) * (x.dim() - 1)
-            mu, k_pos, a_pos, k_neg, a_neg = (t.view(view) for t in (mu, k_pos, a_pos, k_neg, a_neg))
+            params = tuple(t.view(view) for t in params)
+        return params
+
+    def _quantize(self, x: Tensor, k_pos, a_pos, k_neg, a_neg) -> Tensor:
+        mu, k_pos, a_pos, k_neg, a_neg = self.parameters_for(x, k_pos, a_pos, k_neg, a_neg)
         d = x - mu
         m = d.abs()
         pos, pos_pass = _side_value(m, k_pos, a_pos, self.levels_pos)

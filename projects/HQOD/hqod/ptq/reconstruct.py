@@ -10,8 +10,8 @@ granularity every quantized layer. For each unit:
    Fisher; the calibration images are training images, so their boxes give the loss), and the
    unit's inputs in the quantized model as the units before it left it;
 2. optimized for ``iters`` steps, one cached sample per step: AdaRound's rounding variables of
-   its weights (the weight steps fixed), the steps of its activation quantizers and LLAQ's
-   parameters, with Adam, on
+   its weights (the weight steps fixed; on LLAQ's grid :class:`AdaRoundLLAQ`), the steps of its
+   activation quantizers and LLAQ's parameters, with Adam, on
 
        sum_channels(F * (O_hat - O)^2), averaged over the batch and the output positions
        + round_weight * sum_weights(1 - |2h(V) - 1|^beta)  [+ the global term]
@@ -70,9 +70,9 @@ from hqod.quantization.quantize import _head_spec
 
 from .config import PTQConfig
 from .global_loss import global_loss
-from .llaq import LLAQQuantizer
+from .llaq import LLAQQuantizer, level, log_code
 
-__all__ = ["AdaRoundWeight", "reconstruction_units", "reconstruct", "detector_forward"]
+__all__ = ["AdaRoundWeight", "AdaRoundLLAQ", "reconstruction_units", "reconstruct", "detector_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,48 @@ class AdaRoundWeight(nn.Module):
 
     def regularizer(self, beta: float) -> Tensor:
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+class AdaRoundLLAQ(AdaRoundWeight):
+    """AdaRound on LLAQ's geometric grid (our extension: Reg-PTQ builds on QDrop, whose weight
+    rounding is learned, and leaves LLAQ's open): per side, a magnitude ``m = |w - mu|``
+    between two neighbouring levels, ``level(lo) <= m < level(lo + 1)`` with ``lo = clamp(
+    floor(k log m + a), 0, L)`` (``level(0) = 0``), becomes ``level(lo) + h(V) (level(lo + 1) -
+    level(lo))``, ``V`` initialized so that this is ``m``. LLAQ's ``k`` and ``a`` stay
+    learnable, the codes ``lo`` fixed (as AdaRound holds ``floor(w / s)`` with the step);
+    ``hard`` rounds up where ``V >= 0``, a weight LLAQ itself then maps to the same code."""
+
+    def __init__(self, base: LLAQQuantizer, weight: Tensor):
+        nn.Module.__init__(self)
+        object.__setattr__(self, "base", base)  # not a submodule: its parameters stay the quantizer's
+        w = weight.detach()
+        mu = base.parameters_for(w)[0]
+        self.register_buffer("positive", (w - mu) >= 0)  # the side of each weight (mu is fixed)
+        k, a = self._side_parameters(w)
+        top = torch.where(self.positive, float(base.levels_pos), float(base.levels_neg))
+        m = (w - mu).abs()
+        with torch.no_grad():
+            lo = torch.minimum(log_code(m, k, a).floor().clamp_min(0), top)
+            hi = torch.minimum(lo + 1, top)
+            low, high = level(lo, k, a), level(hi, k, a)
+            rest = torch.where(hi > lo, (m - low) / (high - low).clamp_min(1e-30), torch.zeros_like(m))
+        self.register_buffer("lo", lo)
+        self.register_buffer("hi", hi)
+        p = ((rest - self.gamma) / (self.zeta - self.gamma)).clamp(1e-4, 1 - 1e-4)
+        self.V = nn.Parameter(torch.log(p / (1 - p)))
+        self.hard = False
+
+    def _side_parameters(self, w: Tensor):
+        """LLAQ's ``k`` and ``a`` of each weight's side."""
+        _, k_pos, a_pos, k_neg, a_neg = self.base.parameters_for(w)
+        return torch.where(self.positive, k_pos, k_neg), torch.where(self.positive, a_pos, a_neg)
+
+    def forward(self, w: Tensor) -> Tensor:
+        k, a = self._side_parameters(w)
+        up = (self.V >= 0).to(w.dtype) if self.hard else self.h()
+        low, high = level(self.lo, k, a), level(self.hi, k, a)
+        value = low + up * (high - low)
+        return self.base.parameters_for(w)[0] + torch.where(self.positive, value, -value)
 
 
 def _uniform_grid(q: Quantizer) -> bool:
@@ -482,13 +524,16 @@ def _unit_parameters(unit: nn.Module, cfg: PTQConfig):
     for m in unit.modules():
         if isinstance(m, _LAYERS):
             wq = m.weight_quant
-            if isinstance(wq, LLAQQuantizer):
+            if isinstance(wq, LLAQQuantizer) and wq.fake_quant_enabled and wq.is_initialized:
                 llaq_params += [wq.k_pos, wq.a_pos, wq.k_neg, wq.a_neg]
+                ada = AdaRoundLLAQ(wq, m.weight)
             elif _uniform_grid(wq):
                 ada = AdaRoundWeight(wq, m.weight)
-                m._init_weight_quant(ada)
-                roundings.append(ada)
-                swapped.append((m, wq, ada))
+            else:
+                continue
+            m._init_weight_quant(ada)
+            roundings.append(ada)
+            swapped.append((m, wq, ada))
     if cfg.learn_act:
         act_params = [q._param() for q in _activation_quantizers(unit) if q.fake_quant_enabled and q.is_initialized]
 
