@@ -15,7 +15,7 @@ from .config import HEAD_QUANTIZERS, METHOD_DEFAULTS, PTQConfig
 from .fold import fold_batch_norms
 from .global_loss import box_filter_mask, global_loss
 from .llaq import LLAQQuantizer, default_llaq_layers, use_llaq
-from .reconstruct import AdaRoundWeight, reconstruct, reconstruction_units
+from .reconstruct import AdaRoundLLAQ, AdaRoundWeight, reconstruct, reconstruction_units
 from .run import calibration_batches, prepare_model, run_ptq
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "use_llaq",
     "default_llaq_layers",
     "AdaRoundWeight",
+    "AdaRoundLLAQ",
     "reconstruct",
     "reconstruction_units",
     "prepare_model",

@@ -39,7 +39,8 @@ Fields (None = the method's default, :data:`METHOD_DEFAULTS`):
   weight of its box term, ``p``: the exponent of that term (L_p).
 * ``head_quantizer``: ``"uniform"`` or ``"llaq"`` (Reg-PTQ's log-affine quantizer) for the
   weights of ``llaq_layers`` (None: the tower and predictor of each declared head's
-  ``bbox_pred``).
+  ``bbox_pred``). Reconstruction learns the weights' rounding on either grid (AdaRound; on
+  LLAQ's levels ``hqod.ptq.reconstruct.AdaRoundLLAQ``).
 * ``fold_bn``: fold every conv's BN into its weight and bias before quantizing (the heads'
   per-level BN cannot be folded into one shared conv; it stays as the per-level affine of the
   multi-level BN). Scope ``aqd`` keeps BN as AQD's integer BN: ``fold_bn=False`` there.

@@ -29,6 +29,10 @@ details; ours (../shared/notes/regptq.md):
   step per channel) or per tensor. The paper does not say; one set per tensor cost RetinaNet-R18
   W4A4 3 AP against the per-channel uniform head (BENCHMARKS.md, issue 16).
 
+* Rounding: nearest in ``psi``; PTQ's reconstruction learns it instead, between each weight's
+  two neighbouring levels (``hqod.ptq.reconstruct.AdaRoundLLAQ``, as AdaRound does on a uniform
+  grid; with nearest rounding kept, RetinaNet-R18 W2A4 Reg-PTQ reached 24.8 AP, 49.3 learned).
+
 The levels are not uniform: the integer-only engine (uniform grids) refuses LLAQ layers.
 """
 import math
