@@ -28,7 +28,6 @@ details; ours (../shared/notes/regptq.md):
   channel (``mu`` and the four parameters per channel, as a per-channel uniform quantizer has a
   step per channel) or per tensor. The paper does not say; one set per tensor cost RetinaNet-R18
   W4A4 3 AP against the per-channel uniform head (BENCHMARKS.md, issue 16).
-
 * Rounding: nearest in ``psi``; PTQ's reconstruction learns it instead, between each weight's
   two neighbouring levels (``hqod.ptq.reconstruct.AdaRoundLLAQ``, as AdaRound does on a uniform
   grid; with nearest rounding kept, RetinaNet-R18 W2A4 Reg-PTQ reached 24.8 AP, 49.3 learned).
@@ -115,7 +114,11 @@ class LLAQQuantizer(Quantizer):
         (deterministic: the same weight gives the same state, so repeated calls change
         nothing, and a call on the weight and state it left returns at once)."""
         seen = self._observed
-        if seen is not None and seen[0].shape == x.shape and seen[0].device == x.device and all(map(torch.equal, seen, (x.detach(),) + self._state())):
+        if (
+            seen is not None
+            and (seen[0].shape, seen[0].device) == (x.shape, x.device)
+            and all(map(torch.equal, seen, (x.detach(),) + self._state()))
+        ):
             return
         rows = x.detach().float()
         rows = self._rows(rows) if self.per_channel else rows.reshape(1, -1)
