@@ -84,18 +84,17 @@ class LLAQQuantizer(Quantizer):
     def _param(self):
         return self.a_pos
 
-    def parameters_for(self, x: Tensor, k_pos=None, a_pos=None, k_neg=None, a_neg=None):
-        """``mu, k_pos, a_pos, k_neg, a_neg`` (by default the quantizer's own) broadcastable to
-        the weight ``x``: per channel, those of output channel ``c`` on ``x[c]``."""
-        params = (self.mu, k_pos, a_pos, k_neg, a_neg)
-        params = tuple(own if t is None else t for t, own in zip(params, self._state()))
+    def parameters_for(self, x: Tensor):
+        """``mu, k_pos, a_pos, k_neg, a_neg`` broadcastable to the weight ``x``: per channel,
+        those of output channel ``c`` on ``x[c]``."""
+        params = self._state()
         if self.per_channel:
             view = (-1,) + (1,) * (x.dim() - 1)
             params = tuple(t.view(view) for t in params)
         return params
 
-    def _quantize(self, x: Tensor, k_pos, a_pos, k_neg, a_neg) -> Tensor:
-        mu, k_pos, a_pos, k_neg, a_neg = self.parameters_for(x, k_pos, a_pos, k_neg, a_neg)
+    def _fake_quantize(self, x: Tensor) -> Tensor:
+        mu, k_pos, a_pos, k_neg, a_neg = self.parameters_for(x)
         d = x - mu
         m = d.abs()
         pos, pos_pass = _side_value(m, k_pos, a_pos, self.levels_pos)
@@ -104,9 +103,6 @@ class LLAQQuantizer(Quantizer):
         value = torch.where(positive, pos, -neg)
         passes = torch.where(positive, pos_pass, neg_pass)
         return mu + value + (x - x.detach()) * passes
-
-    def _fake_quantize(self, x: Tensor) -> Tensor:
-        return self._quantize(x, self.k_pos, self.a_pos, self.k_neg, self.a_neg)
 
     @torch.no_grad()
     def observe(self, x: Tensor):

@@ -125,7 +125,7 @@ class AdaRoundLLAQ(AdaRoundWeight):
         w = weight.detach()
         mu = base.parameters_for(w)[0]
         self.register_buffer("positive", (w - mu) >= 0)  # the side of each weight (mu is fixed)
-        k, a = self._side_parameters(w)
+        _, k, a = self._side_parameters(w)
         top = torch.where(self.positive, float(base.levels_pos), float(base.levels_neg))
         m = (w - mu).abs()
         with torch.no_grad():
@@ -140,16 +140,16 @@ class AdaRoundLLAQ(AdaRoundWeight):
         self.hard = False
 
     def _side_parameters(self, w: Tensor):
-        """LLAQ's ``k`` and ``a`` of each weight's side."""
-        _, k_pos, a_pos, k_neg, a_neg = self.base.parameters_for(w)
-        return torch.where(self.positive, k_pos, k_neg), torch.where(self.positive, a_pos, a_neg)
+        """LLAQ's ``mu`` and the ``k`` and ``a`` of each weight's side."""
+        mu, k_pos, a_pos, k_neg, a_neg = self.base.parameters_for(w)
+        return mu, torch.where(self.positive, k_pos, k_neg), torch.where(self.positive, a_pos, a_neg)
 
     def forward(self, w: Tensor) -> Tensor:
-        k, a = self._side_parameters(w)
+        mu, k, a = self._side_parameters(w)
         up = (self.V >= 0).to(w.dtype) if self.hard else self.h()
         low, high = level(self.lo, k, a), level(self.hi, k, a)
         value = low + up * (high - low)
-        return self.base.parameters_for(w)[0] + torch.where(self.positive, value, -value)
+        return mu + torch.where(self.positive, value, -value)
 
 
 def _uniform_grid(q: Quantizer) -> bool:
