@@ -312,7 +312,7 @@ def test_default_round_lr_keeps_the_papers_travel_of_the_rounding_variables():
     assert PTQConfig.from_cfg({"method": "regptq"}).resolved().llaq_lr == 1e-3
 
 
-def _tiny_ptq_cfg(tmp_path, method, *extra):
+def _tiny_ptq_cfg(tmp_path, method, *extra, arch="retina"):
     from detectron2.config import instantiate
 
     from hqod.engine import Checkpointer
@@ -323,7 +323,7 @@ def _tiny_ptq_cfg(tmp_path, method, *extra):
         f"train.output_dir={tmp_path / 'ptq'}",
         *extra,
     ]
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(ROOT, f"configs/retina_r18_{method}_w4a4.py")), overrides)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(ROOT, f"configs/{arch}_r18_{method}_w4a4.py")), overrides)
     torch.manual_seed(0)
     fp32 = instantiate(cfg.model)
     (tmp_path / "fp32").mkdir()
@@ -365,6 +365,30 @@ def test_ptq_command_writes_a_checkpoint_that_eval_only_reads(tiny_digits, tmp_p
 
     with pytest.raises(UserError, match="exists .*--overwrite"):
         ptq_tool.main(ptq_tool.parse_args(["--config-file", config, *overrides]))
+
+
+@pytest.mark.parametrize("arch", ["fcos", "atss"])
+def test_ptq_command_on_fcos_and_atss(tiny_digits, tmp_path, arch):
+    """Reg-PTQ end to end on the other two detectors: their heads' outputs (FCOS's and ATSS's
+    centerness beside the logits and deltas) through the global loss and LLAQ, a checkpoint
+    that ``--eval-only`` reads with every quantizer restored."""
+    ptq_tool, train_net = load_tool("ptq"), load_tool("train_net")
+    overrides = _tiny_ptq_cfg(tmp_path, "regptq", *REGPTQ_TINY, arch=arch)
+    config = os.path.join(ROOT, f"configs/{arch}_r18_regptq_w4a4.py")
+    results = ptq_tool.main(ptq_tool.parse_args(["--config-file", config, *overrides]))
+    final = tmp_path / "ptq" / "model_final.pth"
+    assert "bbox" in results and final.is_file()
+    again = train_net.main(train_net.parse_args(["--config-file", config, "--eval-only", *overrides, f"train.init_checkpoint={final}"]))
+    assert again["bbox"].keys() == results["bbox"].keys()
+    from hqod.engine import Checkpointer, build_model
+    from hqod.engine.defaults import load_config
+    from hqod.ptq import LLAQQuantizer
+    from hqod.quantization import uninitialized_quantizers
+
+    model = build_model(load_config(config, overrides))
+    Checkpointer(model, strict=True).load(str(final))
+    assert uninitialized_quantizers(model) == []
+    assert any(isinstance(m, LLAQQuantizer) for m in model.modules())  # the regression branch's LLAQ
 
 
 @pytest.mark.parametrize(
