@@ -336,11 +336,13 @@ def _tiny_ptq_cfg(tmp_path, method, *extra, arch="retina"):
 REGPTQ_TINY = ("ptq.calib_images=2", "ptq.iters=2", "ptq.window=8", "ptq.samples=1", "ptq.cache_mb=1")
 
 
-def test_ptq_command_writes_a_checkpoint_that_eval_only_reads(tiny_digits, tmp_path):
+@pytest.mark.parametrize("arch", ["retina", "fcos", "atss"])
+def test_ptq_command_writes_a_checkpoint_that_eval_only_reads(tiny_digits, tmp_path, arch):
     ptq_tool, train_net = load_tool("ptq"), load_tool("train_net")
-    # Reg-PTQ, the method with every part: windows, replay, Fisher and global terms, LLAQ
-    overrides = _tiny_ptq_cfg(tmp_path, "regptq", *REGPTQ_TINY)
-    config = os.path.join(ROOT, "configs/retina_r18_regptq_w4a4.py")
+    # Reg-PTQ, the method with every part: windows, replay, Fisher and global terms, LLAQ; on
+    # each detector (FCOS's and ATSS's centerness beside the logits and deltas)
+    overrides = _tiny_ptq_cfg(tmp_path, "regptq", *REGPTQ_TINY, arch=arch)
+    config = os.path.join(ROOT, f"configs/{arch}_r18_regptq_w4a4.py")
     results = ptq_tool.main(ptq_tool.parse_args(["--config-file", config, *overrides]))
     assert "bbox" in results
     final = tmp_path / "ptq" / "model_final.pth"
@@ -357,6 +359,7 @@ def test_ptq_command_writes_a_checkpoint_that_eval_only_reads(tiny_digits, tmp_p
     model = build_model(cfg)
     Checkpointer(model, strict=True).load(str(final))
     assert uninitialized_quantizers(model) == []
+    assert any(isinstance(m, LLAQQuantizer) for m in model.modules())  # the regression branch's LLAQ
     saved = torch.load(final, map_location="cpu", weights_only=False)["model"]
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
@@ -365,30 +368,6 @@ def test_ptq_command_writes_a_checkpoint_that_eval_only_reads(tiny_digits, tmp_p
 
     with pytest.raises(UserError, match="exists .*--overwrite"):
         ptq_tool.main(ptq_tool.parse_args(["--config-file", config, *overrides]))
-
-
-@pytest.mark.parametrize("arch", ["fcos", "atss"])
-def test_ptq_command_on_fcos_and_atss(tiny_digits, tmp_path, arch):
-    """Reg-PTQ end to end on the other two detectors: their heads' outputs (FCOS's and ATSS's
-    centerness beside the logits and deltas) through the global loss and LLAQ, a checkpoint
-    that ``--eval-only`` reads with every quantizer restored."""
-    ptq_tool, train_net = load_tool("ptq"), load_tool("train_net")
-    overrides = _tiny_ptq_cfg(tmp_path, "regptq", *REGPTQ_TINY, arch=arch)
-    config = os.path.join(ROOT, f"configs/{arch}_r18_regptq_w4a4.py")
-    results = ptq_tool.main(ptq_tool.parse_args(["--config-file", config, *overrides]))
-    final = tmp_path / "ptq" / "model_final.pth"
-    assert "bbox" in results and final.is_file()
-    again = train_net.main(train_net.parse_args(["--config-file", config, "--eval-only", *overrides, f"train.init_checkpoint={final}"]))
-    assert again["bbox"].keys() == results["bbox"].keys()
-    from hqod.engine import Checkpointer, build_model
-    from hqod.engine.defaults import load_config
-    from hqod.ptq import LLAQQuantizer
-    from hqod.quantization import uninitialized_quantizers
-
-    model = build_model(load_config(config, overrides))
-    Checkpointer(model, strict=True).load(str(final))
-    assert uninitialized_quantizers(model) == []
-    assert any(isinstance(m, LLAQQuantizer) for m in model.modules())  # the regression branch's LLAQ
 
 
 @pytest.mark.parametrize(
