@@ -143,6 +143,10 @@ def test_a_bad_total_batch_or_recipe_is_one_clear_error():
 # (iterations, lr, per-mille steps, warm-up fraction, clipping, eval period, checkpoint period)
 DIGITS = {
     "retina_r18_fp32": (1400, 0.01, [750, 900], 0.05, None, 1400, 350),
+    # the lightweight detectors' "fp32_long": the accuracy benchmark's 3,000 FP32 iterations
+    "ssdlite_mv2_fp32": (3000, 0.01, [750, 900], 0.05, None, 3000, 750),
+    "yolox_tiny_fp32": (3000, 0.01, [750, 900], 0.05, None, 3000, 750),
+    "ssdlite_mv2_lsq_w4": (280, 1e-3, [500, 875], 0.05, 35.0, 280, 93),
     "retina_r18_aqd_w4_hqod": (280, 1e-3, [666, 888], 0.05, None, 280, 93),
     "retina_r18_aqd_w2": (280, 2e-3, [666, 888], 0.05, None, 280, 93),
     "retina_r18_lsq_w4": (280, 1e-3, [500, 875], 0.05, 35.0, 280, 93),
@@ -160,6 +164,14 @@ def test_the_digits_schedule_is_unchanged(name):
     assert list(lm.scheduler.milestones) == steps and lm.scheduler.num_updates == 1000
     assert lm.warmup_length == warmup and cfg.optimizer.get("max_norm") == clip
     assert (cfg.train.eval_period, cfg.train.checkpointer.period) == (eval_period, ckpt)
+
+
+def test_the_long_fp32_recipe_is_fp32_except_on_digits():
+    for preset, batch in (("coco", 16), ("voc", 8)):
+        assert schedule(preset, "fp32_long", batch) == schedule(preset, "fp32", batch)
+    long, short = schedule("digits", "fp32_long", 8), schedule("digits", "fp32", 8)
+    assert (long["max_iter"], short["max_iter"]) == (1500, 700)  # 3,000 and 1,400 at batch 4, x 4/8
+    assert long["lr"] == short["lr"] == 0.02 and long["milestones"] == short["milestones"] == [750, 900]
 
 
 def test_every_recipe_has_the_same_clipping_on_every_dataset():
