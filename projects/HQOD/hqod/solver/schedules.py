@@ -2,8 +2,9 @@
 Training schedules by name. A dataset preset (:mod:`hqod.data.presets`) and a recipe give a run's
 iterations, learning rate, LR steps, warm-up and evaluation / checkpoint periods, for the total
 batch it trains with. Recipes: ``"fp32"`` (training the FP32 detector from a pretrained backbone),
-``"fp32_long"`` (the same for the lightweight detectors, longer on the embedded dataset) and the QAT fine-tuning recipes ``"<family>_w<bits>"`` (``hqod_w4``, ``aqd_w2``, ...; the family
-of a quantizer is ``configs/common/qat.py``'s ``RECIPE_FAMILY``).
+``"fp32_long"`` (the same for the lightweight detectors, longer on the embedded dataset) and the
+QAT fine-tuning recipes ``"<family>_w<bits>"`` (``hqod_w4``, ``aqd_w2``, ...; the family of a
+quantizer is ``configs/common/qat.py``'s ``RECIPE_FAMILY``).
 
 Configs read the values through the OmegaConf resolver
 ``${hqod_schedule:<preset>,<recipe>,<total batch>,<key>}`` (``configs/common/schedules.py``
@@ -142,12 +143,11 @@ def schedule(preset: str, recipe: str, batch: int) -> dict:
     k = _scale(preset, batch)  # an unknown preset: preset_value's message
     r = _recipe(preset, recipe)
     if preset == "digits":
-        fp32 = DIGITS["fp32_iters"] / k
         if recipe in ("fp32", "fp32_long"):
-            iters = _round(DIGITS[f"{recipe}_iters"] / k)
-            max_iter, fractions, ckpt = iters, DIGITS["fp32_steps"], iters // 4
+            max_iter = _round(DIGITS[f"{recipe}_iters"] / k)
+            fractions, ckpt = DIGITS["fp32_steps"], max_iter // 4
         else:
-            max_iter = _round(fp32 * DIGITS["qat_fraction"])
+            max_iter = _round(DIGITS["fp32_iters"] / k * DIGITS["qat_fraction"])
             fractions, ckpt = [s / r.length for s in r.steps], max(max_iter // 3, 1)
         return dict(
             max_iter=max_iter,
