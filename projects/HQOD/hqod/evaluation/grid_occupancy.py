@@ -70,7 +70,7 @@ class _Tally:
 
 
 def grid_occupancy(model: nn.Module, batches: Iterable[List[dict]]) -> Dict[str, dict]:
-    """Run ``model`` (in eval mode, fake quantization on) over ``batches`` and return, per
+    """Run ``model`` (put in eval mode by the caller) over ``batches`` and return, per
     per-tensor quantizer that quantized something, in the model's order: ``kind`` ("weights"
     when its input is a parameter, else "activations"), ``bits``, ``signed``,
     ``step``, ``levels`` (2^b), ``used``, ``reachable`` (see the module docstring),
