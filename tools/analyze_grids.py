@@ -12,14 +12,13 @@ The checkpoint defaults to the config's ``train.output_dir/model_final.pth`` (a 
 """
 import argparse
 import itertools
-import os
 
 import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 
 from detectron2.config import instantiate
 
 from hqod.data import ensure_datasets
-from hqod.engine import UserError, load_config, load_trained_model, run_tool
+from hqod.engine import UserError, final_checkpoint, load_config, load_trained_model, run_tool
 from hqod.evaluation.grid_occupancy import grid_occupancy, occupancy_table
 
 
@@ -27,7 +26,7 @@ def main(args):
     cfg = load_config(args.config_file, args.opts)
     if cfg.get("quant") is None:
         raise UserError(f"{args.config_file} is not a quantized config (no `quant` node): pass a QAT config.")
-    checkpoint = args.checkpoint or os.path.join(cfg.train.output_dir, "model_final.pth")
+    checkpoint = final_checkpoint(cfg, args.checkpoint)
     model = load_trained_model(cfg, args.config_file, checkpoint)
     ensure_datasets(cfg.dataloader.test.dataset.names)
     batches = itertools.islice(instantiate(cfg.dataloader.test), args.images)  # one image per batch

@@ -32,7 +32,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
 from detectron2.utils.logger import setup_logger
 
-from hqod.engine import Checkpointer, UserError, build_model, do_test, load_config, run_tool
+from hqod.engine import Checkpointer, UserError, build_model, do_test, final_checkpoint, load_config, run_tool
 from hqod.evaluation.harmony_plots import (
     draw_detections,
     load_tp_records,
@@ -53,7 +53,7 @@ def run_name(config_file):
 def resolve_run(config_file, checkpoint, opts):
     """(cfg, checkpoint): the config and the checkpoint to evaluate, which must exist."""
     cfg = load_config(config_file, opts)
-    checkpoint = checkpoint or os.path.join(cfg.train.output_dir, "model_final.pth")
+    checkpoint = final_checkpoint(cfg, checkpoint)
     if not os.path.isfile(checkpoint):
         raise UserError(
             f"No checkpoint {checkpoint}: train it first (python tools/train_net.py --config-file "

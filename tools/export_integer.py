@@ -25,7 +25,7 @@ import hqod  # noqa: F401  (first: quiets detectron2 v0.6 deprecation noise)
 from detectron2.config import instantiate
 
 from hqod.data import ensure_datasets
-from hqod.engine import UserError, export_tool_main, load_config, load_trained_model, run_tool
+from hqod.engine import UserError, export_tool_main, final_checkpoint, load_config, load_trained_model, run_tool
 from hqod.quantization import (
     IntegerConversionError,
     compare_integer_model,
@@ -86,7 +86,7 @@ def verdict(report):
 
 def main(args):
     cfg = load_config(args.config_file, args.opts)
-    checkpoint = args.checkpoint or os.path.join(cfg.train.output_dir, "model_final.pth")
+    checkpoint = final_checkpoint(cfg, args.checkpoint)
     model = load_trained_model(cfg, args.config_file, checkpoint)
     output = args.output or os.path.join(os.path.dirname(checkpoint) or ".", "model_integer.pth")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -27,7 +27,7 @@ from detectron2.config import instantiate
 
 from hqod.data import ensure_datasets
 from hqod.deploy import OnnxDetector, OnnxExportError, compare_onnx_model, conv_kernel_counts, executed_kernels, export_onnx
-from hqod.engine import UserError, export_tool_main, load_config, load_trained_model, run_tool
+from hqod.engine import UserError, export_tool_main, final_checkpoint, load_config, load_trained_model, run_tool
 
 MAX_AP_DIFF = 0.1  # the deployment issue's target
 
@@ -53,7 +53,7 @@ def parse_args(argv=None):
 
 def main(args):
     cfg = load_config(args.config_file, args.opts)
-    checkpoint = args.checkpoint or os.path.join(cfg.train.output_dir, "model_final.pth")
+    checkpoint = final_checkpoint(cfg, args.checkpoint)
     model = load_trained_model(cfg, args.config_file, checkpoint)
     output = args.output or os.path.splitext(checkpoint)[0] + ".onnx"
     if os.path.abspath(output) == os.path.abspath(checkpoint):

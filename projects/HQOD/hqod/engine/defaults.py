@@ -62,6 +62,12 @@ def export_tool_main(run, args):
     return run(args)
 
 
+def final_checkpoint(cfg, checkpoint: str = "") -> str:
+    """``checkpoint``, or by default the ``model_final.pth`` that ``tools/train_net.py`` writes
+    in the config's ``train.output_dir``."""
+    return checkpoint or os.path.join(cfg.train.output_dir, "model_final.pth")
+
+
 def load_trained_model(cfg, config_file: str, checkpoint: str):
     """The detector of ``cfg`` with the weights (and quantizer state) of ``checkpoint``, on the
     CPU, in eval mode: what the export tools read. A missing checkpoint, or one without the

@@ -14,11 +14,18 @@ signed grids as the HQOD authors' setting asks (signed wherever no ReLU precedes
 from typing import Dict, Iterable, List
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from hqod.quantization import IntegerGrid
 from hqod.quantization.quantizers import Quantizer
 
 __all__ = ["grid_occupancy", "occupancy_table"]
+
+
+def _unclipped_level(grid: IntegerGrid, x: Tensor) -> Tensor:
+    """The level each value of ``x`` rounds to before clipping: ``round(x / step + offset)``
+    (:class:`~hqod.quantization.IntegerGrid`)."""
+    return torch.round(x / grid.step + grid.offset2 / 2)
 
 
 class _Tally:
@@ -37,8 +44,7 @@ class _Tally:
         grid = module.integer_grid()
         self.kind = "weights" if isinstance(inputs[0], nn.Parameter) else "activations"
         x = inputs[0].detach().double()
-        # eta = clip(round(x / step + offset), eta_min, eta_max) (hqod.quantization's IntegerGrid)
-        unclipped = torch.round(x / grid.step + grid.offset2 / 2)
+        unclipped = _unclipped_level(grid, x)
         eta = unclipped.clamp(grid.eta_min, grid.eta_max).long() - grid.eta_min
         levels = grid.eta_max - grid.eta_min + 1
         counts = torch.bincount(eta.flatten(), minlength=levels)
@@ -51,8 +57,8 @@ class _Tally:
 
     def summary(self) -> dict:
         grid = self.quantizer.integer_grid()
-        reach = torch.tensor([self.min, self.max], dtype=torch.float64) / grid.step + grid.offset2 / 2
-        low, high = torch.round(reach).clamp(grid.eta_min, grid.eta_max).long().tolist()
+        reach = _unclipped_level(grid, torch.tensor([self.min, self.max], dtype=torch.float64))
+        low, high = reach.clamp(grid.eta_min, grid.eta_max).long().tolist()
         return dict(
             kind=self.kind,
             bits=self.quantizer.bits,
