@@ -74,22 +74,24 @@ def _qat_recipes(aqd_schedule):
     }
 
 
-# The papers' datasets, by preset. "fp32_long" is the FP32 recipe of the lightweight detectors
-# (SSD-lite, YOLOX-tiny): longer on the embedded dataset (below); on COCO and VOC the same as
-# "fp32" (the authors' own 120- and 300-epoch recipes are not used, our choice).
+def _fp32_recipes(schedule):
+    # "fp32_long", the FP32 recipe of the lightweight detectors (SSD-lite, YOLOX-tiny), is longer
+    # on the embedded dataset only (DIGITS below); on COCO and VOC it is "fp32" (the authors' own
+    # 120- and 300-epoch recipes are not used, our choice).
+    fp32 = Recipe(lr=0.01, **schedule)
+    return {"fp32": fp32, "fp32_long": fp32}
+
+
+# The papers' datasets, by preset.
 _VOC_FP32 = dict(length=12, steps=(9,), unit="epoch", warmup=500)
 RECIPES = {
-    "coco": {"fp32": Recipe(lr=0.01, **_1X), "fp32_long": Recipe(lr=0.01, **_1X), **_qat_recipes(_1X)},
+    "coco": {**_fp32_recipes(_1X), **_qat_recipes(_1X)},
     # VOC07+12: the notes are silent; our choices. FP32: MMDetection's RetinaNet VOC07+12 recipe
     # (where HQOD's FP32 detectors come from): 12 epochs at batch 16, lr 0.01, x0.1 after epoch 9;
     # MMDetection's VOC config has no warm-up, we keep 500 iterations as every schedule here.
     # HQOD's QAT: its COCO recipe in epochs, over VOC's images. AQD (which reports no VOC): its
     # rule, the FP32 schedule at its learning rates.
-    "voc": {
-        "fp32": Recipe(lr=0.01, **_VOC_FP32),
-        "fp32_long": Recipe(lr=0.01, **_VOC_FP32),
-        **_qat_recipes(_VOC_FP32),
-    },
+    "voc": {**_fp32_recipes(_VOC_FP32), **_qat_recipes(_VOC_FP32)},
 }
 
 # The embedded dataset: short schedules sized for `make demo` (two stages in 15 minutes on 2 CPU
