@@ -1,6 +1,7 @@
 """SSD-lite MobileNetV2, AQD W4A4 (AQD's quantizer; BN outputs and the inverted residual adds
 on 8-bit integer grids, integer-aware: AQD Eq. 4-8), fine-tuned from configs/ssdlite_mv2_fp32.py
-with AQD's recipe. The integer-only engine and the ONNX export do not take this scope for SSD-lite."""
+with AQD's recipe. ``tools/export_integer.py`` (the integer-only engine) and
+``tools/export_onnx.py`` take this scope."""
 from .common.qat import quant_config, to_qat
 from .ssdlite_mv2_fp32 import dataloader, lr_multiplier, model, optimizer, train
 
