@@ -314,10 +314,10 @@ def test_ssdlite_exports_to_onnx_runtime(tmp_path):
     assert info["quantized_convs"] == 85
     assert info["outputs"] == [f"{p}.{level}" for p in ("cls_score", "bbox_pred") for level in range(6)]
     OnnxDetector(model, path, optimized_model=optimized)
-    # ONNX Runtime fuses a Q/DQ conv into QLinearConv only when its output goes to a Q: 31 of the
-    # 32 depthwise convs (ReLU6 then the next conv's Q) and 8 of the 1x1 convs; the projections
-    # feed float residual adds and the ReLU6 of the expansions clips inside the next Q's range
-    assert executed_kernels(optimized)["QLinearConv"] == 39
+    # ONNX Runtime fuses a Q/DQ conv into QLinearConv only when its output goes to a Q (the
+    # projections feed float residual adds): 52, with the ReLU6 of the 39 expansion and depthwise
+    # convs dropped, as every reader's grid here lies within [0, 6] (39 when they kept it)
+    assert executed_kernels(optimized)["QLinearConv"] == 52
     images = model.preprocess_image(next(synthetic_batches(1, seed=3, size=128))).tensor
     with torch.no_grad():
         ref = DetectorNetwork(prepare_for_export(model))(images)
@@ -325,6 +325,26 @@ def test_ssdlite_exports_to_onnx_runtime(tmp_path):
         assert (r - o).abs().max() <= 1e-5 * r.abs().max()
     steps = output_steps(model)  # per level: each level's predictor has its own scales
     assert [len(s) for s in steps.values()] == [6, 6] and not torch.equal(steps["cls_score"][0], steps["cls_score"][1])
+
+
+def test_relu6_is_dropped_only_before_grids_within_it():
+    from hqod.deploy.export import _within_relu6
+    from hqod.deploy.qdq import quantize_dequantize
+    from hqod.quantization.integer_layers import IntegerGrid
+
+    x = torch.linspace(-3.0, 10.0, 1301)  # steps of 0.01: every level and rounding boundary
+    relu6 = torch.nn.functional.relu6
+    # 4-bit unsigned, step 0.25: levels 0 .. 3.75, within [0, 6]: ReLU6 first changes nothing
+    within = IntegerGrid(step=0.25, eta_min=0, eta_max=15)
+    assert _within_relu6(within)
+    assert torch.equal(quantize_dequantize(relu6(x), within), quantize_dequantize(x, within))
+    # top level 7.5 > 6: inputs above 6.25 reach levels up to 7.5 without ReLU6, 6.0 with it
+    above = IntegerGrid(step=0.5, eta_min=0, eta_max=15)
+    assert not _within_relu6(above)
+    assert float(quantize_dequantize(x, above).max()) == 7.5 and float(quantize_dequantize(relu6(x), above).max()) == 6.0
+    # a signed grid (levels below zero) and a grid without a zero level keep it too
+    assert not _within_relu6(IntegerGrid(step=0.25, eta_min=-8, eta_max=7))
+    assert not _within_relu6(IntegerGrid(step=0.25, eta_min=0, eta_max=15, offset2=15))
 
 
 def test_ssdlite_aqd_scope_exports_to_onnx_runtime(tmp_path):

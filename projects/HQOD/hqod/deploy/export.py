@@ -9,7 +9,9 @@ runs them around an ONNX Runtime session).
 * A quantized detector has every quantized conv exported as :class:`~.qdq.QDQConv2d`: its weight
   integers and per-channel scales, its input quantizer's grid, the BN after it folded in (in the
   head: per FPN level, the weight integers shared). ONNX Runtime fuses these Q/DQ patterns into
-  integer kernels where a quantizer reads the conv's output.
+  integer kernels where a quantizer reads the conv's output; a ReLU6 in between is dropped where
+  the reader's grid already lies within [0, 6] (the same values; MobileNetV2's expansion and
+  depthwise convs).
 * Scope ``aqd`` (AQD): the integer BN folds exactly (its shift is an integer in accumulator
   units), its output quantizer follows the conv, and the residual blocks
   (:class:`QDQResidualBlock`, MobileNetV2's :class:`QDQInvertedResidual`) and the FPN
@@ -373,6 +375,31 @@ def _replace(root: nn.Module, name: str, new: nn.Module):
     replace_child(root.get_submodule(parent) if parent else root, child, new)
 
 
+def _within_relu6(grid) -> bool:
+    """Whether quantizing onto ``grid`` already does what ReLU6 does: a zero level, no negative
+    level and the top level at or below 6, so that ``clip(round(x / step), eta_min, eta_max)``
+    is the same with ``x`` clipped to [0, 6] first."""
+    return grid.offset2 == 0 and grid.eta_min >= 0 and grid.eta_max * float(grid.step) <= 6.0
+
+
+def _drop_relu6_before_quantizers(model: nn.Module):
+    """Drop the ReLU6 of a Q/DQ conv whose one reader, the next conv of an ``nn.Sequential``
+    (MobileNetV2's expansion and depthwise convs under scope ``aqd_star``), quantizes onto a grid
+    within [0, 6] (:func:`_within_relu6`): the same values. ONNX Runtime removes a ``Clip`` before
+    ``QuantizeLinear`` only when the clip covers the whole uint8 domain, ``[0, 255 * scale]``
+    (its ``ClipQuantFusion``), which trained 4-bit steps do not meet; the float ReLU6 then keeps
+    the conv out of ``QLinearConv``."""
+    for sequence in model.modules():
+        if not isinstance(sequence, nn.Sequential):
+            continue
+        for conv, reader in zip(sequence, list(sequence)[1:]):
+            if (
+                isinstance(conv, QDQConv2d) and isinstance(reader, QDQConv2d) and conv.output_grid is None
+                and isinstance(conv.activation, nn.ReLU6) and _within_relu6(reader.input_grid)
+            ):
+                conv.activation = None
+
+
 def prepare_for_export(model: nn.Module) -> nn.Module:
     """A copy of the detector with every quantized conv (and the BN it is folded with) replaced
     by its Q/DQ form, and under scope ``aqd`` every residual block and the FPN by forms whose
@@ -400,6 +427,7 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QConv2d):
             _replace(model, name, qdq_conv(module, name, [module.norm], getattr(module.norm, "output_quant", None)))
+    _drop_relu6_before_quantizers(model)
     for name, module in list(model.named_modules()):
         if type(module) is BasicStem and isinstance(module.conv1, QDQConv2d) and module.conv1.output_grid is not None:
             _replace(model, name, QDQStem(module))
