@@ -303,6 +303,7 @@ def test_ssdlite_configs_train_quantize_and_evaluate(tiny_digits, tmp_path):
 # ----------------------------------------------------------------------------- deployment
 def test_ssdlite_exports_to_onnx_runtime(tmp_path):
     from hqod.deploy import DetectorNetwork, OnnxDetector, export_onnx, prepare_for_export
+    from hqod.deploy.qdq import quantize_dequantize
     from hqod.deploy.runtime import executed_kernels, output_steps
 
     from test_deploy import _ort_outputs
@@ -323,28 +324,60 @@ def test_ssdlite_exports_to_onnx_runtime(tmp_path):
         ref = DetectorNetwork(prepare_for_export(model))(images)
     for r, o in zip(ref, _ort_outputs(path, images, optimize=False)):  # the file computes the export
         assert (r - o).abs().max() <= 1e-5 * r.abs().max()
+    # a reader whose grid reaches above 6 (step 0.5: 7.5, as training can make it) reads its
+    # grid clipped at the level of 6 (12) instead of the ReLU6 before it (the expansion conv's BN
+    # scaled x 8 so that ReLU6 clips): 6.0 wherever ReLU6 clips, as in the fake-quant model
+    block = model.backbone.bottom_up.layer2[0].conv
+    block[0].norm.weight.data.mul_(8)
+    block[1].input_quant.scale.data.fill_(0.5)
+    captured = {}
+    block[0].register_forward_hook(lambda m, inputs, output: captured.update(x=inputs[0], y=output))
+    with torch.no_grad():
+        model.backbone(images)
+        reference = block[1].input_quant(captured["y"])
+        exported = prepare_for_export(model).backbone.bottom_up.layer2[0].conv
+        assert exported[0].activation is None and exported[1].input_grid.eta_max == 12
+        read = quantize_dequantize(exported[0](captured["x"]), exported[1].input_grid)
+    clipped = captured["y"] == 6.0
+    assert clipped.float().mean() > 0.05 and bool((read[clipped] == 6.0).all())
+    # elsewhere the same levels but where the folded BN's int32 bias moves a value lying within
+    # 1 % of a step of a rounding boundary to the next level (0.16 % of the values here)
+    differ = read != reference
+    assert (read - reference).abs().max() <= 0.5 and differ.float().mean() < 0.005
+    assert bool(((captured["y"][differ] / 0.5 % 1 - 0.5).abs() < 0.01).all())
     steps = output_steps(model)  # per level: each level's predictor has its own scales
     assert [len(s) for s in steps.values()] == [6, 6] and not torch.equal(steps["cls_score"][0], steps["cls_score"][1])
 
 
-def test_relu6_is_dropped_only_before_grids_within_it():
-    from hqod.deploy.export import _within_relu6
+def test_relu6_folds_into_the_readers_clipped_grid():
+    """ReLU6 then a grid with no negative level = the grid with its top level lowered to the
+    level its quantizer gives 6 (what the ONNX export and the integer engine compute), at every
+    level and rounding boundary."""
     from hqod.deploy.qdq import quantize_dequantize
-    from hqod.quantization.integer_layers import IntegerGrid
+    from hqod.quantization.quantizers import LSQQuantizer, TQTQuantizer
 
-    x = torch.linspace(-3.0, 10.0, 1301)  # steps of 0.01: every level and rounding boundary
+    def quantizer(cls, param):
+        q = cls(bits=4, signed=False)
+        q._param().data.fill_(param)
+        q.initialized.fill_(1)
+        return q.eval()
+
+    x = torch.linspace(-3.0, 10.0, 1301)  # steps of 0.01
     relu6 = torch.nn.functional.relu6
-    # 4-bit unsigned, step 0.25: levels 0 .. 3.75, within [0, 6]: ReLU6 first changes nothing
-    within = IntegerGrid(step=0.25, eta_min=0, eta_max=15)
-    assert _within_relu6(within)
-    assert torch.equal(quantize_dequantize(relu6(x), within), quantize_dequantize(x, within))
-    # top level 7.5 > 6: inputs above 6.25 reach levels up to 7.5 without ReLU6, 6.0 with it
-    above = IntegerGrid(step=0.5, eta_min=0, eta_max=15)
-    assert not _within_relu6(above)
-    assert float(quantize_dequantize(x, above).max()) == 7.5 and float(quantize_dequantize(relu6(x), above).max()) == 6.0
-    # a signed grid (levels below zero) and a grid without a zero level keep it too
-    assert not _within_relu6(IntegerGrid(step=0.25, eta_min=-8, eta_max=7))
-    assert not _within_relu6(IntegerGrid(step=0.25, eta_min=0, eta_max=15, offset2=15))
+    # (quantizer, its top level, the top level after ReLU6): LSQ step 0.25 (3.75: within [0, 6],
+    # unchanged); LSQ step 0.5 (7.5 -> 12, the level of 6.0); LSQ step 0.48 (7.2; 6 / 0.48 = 12.5
+    # rounds half to even -> 12, 5.76); TQT threshold 8 -> step 0.5 as LSQ's
+    cases = [
+        (quantizer(LSQQuantizer, 0.25), 15, 15), (quantizer(LSQQuantizer, 0.5), 15, 12),
+        (quantizer(LSQQuantizer, 0.48), 15, 12), (quantizer(TQTQuantizer, 3.0), 15, 12),
+    ]
+    for q, top, clipped_top in cases:
+        grid, clipped = q.integer_grid(), q.clipped_integer_grid(6.0)
+        assert (grid.eta_min, grid.eta_max, clipped.eta_min, clipped.eta_max) == (0, top, 0, clipped_top)
+        with torch.no_grad():
+            assert torch.equal(quantize_dequantize(x, clipped), q(relu6(x)))
+        if top != clipped_top:  # without the clip the grid reaches above 6
+            assert float(quantize_dequantize(x, grid).max()) > 6.0
 
 
 def test_ssdlite_aqd_scope_exports_to_onnx_runtime(tmp_path):

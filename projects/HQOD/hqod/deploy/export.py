@@ -10,8 +10,8 @@ runs them around an ONNX Runtime session).
   integers and per-channel scales, its input quantizer's grid, the BN after it folded in (in the
   head: per FPN level, the weight integers shared). ONNX Runtime fuses these Q/DQ patterns into
   integer kernels where a quantizer reads the conv's output; a ReLU6 in between is dropped where
-  the reader's grid already lies within [0, 6] (the same values; MobileNetV2's expansion and
-  depthwise convs).
+  the reader's grid has no negative level, its top level lowered to the level of 6 (the same
+  values; MobileNetV2's expansion and depthwise convs).
 * Scope ``aqd`` (AQD): the integer BN folds exactly (its shift is an integer in accumulator
   units), its output quantizer follows the conv, and the residual blocks
   (:class:`QDQResidualBlock`, MobileNetV2's :class:`QDQInvertedResidual`) and the FPN
@@ -122,7 +122,8 @@ def _refine_weight_units(q_w: torch.Tensor, scale: torch.Tensor, input_grid) -> 
 
 
 def qdq_conv(
-    conv: QConv2d, name: str, norms: List[Optional[nn.Module]], output_quant: Optional[Quantizer] = None
+    conv: QConv2d, name: str, norms: List[Optional[nn.Module]], output_quant: Optional[Quantizer] = None,
+    input_upper: Optional[float] = None,
 ) -> QDQConv2d:
     """
     The :class:`QDQConv2d` of a quantized conv followed by ``norms`` (one BN per level, or
@@ -131,9 +132,12 @@ def qdq_conv(
     conv's bias is the integer of AQD Eq. 4 and a BN with an output quantizer is AQD's integer BN
     (Eq. 5-6), ``(eta_conv + round(s)) * alpha_z``: its scale ``alpha_z = alpha_conv * gamma /
     sigma`` goes into the weight scale and ``round(s)`` into the integer bias — exactly, no
-    rounding added — and its output quantizer follows the conv.
+    rounding added — and its output quantizer follows the conv. ``input_upper``: the conv's
+    input was clipped there (a ReLU6 the export drops): its grid's top level lowered to match.
     """
     input_grid = _activation_grid(conv.input_quant, f"{name}.input_quant")
+    if input_upper is not None:
+        input_grid = conv.input_quant.clipped_integer_grid(input_upper)
     q_w, w_scale = _weight_integers(conv, name)
     acc_step = input_grid.scale * w_scale  # alpha_conv = alpha_x * alpha_w (AQD Eq. 4)
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(w_scale)
@@ -375,29 +379,31 @@ def _replace(root: nn.Module, name: str, new: nn.Module):
     replace_child(root.get_submodule(parent) if parent else root, child, new)
 
 
-def _within_relu6(grid) -> bool:
-    """Whether quantizing onto ``grid`` already does what ReLU6 does: a zero level, no negative
-    level and the top level at or below 6, so that ``clip(round(x / step), eta_min, eta_max)``
-    is the same with ``x`` clipped to [0, 6] first."""
-    return grid.offset2 == 0 and grid.eta_min >= 0 and grid.eta_max * float(grid.step) <= 6.0
-
-
-def _drop_relu6_before_quantizers(model: nn.Module):
-    """Drop the ReLU6 of a Q/DQ conv whose one reader, the next conv of an ``nn.Sequential``
-    (MobileNetV2's expansion and depthwise convs under scope ``aqd_star``), quantizes onto a grid
-    within [0, 6] (:func:`_within_relu6`): the same values. ONNX Runtime removes a ``Clip`` before
-    ``QuantizeLinear`` only when the clip covers the whole uint8 domain, ``[0, 255 * scale]``
-    (its ``ClipQuantFusion``), which trained 4-bit steps do not meet; the float ReLU6 then keeps
-    the conv out of ``QLinearConv``."""
-    for sequence in model.modules():
-        if not isinstance(sequence, nn.Sequential):
+def _relu6_readers(model: nn.Module) -> Dict[str, str]:
+    """``{conv: reader}``, by name, for the quantized convs whose ReLU6 the export drops: the
+    reader is the next conv of an ``nn.Sequential`` (MobileNetV2's expansion and depthwise convs
+    under scope ``aqd_star``, the extra levels') and quantizes onto a grid with a zero level and
+    no negative level; it then reads onto that grid with its top level lowered to the one its
+    quantizer gives 6 (:meth:`~hqod.quantization.Quantizer.clipped_integer_grid`), which is
+    what ReLU6 followed by its grid computes, as the integer engine does. ONNX Runtime removes a
+    ``Clip`` before ``QuantizeLinear`` only when the clip covers the whole uint8 domain, ``[0,
+    255 * scale]`` (its ``ClipQuantFusion``), which trained 4-bit steps do not meet; the float
+    ReLU6 then kept the conv out of ``QLinearConv``."""
+    readers = {}
+    for name, sequence in model.named_modules():
+        if not isinstance(sequence, nn.Sequential) or isinstance(sequence, LevelSequential):
             continue
-        for conv, reader in zip(sequence, list(sequence)[1:]):
+        layers = list(sequence.named_children())
+        for (conv_name, conv), (reader_name, reader) in zip(layers, layers[1:]):
+            if not (isinstance(conv, QConv2d) and isinstance(reader, QConv2d)):
+                continue
+            grid = reader.input_quant.integer_grid()
             if (
-                isinstance(conv, QDQConv2d) and isinstance(reader, QDQConv2d) and conv.output_grid is None
-                and isinstance(conv.activation, nn.ReLU6) and _within_relu6(reader.input_grid)
+                isinstance(conv.activation, nn.ReLU6) and getattr(conv.norm, "output_quant", None) is None
+                and grid.offset2 == 0 and grid.eta_min >= 0
             ):
-                conv.activation = None
+                readers[f"{name}.{conv_name}"] = f"{name}.{reader_name}"
+    return readers
 
 
 def prepare_for_export(model: nn.Module) -> nn.Module:
@@ -424,10 +430,17 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
             head_name, _, tower_name = name.rpartition(".")
             readers = list(model.get_submodule(head_name).spec.predictors.values()).count(tower_name)
             _replace(model, name, _qdq_tower(module, name, readers))
+    relu6_readers = _relu6_readers(model)
+    clipped_inputs = set(relu6_readers.values())
     for name, module in list(model.named_modules()):
         if isinstance(module, QConv2d):
-            _replace(model, name, qdq_conv(module, name, [module.norm], getattr(module.norm, "output_quant", None)))
-    _drop_relu6_before_quantizers(model)
+            qdq = qdq_conv(
+                module, name, [module.norm], getattr(module.norm, "output_quant", None),
+                input_upper=6.0 if name in clipped_inputs else None,
+            )
+            if name in relu6_readers:
+                qdq.activation = None
+            _replace(model, name, qdq)
     for name, module in list(model.named_modules()):
         if type(module) is BasicStem and isinstance(module.conv1, QDQConv2d) and module.conv1.output_grid is not None:
             _replace(model, name, QDQStem(module))

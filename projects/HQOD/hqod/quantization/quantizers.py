@@ -29,6 +29,7 @@ Weights are signed; activations are unsigned when produced by a ReLU and signed 
 * LQ signed = AQD Eq. 3: ``2^b`` levels spread symmetrically over ``[-nu, nu]`` without a zero
   level (2-bit: ``{-nu, -nu/3, nu/3, nu}``).
 """
+import dataclasses
 import math
 from numbers import Integral
 from typing import Optional
@@ -244,6 +245,18 @@ class Quantizer(nn.Module):
         """The output as integers times a scale (AQD Eq. 1), see :class:`IntegerGrid`; per
         channel, its ``step`` and ``scale`` are (C,) tensors."""
         return IntegerGrid(step=self.grid_step(), eta_min=self.qmin, eta_max=self.qmax)
+
+    def clipped_integer_grid(self, upper: float) -> IntegerGrid:
+        """:meth:`integer_grid` for inputs clipped at ``upper`` first (a ReLU6 before the
+        quantizer): the top level lowered to the level this quantizer gives ``upper``, computed
+        by its own float32 forward as the fake-quant model does. Rounding is monotone, so
+        quantizing ``min(x, upper)`` onto the grid and ``x`` onto the clipped one give the same
+        level for every ``x``."""
+        grid = self.integer_grid()
+        with torch.no_grad():
+            x_hat = float(self._fake_quantize(torch.full((1, 1, 1, 1), float(upper), dtype=torch.float32)))
+        level = round(x_hat / float(grid.step) + grid.offset2 / 2)
+        return dataclasses.replace(grid, eta_max=min(grid.eta_max, level))
 
     # ---- shared logic ----
     @property

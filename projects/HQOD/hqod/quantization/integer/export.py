@@ -5,7 +5,6 @@ requantizations, of the adds, the backbones (ResNet + FPN, MobileNetV2 + SSD-lit
 levels) and the heads, and :func:`integer_summary`.
 """
 import copy
-import dataclasses
 import itertools
 import logging
 import math
@@ -177,7 +176,9 @@ class _Exporter:
         self._note_bound(name, acc_max)
         levels, out_scale, out_max_abs = [], acc_scale, acc_max
         for src, params in zip(srcs, bn_params):
-            in_req = self.requant(_ratios(src.scale, in_grid.step), _clipped_grid(conv.input_quant, src.upper), src.max_abs)
+            # after a ReLU6 the top level is the one the quantizer gives 6: clip and requantize in one
+            read_grid = in_grid if src.upper is None else conv.input_quant.clipped_integer_grid(src.upper)
+            in_req = self.requant(_ratios(src.scale, in_grid.step), read_grid, src.max_abs)
             if params is None:
                 levels.append(IntLevel(in_req, None, None))
                 continue
@@ -206,17 +207,6 @@ class _Exporter:
         req = self.requant([alignment.out_scale / grid.step], grid, bound)
         self._note_bound(name, bound)
         return IntAdd(alignment.c, alignment.d, alignment.rescaled, req), _Val(grid.scale, grid.max_abs)
-
-
-def _clipped_grid(quantizer: Quantizer, upper: Optional[float]) -> IntegerGrid:
-    """``quantizer``'s grid; with ``upper`` (its input went through ReLU6) the top level
-    lowered to the one ``quantizer`` gives ``upper``, computed by the quantizer itself in
-    float32 as the fake-quant model does."""
-    grid = quantizer.integer_grid()
-    if upper is None:
-        return grid
-    x_hat = float(quantizer(torch.full((1, 1, 1, 1), upper, dtype=torch.float32)))
-    return dataclasses.replace(grid, eta_max=min(grid.eta_max, round(x_hat / grid.step + grid.offset2 / 2)))
 
 
 def _grid_val(q: Quantizer) -> _Val:
