@@ -315,6 +315,30 @@ def test_onnx_detector_is_a_detectron2_model(tmp_path):
     assert report.seconds_onnx > 0 and report.seconds_torch > 0
 
 
+def test_integer_bias_trains_and_exports_exactly():
+    """``quant.integer_bias`` under scope aqd_star, RetinaNet with multi-level BN in the head:
+    the backbone's BNs and each head level's BN compute AQD Eq. 6 from the accumulator, a
+    training step reaches the BN parameters (straight-through) and the steps, and the export's
+    PyTorch form (integer biases) gives the fake-quant model's head outputs up to float32 noise:
+    at most 1e-6 of each output's range (measured: <= 4.2e-7), where the float BN shifts rounded
+    at export move the box outputs by 1.5-1.7 % of theirs."""
+    from detectron2.utils.events import EventStorage
+
+    model = calibrated_detector("configs/retina_r18_fp32.py", dict(LSQ_W4, integer_bias=True))
+    images = _images(model)
+    with torch.no_grad():
+        ref, out = DetectorNetwork(model)(images), DetectorNetwork(prepare_for_export(model))(images)
+    assert len(ref) == 10 and all((r - o).abs().max() <= 1e-6 * r.abs().max() for r, o in zip(ref, out))
+    model.train()
+    with EventStorage():
+        losses = model(next(synthetic_batches(1, seed=4)))
+    sum(losses.values()).backward()
+    tower_bn = model.head.cls_subnet[1]._modules["0"]  # level 0's BN after the first tower conv
+    conv = model.backbone.bottom_up.res2[0].conv1
+    for grad in (tower_bn.weight.grad, conv.norm.bias.grad, conv.input_quant.scale.grad):
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_integer_bn_is_folded_exactly():
     """Scope aqd: AQD's integer BN (Eq. 5-6) folds into the Q/DQ conv without any rounding (its
     shift is an integer in accumulator units already): the exported conv gives the fake-quant

@@ -220,6 +220,7 @@ def test_overrides_and_fp32_first_last(fp32_models):
         ({"first_last_bits": 16}, r"first_last_bits"),
         ({"overrides": {"head.*": 9}}, r"overrides\['head.\*'\]"),
         ({"wbits": 4}, r"Unknown quant config keys \['wbits'\]"),
+        ({"integer_bias": "yes"}, r"quant.integer_bias must be a bool; got 'yes'"),
     ],
 )
 def test_config_errors(quant, match):

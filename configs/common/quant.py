@@ -30,6 +30,8 @@ Fields (validated by ``hqod.quantization.QuantConfig``, which documents them in 
   overrides         {module-name glob: bits | {"weight_bits": b, "act_bits": b} | None (FP32)}
   keep_unknown_fp32 False: a layer type without a quantized version is an error naming it
   multi_level_bn    one BN per FPN level in the shared head, indexed by level (AQD)
+  integer_bias      under "aqd_star": conv biases and BN shifts in accumulator units (AQD Eq.
+                    4-6, BN outputs float), so that the ONNX export's int32 biases are exact
   step_init         "mse": each quantizer's initial step minimizes its squared quantization
                     error on the calibration data; "paper": the quantizer's own rule; "minmax":
                     the largest |x| seen is the largest level (post-training quantization)

@@ -128,11 +128,11 @@ def qdq_conv(
     """
     The :class:`QDQConv2d` of a quantized conv followed by ``norms`` (one BN per level, or
     ``[None]``) whose output ``output_quant`` quantizes (scope ``aqd``; None: none): the BN
-    folded into the weight scale and the int32 bias. Scope ``aqd``: the
-    conv's bias is the integer of AQD Eq. 4 and a BN with an output quantizer is AQD's integer BN
+    folded into the weight scale and the int32 bias. An integer-aware conv (scope ``aqd``,
+    ``quant.integer_bias``): its bias is the integer of AQD Eq. 4 and its BN AQD's integer BN
     (Eq. 5-6), ``(eta_conv + round(s)) * alpha_z``: its scale ``alpha_z = alpha_conv * gamma /
     sigma`` goes into the weight scale and ``round(s)`` into the integer bias — exactly, no
-    rounding added — and its output quantizer follows the conv. ``input_upper``: the conv's
+    rounding added — and the BN's output quantizer, if any, follows the conv. ``input_upper``: the conv's
     input was clipped there (a ReLU6 the export drops): its grid's top level lowered to match.
     """
     input_grid = _activation_grid(conv.input_quant, f"{name}.input_quant")
@@ -153,7 +153,7 @@ def qdq_conv(
     scales, biases, dead = [], [], torch.zeros_like(w_scale, dtype=torch.bool)
     for level, norm in enumerate(norms):
         what = f"{name} (its norm, level {level})"
-        if conv.integer_aware and norm is not None and output_quant is not None:
+        if conv.integer_aware and isinstance(norm, nn.modules.batchnorm._BatchNorm):  # as QConv2d
             alpha_z, s_round, offset = integer_bn_params(
                 norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps, acc_step
             )

@@ -20,6 +20,12 @@ Fields (all optional except none; defaults = HQOD's LSQ W4A4 "AQD*" setting):
   (AQD's full quantization), integer-aware as AQD Eq. 4-8 (integer conv biases, BN shifts
   rounded in accumulator units, adds aligned with c/2^d): the model the integer-only engine
   ``hqod.quantization.to_integer`` converts.
+* ``integer_bias``: scope ``"aqd_star"`` with integer-aware convs: each conv's bias and BN shift
+  rounded in accumulator units as AQD Eq. 4-6 compute them (the BN output stays float, no
+  output grid), so that a deployed conv's int32 bias (ONNX ``QLinearConv``) is exactly the
+  trained one. Off (default), the export rounds the float BN shift of a trained model, which
+  moves every value within about 1 % of a step of a rounding boundary of the next grid
+  (BENCHMARKS.md, the SSD-lite TQT export). Scope ``"aqd"`` always computes them so.
 * ``first_last_bits``: bits of the input layer (backbone stem conv) and of the output layers
   (head predictors), weights and input activations; None keeps them FP32 (AQD paper's AQD*).
 * ``input_layers`` / ``output_layers``: module names (glob patterns) of those layers; None finds
@@ -95,6 +101,7 @@ class QuantConfig:
     overrides: Dict[str, BitsOverride] = field(default_factory=dict)
     keep_unknown_fp32: bool = False
     multi_level_bn: bool = True
+    integer_bias: bool = False
     step_init: str = "mse"
     weight_granularity: str = "tensor"
     calib_images: int = 256
@@ -145,7 +152,7 @@ class QuantConfig:
             elif bits is not None:
                 check_bits(bits, f"quant.overrides[{pattern!r}]")
         kw["overrides"] = dict(overrides)
-        for key in ("keep_unknown_fp32", "multi_level_bn"):
+        for key in ("keep_unknown_fp32", "multi_level_bn", "integer_bias"):
             if key in kw and not isinstance(kw[key], bool):
                 raise ValueError(f"quant.{key} must be a bool; got {kw[key]!r}.")
         if kw.get("step_init", cls.step_init) not in STEP_INITS:

@@ -198,8 +198,8 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
     bfloat16_codes = False  # training convs on bfloat16 integer codes (set_bfloat16_codes)
 
     def __init__(self, conv: nn.Conv2d, *, weight_quant, input_quant, integer_aware: bool = False):
-        """``conv`` with the given quantizers; ``integer_aware`` (scope ``aqd``): integer bias
-        and integer BN (AQD Eq. 4-6)."""
+        """``conv`` with the given quantizers; ``integer_aware`` (scope ``aqd``,
+        ``quant.integer_bias``): integer bias and integer BN (AQD Eq. 4-6)."""
         adopt_state(self, conv)
         if not isinstance(conv, Conv2d):  # torch's conv: detectron2's norm and activation unset
             self.norm, self.activation = None, None
@@ -224,7 +224,7 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
             module,
             weight_quant=ctx.weight_quantizer(weight_bits, channels=module.out_channels),
             input_quant=ctx.quantizer(act_bits, signed=ctx.input_signed(name)),
-            integer_aware=ctx.scope == "aqd",
+            integer_aware=ctx.integer_convs,
         )
 
     def accumulator_step(self):
@@ -279,7 +279,9 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
         x, acc_step = self.accumulate(x)
         if self.norm is not None:
             if acc_step is not None and isinstance(self.norm, _OutputQuantBN):
-                x = self.norm.from_accumulator(x, acc_step)  # Eq. 5-6
+                x = self.norm.from_accumulator(x, acc_step)  # Eq. 5-6, then the output grid
+            elif acc_step is not None and isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
+                x = integer_batch_norm(self.norm, x, acc_step, self.norm.forward)  # Eq. 5-6
             else:
                 x = self.norm(x)
         elif acc_step is not None:

@@ -158,17 +158,18 @@ def shared_bn_keys(model: nn.Module, state_dict) -> List[str]:
 
 
 def _integer_bn_pair(layer: nn.Module, nxt: Optional[nn.Module]) -> bool:
-    """A bare quantized conv followed by a multi-level BN with an output quantizer: under scope
-    ``aqd`` the BN computes Eq. 6 from the conv's accumulator."""
+    """A bare integer-aware quantized conv (scope ``aqd``, ``quant.integer_bias``) followed by a
+    multi-level BN: the BN computes Eq. 6 from the conv's accumulator."""
     return (
-        isinstance(layer, QConv2d) and layer.norm is None and layer.activation is None
-        and isinstance(nxt, MultiLevelBatchNorm) and nxt.output_quant is not None
+        isinstance(layer, QConv2d) and layer.integer_aware and layer.norm is None and layer.activation is None
+        and isinstance(nxt, MultiLevelBatchNorm)
     )
 
 
 class LevelSequential(nn.Sequential):
     """A head tower: ``forward(x, level)`` passes ``level`` to its multi-level BNs; a quantized
-    conv followed by one hands it its accumulator and step (integer BN, scope ``aqd``)."""
+    conv followed by one hands it its accumulator and step (integer BN: scope ``aqd``,
+    ``quant.integer_bias``)."""
 
     def forward(self, x, level: int):
         layers = list(self)

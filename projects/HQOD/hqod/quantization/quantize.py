@@ -185,6 +185,8 @@ class ConversionContext:
         self.head_levels = head_levels
         self.scope = qcfg.scope
         self.multi_level_bn = qcfg.multi_level_bn
+        # integer-aware convs (AQD Eq. 4-6): scope aqd, or quant.integer_bias
+        self.integer_convs = qcfg.scope == "aqd" or qcfg.integer_bias
         self._relu_fed = relu_fed
         self._first_last = first_last
         self.num_quantizers = Counter()
