@@ -13,7 +13,8 @@ runs them around an ONNX Runtime session).
   the reader's grid has no negative level, its top level lowered to the level of 6 (the same
   values; MobileNetV2's expansion and depthwise convs).
 * Scope ``aqd`` (AQD): the integer BN folds exactly (its shift is an integer in accumulator
-  units), its output quantizer follows the conv, and the residual blocks
+  units; so does it under scope ``aqd_star`` with ``quant.integer_bias``, where a float BN's
+  shift is rounded to the int32 bias unit instead), its output quantizer follows the conv, and the residual blocks
   (:class:`QDQResidualBlock`, MobileNetV2's :class:`QDQInvertedResidual`) and the FPN
   (:class:`QDQFPN`) add as AQD Eq. 7 does: each input times its alignment factor (``c / 2^d``
   for the larger-scale one), the sum on the add quantizer's grid. Those factors are float
@@ -132,8 +133,9 @@ def qdq_conv(
     ``quant.integer_bias``): its bias is the integer of AQD Eq. 4 and its BN AQD's integer BN
     (Eq. 5-6), ``(eta_conv + round(s)) * alpha_z``: its scale ``alpha_z = alpha_conv * gamma /
     sigma`` goes into the weight scale and ``round(s)`` into the integer bias — exactly, no
-    rounding added — and the BN's output quantizer, if any, follows the conv. ``input_upper``: the conv's
-    input was clipped there (a ReLU6 the export drops): its grid's top level lowered to match.
+    rounding added — and the BN's output quantizer, if any, follows the conv. ``input_upper``:
+    the conv's input was clipped there (a ReLU6 the export drops): its grid's top level lowered
+    to match.
     """
     input_grid = _activation_grid(conv.input_quant, f"{name}.input_quant")
     if input_upper is not None:
