@@ -12,9 +12,10 @@ runs them around an ONNX Runtime session).
   integer kernels where a quantizer reads the conv's output; a ReLU6 in between is dropped where
   the reader's grid has no negative level, its top level lowered to the level of 6 (the same
   values; MobileNetV2's expansion and depthwise convs).
-* Scope ``aqd`` (AQD): the integer BN folds exactly (its shift is an integer in accumulator
-  units; so does it under scope ``aqd_star`` with ``quant.integer_bias``, where a float BN's
-  shift is rounded to the int32 bias unit instead), its output quantizer follows the conv, and the residual blocks
+* Integer-aware convs (scope ``aqd``, or ``aqd_star`` with ``quant.integer_bias``): the integer
+  BN folds exactly (its shift is an integer in accumulator units); otherwise a float BN shift
+  is rounded to the int32 bias unit.
+* Scope ``aqd`` (AQD): the BN's output quantizer follows the conv, and the residual blocks
   (:class:`QDQResidualBlock`, MobileNetV2's :class:`QDQInvertedResidual`) and the FPN
   (:class:`QDQFPN`) add as AQD Eq. 7 does: each input times its alignment factor (``c / 2^d``
   for the larger-scale one), the sum on the add quantizer's grid. Those factors are float
@@ -155,7 +156,7 @@ def qdq_conv(
     scales, biases, dead = [], [], torch.zeros_like(w_scale, dtype=torch.bool)
     for level, norm in enumerate(norms):
         what = f"{name} (its norm, level {level})"
-        if conv.integer_aware and isinstance(norm, nn.modules.batchnorm._BatchNorm):  # as QConv2d
+        if conv.integer_bn(norm):
             alpha_z, s_round, offset = integer_bn_params(
                 norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps, acc_step
             )
@@ -401,7 +402,7 @@ def _relu6_readers(model: nn.Module) -> Dict[str, str]:
                 continue
             grid = reader.input_quant.integer_grid()
             if (
-                isinstance(conv.activation, nn.ReLU6) and getattr(conv.norm, "output_quant", None) is None
+                isinstance(conv.activation, nn.ReLU6) and conv.output_quantizer() is None
                 and grid.offset2 == 0 and grid.eta_min >= 0
             ):
                 readers[f"{name}.{conv_name}"] = f"{name}.{reader_name}"

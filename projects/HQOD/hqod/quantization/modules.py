@@ -280,7 +280,7 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
         if self.norm is not None:
             if acc_step is not None and isinstance(self.norm, _OutputQuantBN):
                 x = self.norm.from_accumulator(x, acc_step)  # Eq. 5-6, then the output grid
-            elif acc_step is not None and isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
+            elif acc_step is not None and self.integer_bn(self.norm):
                 x = integer_batch_norm(self.norm, x, acc_step, self.norm.forward)  # Eq. 5-6
             else:
                 x = self.norm(x)
@@ -289,6 +289,12 @@ class QConv2d(_WeightQuantMixin, Conv2d, QuantizedModule):
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def integer_bn(self, norm: Optional[nn.Module]) -> bool:
+        """Whether ``norm`` (this conv's BN, or one level's BN of a multi-level BN after it)
+        computes AQD Eq. 5-6 from this conv's accumulator: an integer-aware conv and a torch BN
+        (a frozen BN stays float). The ONNX export folds it the same way."""
+        return self.integer_aware and isinstance(norm, nn.modules.batchnorm._BatchNorm)
 
     def output_quantizer(self):
         """The quantizer whose grid this layer's output lies on (its BN's output quantizer),
