@@ -1,5 +1,7 @@
 """tools/gpu_check.py on a machine without a GPU: its bookkeeping on hand-made cases, its inputs,
 its refusal without CUDA, and a dry run of its checks on the CPU (--device cpu)."""
+import re
+
 import pytest
 import torch
 
@@ -94,3 +96,24 @@ def test_dry_run_on_cpu(gpu_check, capsys):
         [f" {name:<11}", " PASS     "] for name in ("quantizers", "qat", "amp", "evaluation", "integer")
     ]
     assert "0 differ between cpu and cpu" in out
+
+
+def test_lightweight_check_on_cpu(gpu_check, monkeypatch, capsys):
+    """SSD-lite and YOLOX-tiny QAT train, evaluate on the "device" and on the CPU, and compare.
+    A few iterations from a random init cannot show a falling loss (QAT's lr 1e-3 in warm-up),
+    so the losses handed to loss_falls are checked here instead: one finite loss per iteration."""
+    histories = []
+    monkeypatch.setattr(gpu_check, "loss_falls", lambda losses, window: histories.append(losses) or True)
+    argv = ["--device", "cpu", "--iterations", "4", "--image-size", "160", "--train-images", "8", "--val-images", "4"]
+    assert gpu_check.main(argv + ["--checks", "lightweight"]) == 0, capsys.readouterr().out
+    assert [len(h) for h in histories] == [4, 4]
+    assert all(0 < v < 100 for h in histories for v in h)
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| lightweight")][0]
+    # the same model on the same device: the same AP to the last digit
+    aps = re.findall(r"(\w+) \(random init\): 4 it\..*?AP (\S+) \(cpu\) vs (\S+) \(cpu\)", row)
+    assert [(name, a == b) for name, a, b in aps] == [("ssdlite", True), ("yolox", True)]
+
+
+def test_missing_lightweight_checkpoint_is_one_line(gpu_check, capsys):
+    assert gpu_check.main(["--device", "cpu", "--yolox-fp32-checkpoint", "no/such.pth"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --yolox-fp32-checkpoint no/such.pth does not exist."

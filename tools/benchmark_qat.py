@@ -139,7 +139,7 @@ def build_variants(args):
             if name.endswith("-float"):
                 set_integer_aware(model, False)
             calibrate(model, calib, num_images=args.batch)
-        model.train()
+        model.to(args.device).train()
         # lr 0: the optimizer does all its work but leaves the weights as they are, so that a
         # random-weight low-bit model (whose BN statistics of near-constant activations can blow
         # gradients up) stays finite over the repetitions; only the time is measured
@@ -149,11 +149,14 @@ def build_variants(args):
 
 
 def train_step(model, opt, batch, clock=time.perf_counter):
+    synchronize = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    synchronize()  # on a GPU, time the kernels, not their launches
     start = clock()
     losses = model(batch)
     opt.zero_grad(set_to_none=True)
     sum(losses.values()).backward()
     opt.step()
+    synchronize()
     return clock() - start
 
 
@@ -289,6 +292,7 @@ def main(argv=None):
                         help="fake-quant kernels of the lsq/tqt/lq quantizers")
     parser.add_argument("--clock", default="wall", choices=["wall", "process"],
                         help="wall clock, or the process's CPU time (all threads)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the step on a GPU (not with --loop: train.device)")
     parser.add_argument("--out", default="", help="also write the markdown table here")
     parser.add_argument("--loop", action="store_true", help="time the training loop train_net runs")
     parser.add_argument("--shape", default="demo", choices=list(LOOP_SHAPES), help="--loop: demo or paper shapes")
@@ -303,6 +307,8 @@ def main(argv=None):
     set_backend(args.backend)
     if args.loop:
         return main_loop(args)
+    if args.device != "cpu" and args.clock == "process":
+        parser.error("--clock process times the CPU: use the wall clock with --device cuda")
     if "fp32" not in args.variants:
         args.variants = ["fp32"] + args.variants
 
@@ -329,7 +335,8 @@ def main(argv=None):
     lines = [
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.threads} threads; "
+        + (f"{torch.cuda.get_device_name(args.device)}, " if args.device != "cpu" else "")
+        + f"torch {torch.__version__}, {args.threads} threads; "
         f"{datetime.date.today().isoformat()}  ",
         f"Model: {args.config} ({args.num_classes} classes), {args.size}x{args.size}, batch "
         f"{args.batch}, W{args.bits}A{args.bits}, {args.reps} timed steps per variant "
