@@ -319,6 +319,16 @@ def test_ssdlite_exports_to_onnx_runtime(tmp_path):
     # projections feed float residual adds): 52, with the ReLU6 of the 39 expansion and depthwise
     # convs dropped, as every reader's grid here lies within [0, 6] (39 when they kept it)
     assert executed_kernels(optimized)["QLinearConv"] == 52
+    # each head tower's ReLU6 moves into the grid of the one predictor that reads it (the level
+    # of 6 is above this random model's 8-bit tops: the grids stay as they are); the stem keeps
+    # its ReLU6: at width 0.25 the first block adds the stem's output back (a second reader)
+    exported = prepare_for_export(model)
+    for tower, predictor in (("cls_towers", "cls_score"), ("bbox_towers", "bbox_pred")):
+        for level in range(6):
+            assert getattr(exported.head, tower)[level][0].activation is None
+            top = getattr(model.head, predictor)[level].input_quant.clipped_integer_grid(6.0).eta_max
+            assert getattr(exported.head, predictor)[level].input_grid.eta_max == top == 255
+    assert isinstance(exported.backbone.bottom_up.stem.activation, torch.nn.ReLU6)
     images = model.preprocess_image(next(synthetic_batches(1, seed=3, size=128))).tensor
     with torch.no_grad():
         ref = DetectorNetwork(prepare_for_export(model))(images)
@@ -372,6 +382,23 @@ def test_integer_bias_makes_the_export_exact():
         beyond[integer_bias] = sum(int(((r - o).abs() / s > 1).sum()) for r, o, s in zip(ref, out, steps))
     total = sum(r.numel() for r in ref)
     assert beyond[False] > 0.5 * total and beyond[True] < 0.01 * total
+
+
+def test_single_reader_pairs_follow_the_wiring():
+    """What the export may fold a ReLU6 across: Sequential neighbours, per-level head towers and
+    their predictors, MobileNetV2's stem and its first block when nothing else reads the stem."""
+    from hqod.deploy.export import _single_reader_pairs
+    from hqod.modeling.mobilenet import MobileNetV2
+
+    pairs = dict(_single_reader_pairs(small_model()))
+    assert [pairs[f"head.{t}.{level}.0"] for t in ("cls_towers", "bbox_towers") for level in (0, 5)] == [
+        "head.cls_score.0", "head.cls_score.5", "head.bbox_pred.0", "head.bbox_pred.5",
+    ]
+    assert pairs["backbone.bottom_up.layer2.0.conv.0"] == "backbone.bottom_up.layer2.0.conv.1"
+    assert "backbone.bottom_up.stem" not in pairs  # width 0.25: layer1.0 adds its input back
+    full = dict(_single_reader_pairs(MobileNetV2()))  # width 1.0: 32 -> 16 channels, no residual
+    assert full["stem"] == "layer1.0.conv.0"
+    assert "stem" not in dict(_single_reader_pairs(MobileNetV2(out_features=("stem", "layer5"))))
 
 
 def test_relu6_folds_into_the_readers_clipped_grid():

@@ -39,6 +39,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicStem
 
 from hqod.modeling.dense_head import dense_head_spec
+from hqod.modeling.mobilenet import MobileNetV2
 from hqod.utils import bn_affine, rebuild_as, replace_child
 from hqod.quantization.calibration import uninitialized_quantizers
 from hqod.quantization.integer_layers import integer_bias_value, integer_bn_params
@@ -382,30 +383,54 @@ def _replace(root: nn.Module, name: str, new: nn.Module):
     replace_child(root.get_submodule(parent) if parent else root, child, new)
 
 
+def _single_reader_pairs(model: nn.Module):
+    """``(layer, reader)`` names where ``reader`` alone reads what ``layer`` outputs: neighbours
+    in an ``nn.Sequential``; a per-level head's tower and the one predictor that reads it (its
+    :func:`~hqod.modeling.dense_head.dense_head_spec`); MobileNetV2's stem and the first conv
+    of its first block when the stem is no output feature and the block adds no residual."""
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.Sequential) and not isinstance(module, LevelSequential):
+            layers = [child for child, _ in module.named_children()]
+            yield from ((prefix + a, prefix + b) for a, b in zip(layers, layers[1:]))
+        spec = dense_head_spec(type(module))
+        if spec is not None and not spec.shared:
+            readers = list(spec.predictors.values())
+            for predictor, tower in spec.predictors.items():
+                if readers.count(tower) == 1:
+                    for level, sequence in enumerate(getattr(module, tower)):
+                        layers = [child for child, _ in sequence.named_children()]
+                        if layers:  # an empty tower passes the feature on, which others read
+                            yield f"{prefix}{tower}.{level}.{layers[-1]}", f"{prefix}{predictor}.{level}"
+        if isinstance(module, MobileNetV2) and "stem" not in module.output_shape():
+            first = module.stage_names[0]
+            if not getattr(module, first)[0].use_residual:
+                yield f"{prefix}stem", f"{prefix}{first}.0.conv.0"
+
+
 def _relu6_readers(model: nn.Module) -> Dict[str, str]:
     """``{conv: reader}``, by name, for the quantized convs whose ReLU6 the export drops: the
-    reader is the next conv of an ``nn.Sequential`` (MobileNetV2's expansion and depthwise convs
-    under scope ``aqd_star``, the extra levels') and quantizes onto a grid with a zero level and
-    no negative level; it then reads onto that grid with its top level lowered to the one its
-    quantizer gives 6 (:meth:`~hqod.quantization.Quantizer.clipped_integer_grid`), which is
-    what ReLU6 followed by its grid computes, as the integer engine does. ONNX Runtime removes a
-    ``Clip`` before ``QuantizeLinear`` only when the clip covers the whole uint8 domain, ``[0,
-    255 * scale]`` (its ``ClipQuantFusion``), which trained 4-bit steps do not meet; the float
-    ReLU6 then kept the conv out of ``QLinearConv``."""
+    reader alone reads the conv's output (:func:`_single_reader_pairs`: MobileNetV2's expansion
+    and depthwise convs under scope ``aqd_star``, its stem, the extra levels', SSD-lite's head
+    towers) and quantizes onto a grid with a zero level and no negative level; it then reads onto
+    that grid with its top level lowered to the one its quantizer gives 6
+    (:meth:`~hqod.quantization.Quantizer.clipped_integer_grid`), which is what ReLU6 followed by
+    its grid computes, as the integer engine does. ONNX Runtime removes a ``Clip`` before
+    ``QuantizeLinear`` only when the clip covers the whole uint8 domain, ``[0, 255 * scale]``
+    (its ``ClipQuantFusion``), which trained 4-bit steps do not meet; the float ReLU6 then kept
+    the conv out of ``QLinearConv``."""
+    modules = dict(model.named_modules())
     readers = {}
-    for name, sequence in model.named_modules():
-        if not isinstance(sequence, nn.Sequential) or isinstance(sequence, LevelSequential):
+    for conv_name, reader_name in _single_reader_pairs(model):
+        conv, reader = modules.get(conv_name), modules.get(reader_name)
+        if not (isinstance(conv, QConv2d) and isinstance(reader, QConv2d)):
             continue
-        layers = list(sequence.named_children())
-        for (conv_name, conv), (reader_name, reader) in zip(layers, layers[1:]):
-            if not (isinstance(conv, QConv2d) and isinstance(reader, QConv2d)):
-                continue
-            grid = reader.input_quant.integer_grid()
-            if (
-                isinstance(conv.activation, nn.ReLU6) and conv.output_quantizer() is None
-                and grid.offset2 == 0 and grid.eta_min >= 0
-            ):
-                readers[f"{name}.{conv_name}"] = f"{name}.{reader_name}"
+        grid = reader.input_quant.integer_grid()
+        if (
+            isinstance(conv.activation, nn.ReLU6) and conv.output_quantizer() is None
+            and grid.offset2 == 0 and grid.eta_min >= 0
+        ):
+            readers[conv_name] = reader_name
     return readers
 
 
