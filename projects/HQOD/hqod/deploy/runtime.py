@@ -170,7 +170,9 @@ class OnnxAgreement:
                 f"{self.detections_torch64}: match rate {100 * rate:.2f}%"
             )
         if self.ap_diff is not None:
-            ref = "" if self.ap_diff64 is None else f"; PyTorch in float64 {self.ap_torch64:.3f}, |diff| {self.ap_diff64:.3f}"
+            ref = (
+                "" if self.ap_diff64 is None else f"; PyTorch in float64 {self.ap_torch64:.3f}, |diff| {self.ap_diff64:.3f}"
+            )
             lines.append(
                 f"  COCO AP: PyTorch {self.ap_torch:.3f}, ONNX Runtime {self.ap_onnx:.3f}; |diff| {self.ap_diff:.3f}{ref}"
             )
@@ -263,10 +265,14 @@ def compare_onnx_model(
                 for r, o, step in zip(per_level64, per_level_onnx, steps[name]):
                     if step is not None:
                         report.beyond_one_step64 += int(((r - o.double()).abs() / step > 1.0).sum())
-            out64 = detections_from_head_outputs(ref64, images, [[p.float() for p in per_level] for per_level in preds64], batch)
+            out64 = detections_from_head_outputs(
+                ref64, images, [[p.float() for p in per_level] for per_level in preds64], batch
+            )
             for a, b in zip(out64, onnx_out):
                 report.detections_torch64 += len(a["instances"])
-                report.detections_matched64 += match_detections(a["instances"], b["instances"], iou=match_iou, score_tol=score_tol)
+                report.detections_matched64 += match_detections(
+                    a["instances"], b["instances"], iou=match_iou, score_tol=score_tol
+                )
             if evaluators:
                 evaluators["torch64"].process(batch, out64)
         img_ids += [b["image_id"] for b in batch if "image_id" in b]
