@@ -355,6 +355,7 @@ def test_integer_bias_onnx_runtime_computes_the_float64_model(tmp_path):
         if integer_bias:
             assert report.beyond_one_step64 < report.beyond_one_step / 5
             assert report.detections_matched64 >= 0.95 * report.detections_torch64 > 0
+            assert report.match_rate64 >= 0.95 and report.to_dict()["match_rate64"] == report.match_rate64
             assert "vs PyTorch in float64 (the same function, exact rounding)" in report.format()
     assert beyond[True] < 0.05 and beyond[False] > 0.5
 

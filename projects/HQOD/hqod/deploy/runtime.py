@@ -133,10 +133,20 @@ class OnnxAgreement:
     seconds_torch: float = 0.0
     seconds_onnx: float = 0.0
 
+    @staticmethod
+    def _rate(matched: int, reference: int, onnx: int) -> float:
+        denom = max(reference, onnx)
+        return 1.0 if denom == 0 else matched / denom
+
     @property
     def match_rate(self) -> float:
-        denom = max(self.detections_torch, self.detections_onnx)
-        return 1.0 if denom == 0 else self.detections_matched / denom
+        return self._rate(self.detections_matched, self.detections_torch, self.detections_onnx)
+
+    @property
+    def match_rate64(self) -> Optional[float]:
+        if self.detections_matched64 is None:
+            return None
+        return self._rate(self.detections_matched64, self.detections_torch64, self.detections_onnx)
 
     @property
     def ap_diff(self) -> Optional[float]:
@@ -151,7 +161,10 @@ class OnnxAgreement:
         return abs(self.ap_onnx - self.ap_torch64)
 
     def to_dict(self):
-        return dict(asdict(self), match_rate=self.match_rate, ap_diff=self.ap_diff, ap_diff64=self.ap_diff64)
+        return dict(
+            asdict(self), match_rate=self.match_rate, match_rate64=self.match_rate64, ap_diff=self.ap_diff,
+            ap_diff64=self.ap_diff64,
+        )
 
     def format(self) -> str:
         per = ", ".join(f"{k} {v:.3g}" for k, v in self.per_output_max.items())
@@ -163,11 +176,10 @@ class OnnxAgreement:
             f"{self.detections_onnx} (ONNX Runtime): match rate {100 * self.match_rate:.2f}%",
         ]
         if self.beyond_one_step64 is not None:
-            rate = self.detections_matched64 / max(self.detections_torch64, self.detections_onnx, 1)
             lines.append(
                 f"  vs PyTorch in float64 (the same function, exact rounding): {self.beyond_one_step64} of "
                 f"{self.num_outputs} values beyond +-1 step; detections {self.detections_matched64} matched of "
-                f"{self.detections_torch64}: match rate {100 * rate:.2f}%"
+                f"{self.detections_torch64}: match rate {100 * self.match_rate64:.2f}%"
             )
         if self.ap_diff is not None:
             ref = (
