@@ -51,9 +51,9 @@ def w2_pair(method, ap_gains, ap75_gains):
 # Plan and commands
 # ------------------------------------------------------------------------------------------
 def test_plan_default_seeds_and_fp32_first(tool):
-    assert tool.plan(["lsq_w2"]) == [("fp32", 0)] + [("lsq_w2", seed) for seed in range(6)]
-    # the Table III / IV comparisons pair with LSQ W2's seeds 3-5
-    assert tool.plan(["lsq_w2_tcorr", "lsq_w2_hardet"]) == [("fp32", 0), ("lsq_w2_tcorr", 3), ("lsq_w2_hardet", 3), ("lsq_w2_hardet", 4), ("lsq_w2_hardet", 5)]
+    assert tool.plan(["lsq_w2"]) == [("fp32", 0)] + [("lsq_w2", seed) for seed in range(5)]
+    # Table IV's ablation pairs with LSQ W2's seed 3, Table III's HarDet* with seeds 0-3
+    assert tool.plan(["lsq_w2_tcorr", "lsq_w2_hardet"]) == [("fp32", 0), ("lsq_w2_hardet", 0), ("lsq_w2_hardet", 1), ("lsq_w2_hardet", 2), ("lsq_w2_tcorr", 3), ("lsq_w2_hardet", 3)]
     assert tool.plan(["atss_tqt_w2", "lsq_w4"], seeds=[5]) == [("fp32", 0), ("atss_fp32", 0), ("lsq_w4", 5), ("atss_tqt_w2", 5)]
     assert tool.plan(["fp32"], seeds=[3]) == [("fp32", 0)]
 
